@@ -1,0 +1,301 @@
+"""`gptsmith` command line: parse arguments, load the config, call one stage function, print the result.
+
+Each command's named flags are shortcuts for config keys; any other key is set with a dotted override:
+
+    gptsmith pretrain --data work --out model --preset tiny --pretrain.lr 1e-3 --model.n_layer 6
+
+Stage modules are imported inside each handler so `gptsmith --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gptsmith.config import ConfigError, ProjectConfig, load_config, parse_overrides
+
+OVERRIDES_HELP = (
+    "Any config key can also be set from the command line as --section.key VALUE "
+    "(e.g. --pretrain.lr 3e-4 --model.n_layer 6); `gptsmith config show` lists every key and its default."
+)
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one clear message without a traceback."""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="project config YAML; command-line flags and overrides win over it")
+
+
+def _config(args: argparse.Namespace, shortcuts: dict[str, Any]) -> ProjectConfig:
+    """File + shortcuts (named flags that were given) + dotted overrides, in that order of precedence."""
+    overrides = {k: v for k, v in shortcuts.items() if v is not None}
+    overrides.update(parse_overrides(args.overrides))
+    return load_config(args.config, overrides)
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+
+def cmd_prepare(args) -> None:
+    from gptsmith.data.pipeline import prepare
+    cfg = _config(args, {"tokenizer.vocab_size": args.vocab_size, "data.text_field": args.text_field,
+                         "data.on_error": args.on_error})
+    prepare(args.inputs, args.out, cfg)
+
+
+def cmd_data_clean(args) -> None:
+    from gptsmith.data.pipeline import clean
+    cfg = _config(args, {"data.text_field": args.text_field, "data.on_error": args.on_error})
+    clean(args.inputs, args.out, cfg)
+
+
+def cmd_data_tokenize(args) -> None:
+    from gptsmith.data.pipeline import tokenize
+    cfg = _config(args, {"data.num_workers": args.workers})
+    tokenize(args.workdir, cfg, tokenizer_dir=args.tokenizer)
+
+
+def cmd_data_convert(args) -> None:
+    from gptsmith.data.chat_formats import convert
+    convert(args.input, args.output, to_format=args.to, on_error=args.on_error)
+
+
+def cmd_tokenizer_train(args) -> None:
+    from gptsmith.data.pipeline import train_tokenizer_on_workdir
+    cfg = _config(args, {"tokenizer.vocab_size": args.vocab_size})
+    train_tokenizer_on_workdir(args.workdir, cfg, out_dir=args.out)
+
+
+def cmd_pretrain(args) -> None:
+    from gptsmith.train.pretrain import pretrain
+    cfg = _config(args, {"model.preset": args.preset, "pretrain.max_steps": args.max_steps,
+                         "pretrain.init_from": args.init_from, "pretrain.max_minutes": args.minutes})
+    pretrain(args.data, args.out, cfg, resume=args.resume)
+
+
+def cmd_sft(args) -> None:
+    from gptsmith.train.sft import sft
+    cfg = _config(args, {"sft.epochs": args.epochs, "sft.max_steps": args.max_steps, "sft.lora": args.lora or None,
+                         "sft.qlora": args.qlora or None, "sft.lora_r": args.lora_r,
+                         "sft.lora_alpha": args.lora_alpha, "sft.lora_target_modules": args.lora_target_modules})
+    sft(args.model, args.data, args.out, cfg, resume=args.resume)
+
+
+def cmd_merge_lora(args) -> None:
+    from gptsmith.train.sft import merge_lora
+    merge_lora(args.adapter, args.out, base=args.base)
+
+
+def cmd_generate(args) -> None:
+    from gptsmith.engine import generate_cli
+    cfg = _config(args, {"generate.max_new_tokens": args.max_new_tokens, "generate.temperature": args.temperature,
+                         "generate.top_k": args.top_k, "generate.top_p": args.top_p,
+                         "generate.repetition_penalty": args.repetition_penalty, "generate.seed": args.seed})
+    generate_cli(args.model, args.prompt, cfg.generate, chat=args.chat, device=args.device)
+
+
+def cmd_chat(args) -> None:
+    from gptsmith.chat import run_chat
+    cfg = _config(args, {"generate.max_new_tokens": args.max_new_tokens, "generate.temperature": args.temperature,
+                         "generate.seed": args.seed})
+    run_chat(args.model, cfg.generate, system=args.system, device=args.device)
+
+
+def cmd_serve(args) -> None:
+    from gptsmith.serve.app import serve
+    cfg = _config(args, {"serve.host": args.host, "serve.port": args.port, "serve.db": args.db,
+                         "serve.api_key": args.api_key or os.environ.get("GPTSMITH_API_KEY"),
+                         "serve.backend_url": args.backend_url})
+    if not args.model and not cfg.serve.backend_url:
+        raise UserError("serve needs --model DIR (a local model) or --backend-url URL (another OpenAI-compatible server)")
+    serve(args.model, cfg)
+
+
+def cmd_feedback_export(args) -> None:
+    from gptsmith.serve.feedback import export
+    n = export(args.db, args.format, args.out)
+    print(f"wrote {n} {args.format} examples to {args.out}")
+
+
+def cmd_quickstart(args) -> None:
+    from gptsmith.quickstart import quickstart
+    cfg = _config(args, {"model.preset": args.preset})
+    quickstart(args.out, cfg, minutes=args.minutes, smoke=args.smoke)
+
+
+def cmd_config_show(args) -> None:
+    import yaml
+    cfg = _config(args, {})
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptsmith",
+        description="Build your own GPT chatbot end to end: data, tokenizer, pretraining, fine-tuning, "
+                    "generation, chat and serving.",
+        epilog=OVERRIDES_HELP, formatter_class=_formatter)
+    parser.add_argument("--version", action="version", version=f"gptsmith {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, func, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help, epilog=OVERRIDES_HELP, formatter_class=_formatter)
+        p.set_defaults(func=func)
+        _add_config_arg(p)
+        return p
+
+    # prepare = data clean + tokenizer train + data tokenize
+    p = add("prepare", "Clean text inputs, train a tokenizer and write packed token shards into WORKDIR.", cmd_prepare)
+    p.add_argument("inputs", nargs="+", help="files, folders, globs (.txt .md .jsonl .json .parquet .csv) "
+                                             "or Hugging Face dataset ids (hub:NAME or NAME)")
+    p.add_argument("--out", type=Path, required=True, metavar="WORKDIR", help="working directory to write")
+    p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size (tokenizer.vocab_size)")
+    p.add_argument("--text-field", help="field holding the text in structured inputs (data.text_field)")
+    p.add_argument("--on-error", choices=["error", "skip"], help="stop at bad input, or skip it and count it")
+
+    data = sub.add_parser("data", help="Data stages one at a time: clean, tokenize, convert.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
+    p = add("clean", "Read, clean, de-duplicate and split inputs into WORKDIR/clean/{train,val}.jsonl.",
+            cmd_data_clean, data_sub)
+    p.add_argument("inputs", nargs="+", help="files, folders, globs or dataset ids")
+    p.add_argument("--out", type=Path, required=True, metavar="WORKDIR")
+    p.add_argument("--text-field", help="field holding the text (data.text_field)")
+    p.add_argument("--on-error", choices=["error", "skip"], help="stop at bad input, or skip it and count it")
+    p = add("tokenize", "Tokenize WORKDIR/clean into packed token shards under WORKDIR/tokens.",
+            cmd_data_tokenize, data_sub)
+    p.add_argument("workdir", type=Path, help="working directory written by `data clean`")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default WORKDIR/tokenizer)")
+    p.add_argument("--workers", type=int, help="worker processes (default: CPU cores)")
+    p = add("convert", "Convert conversation data between messages, sharegpt and alpaca JSONL.",
+            cmd_data_convert, data_sub)
+    p.add_argument("input", type=Path, help="input JSONL (format detected automatically)")
+    p.add_argument("output", type=Path, help="output JSONL")
+    p.add_argument("--to", choices=["messages", "sharegpt", "alpaca"], default="messages", help="output format")
+    p.add_argument("--on-error", choices=["error", "skip"], default="error", help="bad lines: stop or skip")
+
+    tok = sub.add_parser("tokenizer", help="Tokenizer stages: train.")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="STEP", required=True)
+    p = add("train", "Train a byte-level BPE tokenizer on WORKDIR/clean/train.jsonl.", cmd_tokenizer_train, tok_sub)
+    p.add_argument("workdir", type=Path, help="working directory written by `data clean`")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size (tokenizer.vocab_size)")
+    p.add_argument("--out", type=Path, default=None, help="tokenizer dir (default WORKDIR/tokenizer)")
+
+    p = add("pretrain", "Pretrain a GPT (Llama architecture) on prepared token shards.", cmd_pretrain)
+    p.add_argument("--data", type=Path, required=True, metavar="WORKDIR", help="directory written by `prepare`")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write")
+    p.add_argument("--preset", help="model size: test, tiny, small, gpt2-small, gpt2-medium (model.preset)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (pretrain.max_steps)")
+    p.add_argument("--minutes", type=float, help="stop after this many minutes (pretrain.max_minutes)")
+    p.add_argument("--init-from", help="continue pretraining this HF model dir or hub id (pretrain.init_from)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR/checkpoints")
+
+    p = add("sft", "Supervised fine-tuning on conversations (full, LoRA or QLoRA).", cmd_sft)
+    p.add_argument("--model", required=True, help="base model: HF directory or hub id")
+    p.add_argument("--data", type=Path, required=True, help="conversations JSONL (messages, sharegpt or alpaca)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--epochs", type=float, help="epochs over the data (sft.epochs)")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (sft.max_steps)")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (sft.lora)")
+    p.add_argument("--qlora", action="store_true", help="4-bit base + LoRA; needs CUDA and bitsandbytes")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (sft.lora_r)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (sft.lora_alpha)")
+    p.add_argument("--lora-target-modules", nargs="+", help="modules to adapt, or all-linear")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+
+    p = add("merge-lora", "Merge a LoRA adapter into its base model and save a plain HF directory.", cmd_merge_lora)
+    p.add_argument("--adapter", type=Path, required=True, help="adapter directory written by `sft --lora`")
+    p.add_argument("--out", type=Path, required=True, help="merged model directory")
+    p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
+
+    for name, helptext in (("generate", "Generate text from a prompt."),):
+        p = add(name, helptext, cmd_generate)
+        p.add_argument("--model", type=Path, required=True, help="model directory")
+        p.add_argument("--prompt", required=True, help="prompt text")
+        p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+        p.add_argument("--max-new-tokens", type=int, help="tokens to generate (generate.max_new_tokens)")
+        p.add_argument("--temperature", type=float, help="0 = greedy (generate.temperature)")
+        p.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0 = off")
+        p.add_argument("--top-p", type=float, help="nucleus sampling probability mass")
+        p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating tokens")
+        p.add_argument("--seed", type=int, help="random seed for reproducible samples")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+    p = add("chat", "Chat with a model in the terminal (/reset, /system TEXT, /save FILE, Ctrl-C stops an answer).",
+            cmd_chat)
+    p.add_argument("--model", type=Path, required=True, help="chat model directory")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+    p = add("serve", "Serve an OpenAI-compatible API and the web chat UI.", cmd_serve)
+    p.add_argument("--model", type=Path, default=None, help="model directory to serve")
+    p.add_argument("--host", help="address to bind (serve.host; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (serve.port)")
+    p.add_argument("--db", help="SQLAlchemy URL of the store (serve.db), e.g. postgresql://...")
+    p.add_argument("--api-key", help="require this API key (or set GPTSMITH_API_KEY)")
+    p.add_argument("--backend-url", help="front another OpenAI-compatible server instead of --model")
+
+    fb = sub.add_parser("feedback", help="The feedback store: export.")
+    fb_sub = fb.add_subparsers(dest="feedback_command", metavar="STEP", required=True)
+    p = add("export", "Export stored feedback as training data.", cmd_feedback_export, fb_sub)
+    p.add_argument("--db", default="sqlite:///gptsmith.db", help="SQLAlchemy URL of the store")
+    p.add_argument("--format", choices=["sft", "dpo", "kto"], required=True, help="training data format")
+    p.add_argument("--out", type=Path, required=True, help="output JSONL")
+
+    p = add("quickstart", "Build a small chatbot from the embedded data: prepare, tokenizer, pretrain, fine-tune.",
+            cmd_quickstart)
+    p.add_argument("--out", type=Path, default=Path("quickstart"), help="output directory")
+    p.add_argument("--minutes", type=float, default=8.0, help="total training time budget in minutes")
+    p.add_argument("--preset", help="model size (model.preset)")
+    p.add_argument("--smoke", action="store_true", help="a tiny run in well under a minute, to check the install")
+
+    cfg = sub.add_parser("config", help="Show the effective config.")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="STEP", required=True)
+    add("show", "Print the effective config (defaults, file and overrides) as YAML.", cmd_config_show, cfg_sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gptsmith")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    args.overrides = extra
+    try:
+        args.func(args)
+    except (ConfigError, UserError) as e:
+        print(f"gptsmith {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # Stage modules raise their own input errors as ValueError/FileNotFoundError with the file and line.
+        if isinstance(e, (ValueError, FileNotFoundError)) and not os.environ.get("GPTSMITH_DEBUG"):
+            print(f"gptsmith {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The project config: one pydantic model per stage, loaded from YAML, overridable key by key.
+
+    gptsmith pretrain --config configs/quickstart.yaml --pretrain.lr 3e-4 --model.n_layer 6
+
+Every section forbids unknown keys, so a typo is an error that names the key and the closest valid one
+instead of a setting that silently does nothing. The effective config (file + overrides) is written beside
+every output as `gptsmith.yaml`, so any run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_FILENAME = "gptsmith.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    text_field: str = Field("text", description="field holding the text in .jsonl/.json/.parquet/.csv/hub inputs")
+    min_chars: int = Field(64, ge=0, description="documents shorter than this (after cleaning) are dropped")
+    max_chars: int = Field(0, ge=0, description="documents longer than this are cut into pieces of this size; 0 = no limit")
+    val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="share of documents (by content hash) in validation")
+    dedup: bool = Field(True, description="drop exact duplicate documents (by content hash)")
+    on_error: Literal["error", "skip"] = Field("error", description="bad input: stop with an error, or skip and count it")
+    hub_split: str = Field("train", description="split to stream when an input is a Hugging Face dataset id")
+    hub_config: str | None = Field(None, description="dataset config name for hub inputs")
+    num_workers: int = Field(0, ge=0, description="tokenisation worker processes; 0 = number of CPU cores")
+    seed: int = 1234
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(8192, ge=300, description="vocabulary size of the byte-level BPE, special tokens included")
+    min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a BPE merge")
+    max_train_chars: int = Field(200_000_000, ge=1, description="train the tokenizer on at most this many characters")
+
+
+class ModelConfig(Section):
+    preset: str = Field("tiny", description="named size: test, tiny, small, gpt2-small (124M), gpt2-medium (350M)")
+    n_layer: int | None = Field(None, ge=1, description="override the preset's number of layers")
+    d_model: int | None = Field(None, ge=8, description="override the preset's hidden size")
+    n_head: int | None = Field(None, ge=1, description="override the preset's number of attention heads")
+    n_kv_head: int | None = Field(None, ge=1, description="override the number of key/value heads (grouped-query attention)")
+    d_ff: int | None = Field(None, ge=8, description="override the SwiGLU hidden size")
+    max_seq_len: int | None = Field(None, ge=8, description="override the context length")
+    tie_embeddings: bool | None = Field(None, description="share input and output embeddings")
+    rope_theta: float | None = Field(None, gt=0, description="override the rotary base")
+
+
+class PretrainConfig(Section):
+    seq_len: int = Field(256, ge=8, description="tokens per training sequence (<= model context)")
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch (per process)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of the peak")
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="cosine decay, or warmup-stable-decay")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying at the end")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = Field(1.0, ge=0, description="clip gradient norm to this; 0 = off")
+    eval_every: int = Field(100, ge=1, description="validation loss and bits-per-byte every N steps")
+    eval_batches: int = Field(8, ge=1, description="micro-batches per validation")
+    save_every: int = Field(200, ge=1, description="checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
+    sample_every: int = Field(0, ge=0, description="print sample text every N steps; 0 = at checkpoints only")
+    sample_prompt: str = "The"
+    seed: int = 1337
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile: auto = on CUDA only")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+    init_from: str | None = Field(None, description="continue pretraining from this Hugging Face model dir or hub id")
+
+
+class SFTConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="stop after N steps; -1 = run all epochs")
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(512, ge=16)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    packing: bool = Field(False, description="pack several conversations into one sequence")
+    lora: bool = Field(False, description="train a LoRA adapter instead of all weights")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: list[str] | str = Field("all-linear", description="module names, or all-linear")
+    qlora: bool = Field(False, description="4-bit base weights (bitsandbytes, CUDA only) + LoRA")
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(100, ge=1)
+    seed: int = 42
+    device: str = "auto"
+
+
+class GenerateConfig(Section):
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.8, ge=0, description="0 = greedy")
+    top_k: int = Field(50, ge=0, description="0 = off")
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.1, gt=0)
+    seed: int | None = None
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    db: str = Field("sqlite:///gptsmith.db", description="SQLAlchemy URL of the conversation and feedback store")
+    api_key: str | None = Field(None, description="require this key (also read from GPTSMITH_API_KEY)")
+    backend_url: str | None = Field(None, description="front another OpenAI-compatible server instead of a local model")
+    max_batch_size: int = Field(16, ge=1)
+    max_tokens_limit: int = Field(2048, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    max_messages: int = Field(200, ge=1)
+    rate_limit_per_minute: int = Field(600, ge=0, description="requests per minute per key; 0 = off")
+    cors_origins: list[str] = Field(default_factory=list)
+
+
+class ProjectConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says which key and how to fix it."""
+
+
+def all_keys(model: type[BaseModel] = ProjectConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += all_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # a bare key without its section: `lr` -> `pretrain.lr`
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    return f" Did you mean '{close[0]}'?" if close else " Run `gptsmith config show` for every key."
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'.{_suggest(key)}")
+        else:
+            lines.append(f"{source}: '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """Command-line values are YAML scalars: 3e-4, true, null, [a, b] all mean what they look like."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    valid = all_keys()
+    if key not in valid:
+        sections = {k.split(".")[0] for k in valid}
+        if key in sections:
+            raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. --{key}.<key> VALUE")
+        raise ConfigError(f"unknown config key '{key}'.{_suggest(key)}")
+    node = tree
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{p}' in the config must be a mapping")
+    node[leaf] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """['--pretrain.lr', '3e-4', '--model.n_layer=6'] -> {'pretrain.lr': 3e-4, 'model.n_layer': 6}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}'; config overrides look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and "." in args[i + 1]):
+                raise ConfigError(f"override '--{key}' needs a value, e.g. --{key} VALUE")
+            raw = args[i + 1]
+            i += 2
+        if "." not in key:
+            raise ConfigError(f"unknown option '--{key}'.{_suggest(key.replace('-', '_'))}")
+        out[key] = parse_value(raw)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ProjectConfig:
+    """Load YAML (or defaults when `path` is None), apply dotted overrides, validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, pretrain, ...)")
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key, value)
+        source = f"{source} + overrides" if "overrides" not in source else source
+    try:
+        return ProjectConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def save_config(cfg: ProjectConfig, out_dir: str | Path) -> Path:
+    from gptsmith.files import atomic_write_yaml
+
+    path = Path(out_dir) / CONFIG_FILENAME
+    atomic_write_yaml(path, cfg.model_dump(mode="json"))
+    return path
