@@ -1,0 +1,1 @@
+"""Training: shared pieces (checkpoints, schedules, logging) and one module per method."""
