@@ -54,3 +54,12 @@ def test_cli_reports_config_error_without_traceback(capsys):
     assert main(["config", "show", "--pretrain.warmup", "3"]) == 2
     err = capsys.readouterr().err
     assert "pretrain.warmup" in err and "pretrain.warmup_steps" in err and "Traceback" not in err
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
