@@ -156,9 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     # prepare = data clean + tokenizer train + data tokenize
+    inputs_help = (
+        "what to read, any mix of: files (.txt .md = one document each; .jsonl .json .csv .parquet = one document per "
+        "line/row, text in --text-field); folders (read recursively); quoted globs ('data/**/*.md'); "
+        "'python-docs' (the embedded corpus: Python's own documentation); hub:NAME (a Hugging Face dataset id, "
+        "or a local dataset folder, streamed with datasets.load_dataset; split --data.hub_split, config "
+        "--data.hub_config). A bare owner/name that is not an existing path is also taken as a dataset id."
+    )
     p = add("prepare", "Clean text inputs, train a tokenizer and write packed token shards into WORKDIR.", cmd_prepare)
-    p.add_argument("inputs", nargs="+", help="files, folders, globs (.txt .md .jsonl .json .parquet .csv) "
-                                             "or Hugging Face dataset ids (hub:NAME or NAME)")
+    p.add_argument("inputs", nargs="+", help=inputs_help)
     p.add_argument("--out", type=Path, required=True, metavar="WORKDIR", help="working directory to write")
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size (tokenizer.vocab_size)")
     p.add_argument("--text-field", help="field holding the text in structured inputs (data.text_field)")
@@ -168,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
     p = add("clean", "Read, clean, de-duplicate and split inputs into WORKDIR/clean/{train,val}.jsonl.",
             cmd_data_clean, data_sub)
-    p.add_argument("inputs", nargs="+", help="files, folders, globs or dataset ids")
+    p.add_argument("inputs", nargs="+", help=inputs_help)
     p.add_argument("--out", type=Path, required=True, metavar="WORKDIR")
     p.add_argument("--text-field", help="field holding the text (data.text_field)")
     p.add_argument("--on-error", choices=["error", "skip"], help="stop at bad input, or skip it and count it")

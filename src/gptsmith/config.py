@@ -33,6 +33,7 @@ class DataConfig(Section):
     hub_split: str = Field("train", description="split to stream when an input is a Hugging Face dataset id")
     hub_config: str | None = Field(None, description="dataset config name for hub inputs")
     num_workers: int = Field(0, ge=0, description="tokenisation worker processes; 0 = number of CPU cores")
+    shard_tokens: int = Field(100_000_000, ge=1, description="tokens per shard file under WORKDIR/tokens (at most, roughly)")
     seed: int = 1234
 
 

@@ -1,0 +1,251 @@
+"""Data preparation: readers, cleaning, dedup, split, bad input, token shards, the prepare command."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gptsmith.cli import main
+from gptsmith.config import load_config
+from gptsmith.data.clean import clean_text
+from gptsmith.data.pipeline import clean, tokenize
+from gptsmith.data.readers import ReadContext, read_source, resolve_inputs
+from gptsmith.errors import InputError
+
+LONG = " and this sentence makes it long enough to keep."
+
+
+def doc(i: int) -> str:
+    return f"Document number {i} talks about topic {i * 7 % 13}{LONG}"
+
+
+def cfg_for(**data):
+    overrides = {"data.min_chars": 20, "data.num_workers": 1, "tokenizer.vocab_size": 300}
+    overrides.update({f"data.{k}": v for k, v in data.items()})
+    return load_config(None, overrides)
+
+
+def read_all(inputs, **ctx):
+    ctx = ReadContext(**ctx)
+    return [t for src in resolve_inputs([str(i) for i in inputs]) for t in read_source(src, ctx)], ctx
+
+
+def lines(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+def test_each_format_is_read(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text file", encoding="utf-8")
+    (tmp_path / "b.md").write_text("# markdown\n\nbody", encoding="utf-8")
+    write_jsonl(tmp_path / "c.jsonl", [{"text": "jsonl one"}, {"text": "jsonl two", "id": 2}])
+    (tmp_path / "d.json").write_text(json.dumps([{"text": "json array one"}, "json array two"]), encoding="utf-8")
+    (tmp_path / "e.csv").write_text('id,text\n1,"csv, with comma"\n2,"csv\nmultiline"\n', encoding="utf-8")
+    pq.write_table(pa.table({"text": ["parquet one", "parquet two"], "n": [1, 2]}), tmp_path / "f.parquet")
+    texts, _ = read_all(sorted(tmp_path.iterdir()))
+    assert texts == ["plain text file", "# markdown\n\nbody", "jsonl one", "jsonl two", "json array one",
+                     "json array two", "csv, with comma", "csv\nmultiline", "parquet one", "parquet two"]
+
+
+def test_text_field_is_configurable(tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", [{"content": "from content"}])
+    pq.write_table(pa.table({"content": ["parquet content"]}), tmp_path / "f.parquet")
+    texts, _ = read_all([tmp_path / "c.jsonl", tmp_path / "f.parquet"], text_field="content")
+    assert texts == ["from content", "parquet content"]
+
+
+def test_folder_is_recursive_and_glob_matches(tmp_path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "top.txt").write_text("top", encoding="utf-8")
+    (tmp_path / "sub" / "deeper" / "deep.md").write_text("deep", encoding="utf-8")
+    (tmp_path / "sub" / "ignored.bin").write_bytes(b"\x00\x01")
+    texts, _ = read_all([tmp_path])
+    assert sorted(texts) == ["deep", "top"]
+    texts, _ = read_all([f"{tmp_path}/**/*.md"])
+    assert texts == ["deep"]
+
+
+def test_local_dataset_dir_as_hub_input(tmp_path):
+    ds = tmp_path / "my_dataset"
+    ds.mkdir()
+    write_jsonl(ds / "train.jsonl", [{"text": f"row {i}"} for i in range(3)])
+    texts, _ = read_all([f"hub:{ds}"])
+    assert texts == ["row 0", "row 1", "row 2"]
+
+
+def test_missing_input_and_dataset_id_shape(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        resolve_inputs([str(tmp_path / "nope.txt")])
+    assert resolve_inputs(["someone/some_dataset"])[0].kind == "hub"
+
+
+# ----------------------------------------------------------------------------------------------- cleaning
+
+def test_clean_text_normalises_unicode_controls_and_whitespace():
+    raw = "Cafe\u0301\r\nline\x00 with\x07 ctrl\ufeff   and   spaces   \n\tindented\tkept\n    code  x\n\n\n\n\n\nend  "
+    assert clean_text(raw) == "Café\nline with ctrl and spaces\n\tindented\tkept\n    code x\n\n\nend"
+
+
+def test_dedup_and_min_length(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": doc(1)}, {"text": doc(1) + "  "}, {"text": "short"}, {"text": doc(2)}])
+    report = clean([str(tmp_path / "a.jsonl")], tmp_path / "w", cfg_for())
+    assert report["dropped"] == {"too_short": 1, "duplicate": 1}
+    assert report["documents"]["kept"] == 2
+    report = clean([str(tmp_path / "a.jsonl")], tmp_path / "w", cfg_for(dedup=False))
+    assert report["dropped"]["duplicate"] == 0 and report["documents"]["kept"] == 3
+
+
+def test_split_is_independent_of_input_order_and_val_never_empty(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": doc(i)} for i in range(0, 60)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": doc(i)} for i in range(60, 120)])
+    clean([str(a), str(b)], tmp_path / "w1", cfg_for(val_fraction=0.2))
+    clean([str(b), str(a)], tmp_path / "w2", cfg_for(val_fraction=0.2))
+    for split in ("train", "val"):
+        assert (tmp_path / "w1/clean" / f"{split}.jsonl").read_bytes() == (tmp_path / "w2/clean" / f"{split}.jsonl").read_bytes()
+    val = {d["text"] for d in lines(tmp_path / "w1/clean/val.jsonl")}
+    assert 8 <= len(val) <= 40  # ~20% of 120
+    # the split of a document is decided by its content alone: a subset keeps the same assignment
+    clean([str(a)], tmp_path / "w3", cfg_for(val_fraction=0.2))
+    assert {d["text"] for d in lines(tmp_path / "w3/clean/val.jsonl")} == {t for t in val if t in {doc(i) for i in range(60)}}
+    two = write_jsonl(tmp_path / "two.jsonl", [{"text": doc(1)}, {"text": doc(2)}])
+    report = clean([str(two)], tmp_path / "w4", cfg_for(val_fraction=0.0))
+    assert report["documents"]["train"] == 1 and report["documents"]["val"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+BAD_CASES = {
+    "bad_json": ("x.jsonl", lambda: (json.dumps({"text": doc(1)}) + "\n{\"text\": oops\n").encode(), "x.jsonl:2"),
+    "invalid_utf8": ("x.jsonl", lambda: (json.dumps({"text": doc(1)}) + "\n").encode() * 2 + b'{"text": "\xff"}\n',
+                     "x.jsonl:3"),
+    "missing_field": ("x.jsonl", lambda: (json.dumps({"text": doc(1)}) + "\n" + json.dumps({"body": "x"}) + "\n").encode(),
+                      "x.jsonl:2"),
+    "invalid_utf8_txt": ("x.txt", lambda: b"fine line\nsecond line\nbad \xc3\x28 byte\n", "x.txt:3"),
+    "missing_column": ("x.csv", lambda: b"id,body\n1,hello\n", "x.csv:1"),
+    "unreadable": ("x.parquet", lambda: b"this is not parquet", "x.parquet"),
+}
+REASON = {"invalid_utf8_txt": "invalid_utf8", "missing_column": "missing_field"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_names_file_and_line_or_is_skipped_and_counted(tmp_path, case):
+    name, content, where = BAD_CASES[case]
+    bad = tmp_path / name
+    bad.write_bytes(content())
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": doc(i)} for i in range(5)])
+    with pytest.raises(InputError) as err:
+        clean([str(good), str(bad)], tmp_path / "w", cfg_for())
+    assert where in str(err.value) and "--on-error skip" in str(err.value)
+    report = clean([str(good), str(bad)], tmp_path / "w", cfg_for(on_error="skip"))
+    assert report["skipped"][REASON.get(case, case)] == 1
+    assert sum(report["skipped"].values()) == 1
+    assert report["documents"]["kept"] >= 5
+
+
+def test_bad_input_via_cli_exits_2_with_message(tmp_path, capsys):
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    assert main(["data", "clean", str(bad), "--out", str(tmp_path / "w")]) == 2
+    assert "x.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_empty_corpus_says_how_many_were_dropped_and_why(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "tiny"}, {"text": "small"}])
+    with pytest.raises(InputError, match=r"read 2.*2 shorter than data.min_chars=20"):
+        clean([str(tmp_path / "a.jsonl")], tmp_path / "w", cfg_for())
+    assert not (tmp_path / "w" / "clean").exists()
+    assert not [p for p in (tmp_path / "w").iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+def test_shards_decode_back_to_clean_text_and_counts_add_up(tmp_path, tokenizer_dir):
+    from gptsmith.tokenizer import load_tokenizer
+
+    texts = [doc(i) + "\n\n" + "é ünïcode " * (i % 5) for i in range(40)]
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts] + [{"text": texts[0]}, {"text": "short"}])
+    work = tmp_path / "w"
+    report = clean([str(tmp_path / "a.jsonl")], work, cfg_for(val_fraction=0.25))
+    manifest = tokenize(work, cfg_for(shard_tokens=400), tokenizer_dir=tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    assert manifest["dtype"] == "uint16" and manifest["bos_token_id"] == tok.bos_token_id == 0
+    assert manifest["vocab_size"] == len(tok)
+    assert (work / manifest["tokenizer"]).resolve() == tokenizer_dir.resolve()
+    assert manifest["dropped"] == {"too_short": 1, "duplicate": 1}
+    assert sum(s["documents"] for s in manifest["splits"].values()) == report["documents"]["kept"] == 40
+    for split, info in manifest["splits"].items():
+        assert len(info["files"]) > 1 or split == "val"  # 400-token shards force several train files
+        arrays = [np.memmap(work / "tokens" / f, dtype=np.uint16, mode="r") for f in info["files"]]
+        assert all(a[0] == 0 for a in arrays)  # no document is cut across files
+        assert all(len(a) <= 400 for a in arrays)
+        flat = np.concatenate(arrays)
+        assert len(flat) == info["tokens"]
+        starts = np.flatnonzero(flat == 0)
+        assert len(starts) == info["documents"]
+        docs = [tok.decode(p[1:].tolist()) for p in np.split(flat, starts[1:])]
+        cleaned = [d["text"] for d in lines(work / "clean" / f"{split}.jsonl")]
+        assert docs == cleaned
+        assert info["bytes"] == sum(len(t.encode()) for t in cleaned)
+
+
+def test_worker_pool_gives_identical_shards(tmp_path, tokenizer_dir, monkeypatch):
+    import gptsmith.data.shards as shards
+
+    monkeypatch.setattr(shards, "CHUNK_BYTES", 2000)  # several chunks, so both workers get work
+    write_jsonl(tmp_path / "a.jsonl", [{"text": doc(i) * 3} for i in range(80)])
+    clean([str(tmp_path / "a.jsonl")], tmp_path / "w", cfg_for())
+    one = tokenize(tmp_path / "w", cfg_for(num_workers=1), tokenizer_dir=tokenizer_dir)
+    a = (tmp_path / "w/tokens/train_00000.bin").read_bytes()
+    two = tokenize(tmp_path / "w", cfg_for(num_workers=2), tokenizer_dir=tokenizer_dir)
+    assert (tmp_path / "w/tokens/train_00000.bin").read_bytes() == a
+    assert one["splits"] == two["splits"]
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+def test_prepare_cli_end_to_end_and_rerun_overwrites(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"note{i}.md").write_text(f"# Note {i}\n\n" + doc(i) * 4, encoding="utf-8")
+    write_jsonl(corpus / "rows.jsonl", [{"text": doc(100 + i) * 2} for i in range(20)])
+    work = tmp_path / "work"
+    argv = ["prepare", str(corpus), "--out", str(work), "--vocab-size", "320", "--data.min_chars", "20",
+            "--data.num_workers", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bytes per token" in out and "kept 32" in out
+    manifest = json.loads((work / "tokens" / "manifest.json").read_text())
+    assert manifest["format"] == "gptsmith.tokens.v1" and manifest["tokenizer"] == "tokenizer"
+    assert manifest["splits"]["val"]["documents"] >= 1
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 32
+    assert len(manifest["sources"]) == 13 and all(len(s["sha256"]) == 64 for s in manifest["sources"])
+    assert (work / "gptsmith.yaml").exists() and (work / "tokenizer" / "tokenizer.json").exists()
+    report = json.loads((work / "clean" / "report.json").read_text())
+    assert report["documents"]["kept"] == 32
+    first = (work / "tokens" / "train_00000.bin").read_bytes()
+    assert main(argv) == 0  # rerun: same result, nothing left behind
+    assert (work / "tokens" / "train_00000.bin").read_bytes() == first
+    assert sorted(p.name for p in work.iterdir()) == ["clean", "gptsmith.yaml", "tokenizer", "tokens"]
+
+
+def test_python_docs_has_topics_and_stdlib_docstrings():
+    from gptsmith.data.embedded import python_docs
+
+    docs = list(python_docs())
+    assert len(docs) > 100
+    heads = {d.split("\n", 1)[0] for d in docs}
+    assert {"# json", "# collections", "# email.message"} <= heads
+    json_doc = next(d for d in docs if d.startswith("# json\n"))
+    assert "## dumps(" in json_doc and "Serialize" in json_doc
+    assert not any(h in heads for h in ("# antigravity", "# this", "# tkinter", "# idlelib"))
+    assert docs == list(python_docs())  # deterministic
