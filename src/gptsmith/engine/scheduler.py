@@ -1,0 +1,186 @@
+"""Continuous batching: many concurrent requests share one model; new ones join the running batch at the
+next step and finished or cancelled ones leave it, so a long answer never holds up a short one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+
+import torch
+
+from gptsmith.engine.core import Batch, Engine, Sequence
+from gptsmith.engine.params import SamplingParams, StreamEvent
+
+log = logging.getLogger(__name__)
+
+
+class GenerationRequest:
+    """Handle to one submitted request. Consume its events with `events()` (threads) or `aevents()` (asyncio);
+    the last event has `finish_reason` set ("stop", "length", "cancelled" or "error" with the message in text)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams):
+        self.id = uuid.uuid4().hex
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self._queue: queue.Queue[StreamEvent] = queue.Queue()
+        self._lock = threading.Lock()
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _put(self, event: StreamEvent) -> None:
+        """Called from the scheduler thread."""
+        self.completion_tokens += len(event.token_ids)
+        if event.finish_reason:
+            self.finish_reason = event.finish_reason
+            if event.finish_reason == "error":
+                self.error = event.text
+        with self._lock:
+            if self._aloop is None:
+                self._queue.put(event)
+                return
+            try:
+                self._aloop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+            except RuntimeError:  # the consumer's event loop is gone: nobody is listening any more
+                self.cancelled = True
+
+    def events(self, timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Blocking iterator; raises TimeoutError when no event arrives within `timeout` seconds."""
+        while True:
+            try:
+                event = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id}: no event within {timeout}s") from None
+            yield event
+            if event.finish_reason:
+                return
+
+    async def aevents(self) -> AsyncIterator[StreamEvent]:
+        with self._lock:  # switch delivery to this event loop, keeping whatever arrived before
+            self._aloop = asyncio.get_running_loop()
+            self._aqueue = asyncio.Queue()
+            while not self._queue.empty():
+                self._aqueue.put_nowait(self._queue.get_nowait())
+        try:
+            while True:
+                event = await self._aqueue.get()
+                yield event
+                if event.finish_reason:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancel()  # the client went away mid-stream
+            raise
+
+
+class BatchScheduler:
+    def __init__(self, engine: Engine, max_batch_size: int = 16):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self._incoming: deque[GenerationRequest] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._batch: Batch | None = None
+        self._active: dict[int, GenerationRequest] = {}  # id(Sequence) -> request
+
+    def start(self) -> None:
+        with self._cond:
+            if self._running:
+                return
+            self._running = True
+        self._thread = threading.Thread(target=self._loop, name="gptsmith-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for req in list(self._incoming) + list(self._active.values()):
+            req._put(StreamEvent("", [], "cancelled"))
+        self._incoming.clear()
+        self._active.clear()
+        self._batch = None
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
+        """Thread-safe. Bad prompts or params come back as the request's "error" event, not as an exception."""
+        req = GenerationRequest(prompt_ids, params)
+        with self._cond:
+            self._incoming.append(req)
+            self._cond.notify()
+        if not self._running:
+            self.start()
+        return req
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._running and not self._incoming and not self._active:
+                    self._cond.wait()
+                if not self._running:
+                    return
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as e:  # never let one bad step kill the server: fail the requests it touched
+                log.exception("scheduler step failed")
+                self._fail_all(e)
+
+    def _fail_all(self, e: Exception) -> None:
+        for req in self._active.values():
+            req._put(StreamEvent(f"{type(e).__name__}: {e}", [], "error"))
+        self._active.clear()
+        self._batch = None  # its cache may be half written; the next request gets a fresh one
+
+    def _step(self) -> None:
+        if self._batch is None:
+            self._batch = Batch(self.engine, self.max_batch_size, self.engine.max_context)
+        batch = self._batch
+        # drop cancelled requests first so their slots can be reused right away
+        for seq in list(batch.seqs):
+            req = self._active[id(seq)]
+            if req.cancelled:
+                batch.remove(seq)
+                del self._active[id(seq)]
+                req._put(StreamEvent("", [], "cancelled"))
+        while not batch.full:
+            with self._cond:
+                if not self._incoming:
+                    break
+                req = self._incoming.popleft()
+            if req.cancelled:
+                req._put(StreamEvent("", [], "cancelled"))
+                continue
+            try:
+                seq = Sequence(self.engine, req.prompt_ids, req.params)
+                event = batch.add(seq)
+            except Exception as e:  # this request's fault (bad prompt, params): report it, keep going
+                req._put(StreamEvent(f"{e}", [], "error"))
+                continue
+            if not seq.finish_reason:
+                self._active[id(seq)] = req
+            req._put(event)
+        if batch.seqs:
+            for seq, event in batch.step():
+                req = self._active[id(seq)]
+                if seq.finish_reason:
+                    del self._active[id(seq)]
+                req._put(event)

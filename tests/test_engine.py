@@ -1,0 +1,242 @@
+"""Engine behaviour a user relies on: exact greedy output, batching, streaming text, stops, seeds, context
+limits, and the continuous-batching scheduler."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from gptsmith.engine import (BatchScheduler, Engine, IncrementalDecoder, SamplingParams, Sequence, StopMatcher)
+
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0)
+TEXTS = ["def foo(x):\n    return", "The", "Python is a programming language that lets you work quickly",
+         "import os\nimport sys\n\nclass A:"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = Engine.load(tiny_model_dir, device="cpu")
+    # A freshly initialised model repeats one token forever, which would make every equality test pass
+    # trivially. Larger random weights give varied greedy output, so a wrong cache or position shows up.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in eng.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    # one thread: on a small shared CPU, torch's thread pool spins against other processes (10x slower)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield eng
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    return [engine.encode(t) for t in TEXTS]
+
+
+def reference_greedy(engine, ids, n):
+    """Full recompute every step, no cache: the ground truth."""
+    ids, out = list(ids), []
+    with torch.inference_mode():
+        for _ in range(n):
+            t = int(engine.model(torch.tensor([ids])).logits[0, -1].argmax())
+            if t in engine.stop_ids:
+                break
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+def test_greedy_kv_cache_matches_full_recompute_and_hf_generate(engine, prompts):
+    for ids in prompts:
+        got = engine.generate([ids], GREEDY)[0]
+        assert len(set(got.token_ids)) > 5  # the output is not degenerate
+        assert got.token_ids == reference_greedy(engine, ids, GREEDY.max_new_tokens)
+        hf = engine.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
+                                   eos_token_id=sorted(engine.stop_ids), pad_token_id=1)[0, len(ids):].tolist()
+        assert got.token_ids == [t for t in hf if t not in engine.stop_ids]
+
+
+def test_batched_equals_one_by_one(engine, prompts):
+    sampled = SamplingParams(max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.2, seed=7)
+    for params in (GREEDY, sampled):
+        batched = engine.generate(prompts, params)
+        single = [engine.generate([p], params)[0] for p in prompts]
+        assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+        assert [c.text for c in batched] == [c.text for c in single]
+        assert [c.prompt_tokens for c in batched] == [len(p) for p in prompts]
+
+
+def test_fallback_hf_runner_gives_same_output(engine, prompts):
+    fast = engine.generate(prompts[:2], GREEDY)
+    engine.fast = False
+    try:
+        slow = engine.generate(prompts[:2], GREEDY)
+    finally:
+        engine.fast = True
+    assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
+
+
+def test_stream_reassembles_to_generate(engine, prompts):
+    full = engine.generate([prompts[2]], GREEDY)[0]
+    events = list(engine.stream(prompts[2], GREEDY))
+    assert "".join(e.text for e in events) == full.text
+    assert [t for e in events for t in e.token_ids] == full.token_ids
+    assert [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
+    assert events[-1].finish_reason == "length"
+
+
+def test_incremental_decoder_holds_back_split_characters(engine):
+    text = "héllo 😀 wörld 你好 🎉!"
+    ids = engine.encode(text)
+    assert len(ids) > len(text) / 2  # the 512-token vocab splits these characters into byte tokens
+    dec = IncrementalDecoder(engine.tokenizer)
+    pieces = [dec.push(t) for t in ids]
+    assert "".join(pieces) + dec.flush() == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # some token ended mid-character and was held back
+
+
+def test_sequence_streams_multibyte_characters_and_stop_strings(engine):
+    # drive the engine's per-token path with forced tokens: an emoji split over byte tokens, then a stop string
+    text = "ok 😀 done STOP after"
+    seq = Sequence(engine, [1, 2, 3], SamplingParams(max_new_tokens=100, stop=["STOP"]))
+    events = []
+    for t in engine.encode(text):
+        events.append(seq.accept(t))
+        if seq.finish_reason:
+            break
+    assert "".join(e.text for e in events) == "ok 😀 done "
+    assert not any("\ufffd" in e.text for e in events)
+    assert events[-1].finish_reason == "stop"
+
+
+def test_stop_matcher_never_emits_part_of_a_stop():
+    m = StopMatcher(["</s>", "END"])
+    assert m.push("abc<") == ("abc", False)  # "<" may start "</s>"
+    assert m.push("/") == ("", False)
+    assert m.push("x") == ("</x", False)  # it did not: release it
+    assert m.push("E") == ("", False)
+    assert m.push("NDtail") == ("", True)
+    m = StopMatcher(["ab"])
+    assert m.push("xa") == ("x", False)
+    assert m.flush() == "a"
+
+
+def test_stop_string_spanning_tokens(engine, prompts):
+    full = engine.generate([prompts[0]], GREEDY)[0]
+    dec = IncrementalDecoder(engine.tokenizer)
+    pieces = [dec.push(t) for t in full.token_ids]
+    # a stop string made of the end of one token's text and the start of the next
+    i = next(i for i in range(5, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    stop = pieces[i][-2:] + pieces[i + 1][:2]
+    got = engine.generate([prompts[0]], SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]))[0]
+    assert got.finish_reason == "stop"
+    assert got.text == full.text[:full.text.find(stop)]
+    streamed = "".join(e.text for e in engine.stream(prompts[0],
+                                                     SamplingParams(max_new_tokens=40, temperature=0, stop=[stop])))
+    assert streamed == got.text
+
+
+def test_eos_token_stops(engine, prompts):
+    full = engine.generate([prompts[1]], GREEDY)[0]
+    eos = full.token_ids[6]
+    saved = engine.stop_ids
+    engine.stop_ids = saved | {eos}
+    try:
+        got = engine.generate([prompts[1]], GREEDY)[0]
+    finally:
+        engine.stop_ids = saved
+    assert got.finish_reason == "stop"
+    assert got.token_ids == full.token_ids[:full.token_ids.index(eos)]
+
+
+def test_seed_reproducible(engine, prompts):
+    def sample(seed):
+        return engine.generate([prompts[1]], SamplingParams(max_new_tokens=30, temperature=1.0, seed=seed))[0]
+    assert sample(1).token_ids == sample(1).token_ids
+    assert sample(1).token_ids != sample(2).token_ids
+
+
+def test_generation_stops_at_max_context(engine):
+    ids = [7] * (engine.max_context - 5)
+    got = engine.generate([ids], SamplingParams(max_new_tokens=50, temperature=0))[0]
+    assert got.finish_reason == "length" and len(got.token_ids) == 5
+    with pytest.raises(ValueError, match="context"):
+        engine.generate([[7] * engine.max_context], GREEDY)
+
+
+def test_encode_chat_drops_oldest_turns_keeps_system(engine):
+    messages = [{"role": "system", "content": "SYSTEM-PROMPT be brief"}]
+    for i in range(12):
+        messages += [{"role": "user", "content": f"question {i} " + "lorem " * 2},
+                     {"role": "assistant", "content": f"answer {i} " + "dolor " * 2}]
+    messages.append({"role": "user", "content": "LAST-QUESTION"})
+    ids = engine.encode_chat(messages, max_new_tokens=64)
+    assert len(ids) <= engine.max_context - 64
+    text = engine.tokenizer.decode(ids)
+    assert "SYSTEM-PROMPT" in text and "LAST-QUESTION" in text
+    assert "question 0 " not in text and "question 11 " in text
+    assert text.endswith("<|assistant|>\n")
+    assert text.split("<|system|>")[1].find("<|user|>") >= 0  # the first kept turn is a user turn
+    short = messages[:1] + messages[-1:]
+    assert engine.encode_chat(short, 64) == engine._chat_ids(short)
+
+
+def test_scheduler_concurrent_requests_match_single(engine):
+    texts = [f"{t} {i}" for i, t in enumerate(TEXTS * 2)]
+    prompts = [engine.encode(t) for t in texts]
+    expected = [c.token_ids for c in (engine.generate([p], GREEDY)[0] for p in prompts)]
+    sched = BatchScheduler(engine, max_batch_size=4)
+    sched.start()
+    results: dict[int, tuple] = {}
+
+    def worker(i):
+        req = sched.submit(prompts[i], GREEDY)
+        events = list(req.events(timeout=60))
+        results[i] = ([t for e in events for t in e.token_ids], events[-1].finish_reason, req.completion_tokens)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sched.stop()
+    assert [results[i][0] for i in range(8)] == expected
+    assert all(reason in ("stop", "length") and n == len(ids) for ids, reason, n in results.values())
+
+
+def test_scheduler_cancel_frees_slot_and_errors_are_per_request(engine, prompts):
+    sched = BatchScheduler(engine, max_batch_size=1)
+    sched.start()
+    try:
+        long = sched.submit(prompts[0], SamplingParams(max_new_tokens=10_000, temperature=0))
+        it = long.events(timeout=30)
+        next(it)
+        bad = sched.submit([], GREEDY)  # an empty prompt is that request's error, not the scheduler's
+        waiting = sched.submit(prompts[1], GREEDY)  # only one slot: it waits for the long one
+        long.cancel()
+        assert list(it)[-1].finish_reason == "cancelled"
+        bad_events = list(bad.events(timeout=30))
+        assert bad_events[-1].finish_reason == "error" and "empty" in bad_events[-1].text
+        events = list(waiting.events(timeout=30))
+        assert [t for e in events for t in e.token_ids] == engine.generate([prompts[1]], GREEDY)[0].token_ids
+        assert sched.num_active == 0
+    finally:
+        sched.stop()
+
+
+def test_scheduler_async_events(engine, prompts):
+    sched = BatchScheduler(engine, max_batch_size=2)
+
+    async def run():
+        req = sched.submit(prompts[2], GREEDY)
+        return [e async for e in req.aevents()]
+
+    try:
+        events = asyncio.run(run())
+    finally:
+        sched.stop()
+    assert "".join(e.text for e in events) == engine.generate([prompts[2]], GREEDY)[0].text
