@@ -131,9 +131,10 @@ BAD_CASES = {
                       "x.jsonl:2"),
     "invalid_utf8_txt": ("x.txt", lambda: b"fine line\nsecond line\nbad \xc3\x28 byte\n", "x.txt:3"),
     "missing_column": ("x.csv", lambda: b"id,body\n1,hello\n", "x.csv:1"),
+    "invalid_utf8_csv": ("x.csv", lambda: f"text\n{doc(90)}\nbad \xff\n{doc(91)}\n".encode("latin-1"), "x.csv:3"),
     "unreadable": ("x.parquet", lambda: b"this is not parquet", "x.parquet"),
 }
-REASON = {"invalid_utf8_txt": "invalid_utf8", "missing_column": "missing_field"}
+REASON = {"invalid_utf8_txt": "invalid_utf8", "invalid_utf8_csv": "invalid_utf8", "missing_column": "missing_field"}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
@@ -149,6 +150,8 @@ def test_bad_input_names_file_and_line_or_is_skipped_and_counted(tmp_path, case)
     assert report["skipped"][REASON.get(case, case)] == 1
     assert sum(report["skipped"].values()) == 1
     assert report["documents"]["kept"] >= 5
+    if case == "invalid_utf8_csv":  # the rows after the bad line are still read
+        assert report["documents"]["kept"] == 7
 
 
 def test_bad_input_via_cli_exits_2_with_message(tmp_path, capsys):
@@ -249,3 +252,13 @@ def test_python_docs_has_topics_and_stdlib_docstrings():
     assert "## dumps(" in json_doc and "Serialize" in json_doc
     assert not any(h in heads for h in ("# antigravity", "# this", "# tkinter", "# idlelib"))
     assert docs == list(python_docs())  # deterministic
+
+
+def test_max_chars_cuts_long_documents_at_line_breaks(tmp_path):
+    long = "\n".join(f"line {i} of a long document" for i in range(100))
+    write_jsonl(tmp_path / "a.jsonl", [{"text": long}])
+    clean([str(tmp_path / "a.jsonl")], tmp_path / "w", cfg_for(max_chars=300))
+    pieces = [d["text"] for split in ("train", "val") for d in lines(tmp_path / "w/clean" / f"{split}.jsonl")]
+    assert len(pieces) > 5 and all(len(p) <= 300 for p in pieces)
+    assert all(p.startswith("line ") and p.endswith("document") for p in pieces)
+    assert sorted(sum((p.split("\n") for p in pieces), [])) == sorted(long.split("\n"))

@@ -227,10 +227,11 @@ def _read_json(path: str, ctx: ReadContext) -> Iterator[str]:
 
 
 class _Utf8Lines:
-    """Feed csv.reader decoded lines, remembering the line number so a bad byte can be located."""
+    """Feed csv.reader decoded lines, counting lines so errors can name one; a line that isn't UTF-8 is
+    reported (or skipped and counted) here, since an exception would end the csv reader's iteration."""
 
-    def __init__(self, f, path: str):
-        self.f, self.path, self.lineno = f, path, 0
+    def __init__(self, f, path: str, ctx: ReadContext):
+        self.f, self.path, self.ctx, self.lineno = f, path, ctx, 0
 
     def __iter__(self):
         for raw in self.f:
@@ -238,36 +239,24 @@ class _Utf8Lines:
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise _BadLine(*_utf8_error(self.path, e, self.lineno - 1)) from None
-
-
-class _BadLine(Exception):
-    pass
+                self.ctx.bad("invalid_utf8", *_utf8_error(self.path, e, self.lineno - 1))
 
 
 def _read_csv(path: str, ctx: ReadContext) -> Iterator[str]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents can be long; the default is 128 KB
     with open(path, "rb") as f:
-        lines = _Utf8Lines(f, path)
+        lines = _Utf8Lines(f, path, ctx)
         reader = csv.DictReader(lines)
-        try:
-            header = reader.fieldnames
-        except _BadLine as e:
-            ctx.bad("invalid_utf8", *e.args)
-            return
+        header = reader.fieldnames
         if not header or ctx.text_field not in header:
             ctx.bad("missing_field", f"{path}:1", f"no column '{ctx.text_field}' in the header "
                                                   f"({', '.join(header or [])}); choose one with --text-field")
             return
-        rows = iter(reader)
         while True:
             try:
-                row = next(rows)
+                row = next(reader)
             except StopIteration:
                 return
-            except _BadLine as e:
-                ctx.bad("invalid_utf8", *e.args)
-                continue
             except csv.Error as e:
                 ctx.bad("bad_json", f"{path}:{lines.lineno}", f"malformed CSV ({e})")
                 continue
