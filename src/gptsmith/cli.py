@@ -78,7 +78,9 @@ def cmd_tokenizer_train(args) -> None:
 def cmd_pretrain(args) -> None:
     from gptsmith.train.pretrain import pretrain
     cfg = _config(args, {"model.preset": args.preset, "pretrain.max_steps": args.max_steps,
-                         "pretrain.init_from": args.init_from, "pretrain.max_minutes": args.minutes})
+                         "pretrain.init_from": args.init_from, "pretrain.max_minutes": args.minutes,
+                         "pretrain.seq_len": args.seq_len, "pretrain.batch_size": args.batch_size,
+                         "pretrain.lr": args.lr, "pretrain.device": args.device})
     pretrain(args.data, args.out, cfg, resume=args.resume)
 
 
@@ -205,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="stop after this many minutes (pretrain.max_minutes)")
     p.add_argument("--init-from", help="continue pretraining this HF model dir or hub id (pretrain.init_from)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR/checkpoints")
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence (pretrain.seq_len)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (pretrain.batch_size)")
+    p.add_argument("--lr", type=float, help="peak learning rate (pretrain.lr)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (pretrain.device)")
+    p.epilog = ("Several GPUs (data-parallel, one process per GPU): torchrun --nproc_per_node 8 -m gptsmith.cli "
+                "pretrain --data WORKDIR --out DIR ...; Ctrl-C stops after the current step and saves. "
+                + OVERRIDES_HELP)
 
     p = add("sft", "Supervised fine-tuning on conversations (full, LoRA or QLoRA).", cmd_sft)
     p.add_argument("--model", required=True, help="base model: HF directory or hub id")
