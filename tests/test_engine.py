@@ -240,3 +240,19 @@ def test_scheduler_async_events(engine, prompts):
     finally:
         sched.stop()
     assert "".join(e.text for e in events) == engine.generate([prompts[2]], GREEDY)[0].text
+
+
+def test_generate_cli_streams_to_stdout(tiny_model_dir, capsys):
+    from gptsmith.config import GenerateConfig
+    from gptsmith.engine import generate_cli
+
+    cfg = GenerateConfig(max_new_tokens=7, temperature=0)
+    generate_cli(tiny_model_dir, "def main():", cfg, device="cpu")
+    plain = capsys.readouterr()
+    eng = Engine.load(tiny_model_dir, device="cpu")
+    expected = eng.generate([eng.encode("def main():")], SamplingParams.from_config(cfg))[0]
+    assert plain.out == expected.text + "\n"
+    assert f"{len(expected.token_ids)} generated" in plain.err
+    generate_cli(tiny_model_dir, "hi", cfg, chat=True, device="cpu")
+    chat_ids = eng.encode_chat([{"role": "user", "content": "hi"}], 7)
+    assert f"[{len(chat_ids)} prompt tokens" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""`gptsmith chat`: a multi-turn terminal chat that streams the model's answers.
+
+Ctrl-C while an answer streams stops it; the part already shown is kept as the assistant's turn (so the
+model sees what the user saw). Ctrl-C or Ctrl-D at the prompt leaves. Plain input() with readline gives line
+editing and history and works through any terminal, pipes and pseudo-terminals included.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from gptsmith.engine import Engine, SamplingParams
+from gptsmith.files import atomic_write_text
+
+HELP = """commands:
+  /reset         forget the conversation (the system prompt stays)
+  /system TEXT   set the system prompt (/system alone shows it)
+  /save FILE     write the conversation as OpenAI messages: FILE.jsonl (one {"messages": [...]} line) or FILE.json
+  /help          this help
+  /quit          leave (Ctrl-D or Ctrl-C at the prompt also leave; Ctrl-C during an answer stops the answer)"""
+
+USER_PROMPT = "you> "
+BOT_PROMPT = "bot> "
+
+
+def save_conversation(path: str | Path, messages: list[dict]) -> None:
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        atomic_write_text(path, json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    else:
+        atomic_write_text(path, json.dumps({"messages": messages}, ensure_ascii=False, indent=2) + "\n")
+
+
+def _answer(engine: Engine, messages: list[dict], params: SamplingParams, out) -> str:
+    """Stream one answer to `out`; returns the text shown (all of it, or the part before Ctrl-C)."""
+    shown: list[str] = []
+    stream = engine.stream(engine.encode_chat(messages, params.max_new_tokens), params)
+    try:
+        out.write(BOT_PROMPT)
+        out.flush()
+        for event in stream:
+            out.write(event.text)
+            out.flush()
+            shown.append(event.text)
+        out.write("\n")
+    except KeyboardInterrupt:
+        stream.close()
+        out.write(" [stopped]\n")
+    out.flush()
+    return "".join(shown)
+
+
+def run_chat(model_dir, gen_cfg, system: str | None = None, device: str = "auto") -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    out = sys.stdout
+    engine = Engine.load(model_dir, device=device)
+    params = SamplingParams.from_config(gen_cfg)
+    messages: list[dict] = []
+    print(f"chatting with {model_dir} (context {engine.max_context} tokens). /help for commands, Ctrl-D to leave.")
+    while True:
+        try:
+            line = input(USER_PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/quit", "/exit"):
+                return
+            elif cmd == "/help":
+                print(HELP)
+            elif cmd == "/reset":
+                messages = []
+                print("[conversation cleared]")
+            elif cmd == "/system":
+                if arg:
+                    system = arg
+                    print("[system prompt set]")
+                else:
+                    print(f"[system prompt: {system!r}]")
+            elif cmd == "/save":
+                if not arg:
+                    print("usage: /save FILE.jsonl or /save FILE.json")
+                    continue
+                full = ([{"role": "system", "content": system}] if system else []) + messages
+                try:
+                    save_conversation(arg, full)
+                except OSError as e:
+                    print(f"[could not save to {arg}: {e.strerror}]")
+                else:
+                    print(f"[saved {len(full)} messages to {arg}]")
+            else:
+                print(f"unknown command {cmd}; /help lists them")
+            continue
+        messages.append({"role": "user", "content": line})
+        convo = ([{"role": "system", "content": system}] if system else []) + messages
+        try:
+            reply = _answer(engine, convo, params, out)
+        except ValueError as e:  # e.g. the message alone does not fit the context
+            messages.pop()
+            print(f"\n[error: {e}]")
+            continue
+        messages.append({"role": "assistant", "content": reply})
