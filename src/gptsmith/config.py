@@ -104,6 +104,10 @@ class SFTConfig(Section):
     save_every: int = Field(100, ge=1)
     seed: int = 42
     device: str = "auto"
+    group_by_length: bool = Field(True, description="without packing: batch conversations of similar length (less padding)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
+    log_every: int = Field(10, ge=1, description="log training loss every N steps")
 
 
 class GenerateConfig(Section):
@@ -121,10 +125,14 @@ class ServeConfig(Section):
     db: str = Field("sqlite:///gptsmith.db", description="SQLAlchemy URL of the conversation and feedback store")
     api_key: str | None = Field(None, description="require this key (also read from GPTSMITH_API_KEY)")
     backend_url: str | None = Field(None, description="front another OpenAI-compatible server instead of a local model")
+    backend_model: str | None = Field(None, description="model id to ask the backend for; default: the first it lists")
+    device: str = Field("auto", description="where the local model runs: auto, cpu, cuda, cuda:1, mps")
     max_batch_size: int = Field(16, ge=1)
     max_tokens_limit: int = Field(2048, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1)
     max_messages: int = Field(200, ge=1)
+    max_n: int = Field(8, ge=1, description="most choices (n x prompts) one request may ask for")
+    store_flush_seconds: float = Field(0.5, ge=0, description="save a streaming answer's text this often")
     rate_limit_per_minute: int = Field(600, ge=0, description="requests per minute per key; 0 = off")
     cors_origins: list[str] = Field(default_factory=list)
 

@@ -1,0 +1,177 @@
+"""Supervised fine-tuning: assistant-only loss, full and LoRA training, merge, resume, clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptsmith.config import load_config
+from gptsmith.errors import InputError
+from gptsmith.files import sha256_file
+from gptsmith.train.sft import build_trainer, latest_checkpoint, merge_lora, sft
+
+QA = [("What is 2+2?", "Four."), ("Name a colour.", "Blue."), ("Say hi.", "Hi there!"),
+      ("What is Python?", "A programming language."), ("Capital of France?", "Paris."), ("Is ice cold?", "Yes.")]
+
+
+def conversations(n=48):
+    convs = []
+    for i in range(n):
+        q, a = QA[i % len(QA)]
+        # the suffix makes each conversation distinct, so the content-hash split puts some in validation
+        m = [{"role": "user", "content": f"{q} #{i}"}, {"role": "assistant", "content": a}]
+        if i % 3 == 0:
+            m.insert(0, {"role": "system", "content": "Be brief."})
+        if i % 4 == 0:
+            m += [{"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "You are welcome."}]
+        convs.append(m)
+    return convs
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sftdata") / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations()))
+    return path
+
+
+def cfg(**kw):
+    base = {"sft.max_steps": 30, "sft.lr": 3e-3, "sft.batch_size": 8, "sft.max_seq_len": 64, "sft.eval_every": 1000,
+            "sft.save_every": 1000, "sft.val_fraction": 0.2, "sft.log_every": 5, "sft.device": "cpu"}
+    base.update({f"sft.{k}": v for k, v in kw.items()})
+    return load_config(None, base)
+
+
+def test_labels_mask_everything_but_assistant_tokens(tiny_model_dir, tmp_path):
+    convs = conversations(8)
+    trainer, info = build_trainer(str(tiny_model_dir), convs, [], tmp_path, cfg())
+    assert info["masking"] == "generation markers"
+    tok = trainer.processing_class
+    rows = {tuple(r["input_ids"]): r["labels"] for r in trainer.train_dataset}
+    for conv in convs:
+        ids = tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+        labels = rows[tuple(ids)]
+        trained = [i for i, lab in enumerate(labels) if lab != -100]
+        assert all(labels[i] == ids[i] for i in trained)
+        # the trained tokens, run by run, are exactly each assistant answer plus its end-of-turn token
+        runs, run = [], []
+        for i in range(len(ids)):
+            if labels[i] != -100:
+                run.append(ids[i])
+            elif run:
+                runs.append(tok.decode(run)), run.clear()
+        if run:
+            runs.append(tok.decode(run))
+        assert runs == [m["content"] + "<|end|>" for m in conv if m["role"] == "assistant"]
+        # ... and everything else (system and user text, every role header) is masked
+        masked = tok.decode([ids[i] for i in range(len(ids)) if labels[i] == -100])
+        for m in conv:
+            if m["role"] != "assistant":
+                assert m["content"] in masked
+        assert masked.count("<|assistant|>") == sum(m["role"] == "assistant" for m in conv)
+        assert "<|user|>" in masked
+
+
+def test_full_sft_lowers_val_loss_and_writes_a_plain_hf_dir(tiny_model_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "chat"
+    m = sft(str(tiny_model_dir), data_file, out, cfg())
+    assert m["steps"] == 30 and m["val_conversations"] > 0
+    assert m["val_loss"] < m["val_loss_before"] - 1.0
+    assert 0 < m["val_bpb"] < m["val_bpb_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|assistant|>\n")
+    assert tok.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id
+    lineage = json.loads((out / "gptsmith_lineage.json").read_text())
+    assert lineage["parent_model"] == str(tiny_model_dir.resolve())
+    assert lineage["data"]["sha256"] == sha256_file(data_file) and lineage["mode"] == "full"
+    assert (out / "gptsmith.yaml").is_file() and (out / "loss.png").stat().st_size > 1000
+    assert list((out / "runs").glob("events.out.tfevents.*"))
+
+
+def test_lora_trains_only_the_adapter_and_merges_exactly(tiny_model_dir, data_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_sha = sha256_file(tiny_model_dir / "model.safetensors")
+    out = tmp_path / "adapter"
+    m = sft(str(tiny_model_dir), data_file, out, cfg(lora=True, max_steps=10, lora_r=4, lora_alpha=8))
+    assert m["trainable_params"] < m["total_params"] / 2
+    assert sha256_file(tiny_model_dir / "model.safetensors") == base_sha  # base weights untouched
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    assert any("lora_B" in k and w.abs().max() > 0 for k, w in weights.items())  # B starts at zero: it trained
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+
+    merged = merge_lora(out, tmp_path / "merged")
+    ids = torch.tensor([[1, 5, 42, 77, 100, 3]])
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert (got - base).abs().max() > 1e-3  # the adapter changed the model
+    assert not list(merged.glob("adapter_*")) and (merged / "chat_template.jinja").is_file()
+
+
+def test_resume_continues_from_the_last_finished_checkpoint(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    first = sft(str(tiny_model_dir), data_file, out, cfg(max_steps=4, save_every=2))
+    assert first["steps"] == 4 and latest_checkpoint(out).name == "checkpoint-4"
+    # a checkpoint cut off by a kill has no trainer_state.json and must be skipped
+    (out / "checkpoints" / "checkpoint-6").mkdir()
+    resumed = sft(str(tiny_model_dir), data_file, out, cfg(max_steps=8, save_every=2), resume=True)
+    assert resumed["steps"] == 8
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    logged = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert logged[0] == 1 and logged[-1] >= 5  # the history before the kill was carried over
+    assert "val_loss_before" not in resumed  # not restarted from the base model
+    # resuming with other data is refused instead of silently mixing runs
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"messages": conversations(3)[1]}) + "\n")
+    with pytest.raises(InputError, match="different data"):
+        sft(str(tiny_model_dir), other, out, cfg(max_steps=10), resume=True)
+
+
+def test_model_without_chat_template_gets_ours(tmp_path, data_file):
+    """A base model whose tokenizer has no chat template and no role tokens (like GPT-2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator([data_file.read_text()] * 3, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(base)
+    tok.save_pretrained(base)
+
+    out = tmp_path / "out"
+    m = sft(str(base), data_file, out, cfg(max_steps=3))
+    tok2 = AutoTokenizer.from_pretrained(out)
+    assert tok2.eos_token == "<|end|>" and "<|assistant|>" in tok2.get_vocab()
+    assert "<|assistant|>" in tok2.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                        add_generation_prompt=True)
+    assert m["steps"] == 3
+
+    lora = sft(str(base), data_file, tmp_path / "lora", cfg(max_steps=2, lora=True, lora_target_modules=["c_attn"]))
+    assert lora["steps"] == 2  # LoRA keeps the vocabulary: a plain-text template ending answers with eos
+    assert "### Assistant:" in (tmp_path / "lora" / "chat_template.jinja").read_text()
+
+
+def test_qlora_on_cpu_is_a_clear_error(tiny_model_dir, data_file, tmp_path):
+    with pytest.raises(InputError, match="--qlora needs a CUDA GPU.*--lora"):
+        sft(str(tiny_model_dir), data_file, tmp_path / "q", cfg(qlora=True))
+
+
+def test_missing_model_and_adapter_are_clear_errors(data_file, tmp_path):
+    with pytest.raises(InputError, match="cannot load a model"):
+        sft(str(tmp_path / "nope"), data_file, tmp_path / "o", cfg())
+    with pytest.raises(InputError, match="adapter_config.json"):
+        merge_lora(tmp_path, tmp_path / "m")
