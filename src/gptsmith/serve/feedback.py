@@ -1,0 +1,91 @@
+"""Turn stored ratings and corrections into training data in TRL's conversational formats.
+
+    gptsmith feedback export --db sqlite:///gptsmith.db --format dpo --out prefs.jsonl
+
+- sft: `{"messages": [...history, {"role": "assistant", "content": ANSWER}]}` for every correction (the user's
+  better answer) and every thumbs-up answer that has no correction. A correction wins over the thumb on the
+  same message because the user wrote it to replace the answer.
+- dpo: `{"prompt": [...history], "chosen": [assistant], "rejected": [assistant]}`: a correction over the answer
+  it corrects, and, among answers to the same turn (regenerations), every thumbs-up one over every thumbs-down one.
+- kto: `{"prompt": [...history], "completion": [assistant], "label": bool}` for every thumbs-up/down answer.
+
+The prompt is the conversation's system prompt plus the branch of messages the answer replied to.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from sqlalchemy import select
+
+from gptsmith.errors import InputError
+from gptsmith.files import atomic_write_text
+from gptsmith.serve.store import Conversation, Message, Store, branch, history
+
+FORMATS = ("sft", "dpo", "kto")
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def build_examples(store: Store, fmt: str) -> list[dict]:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown feedback export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    out: list[dict] = []
+    with store.Session() as s:
+        conv_ids = s.scalars(select(Message.conversation_id).where(Message.feedback.has()).distinct()).all()
+        for conv_id in sorted(conv_ids):
+            conv = s.get(Conversation, conv_id)
+            msgs = list(s.scalars(select(Message).where(Message.conversation_id == conv_id).order_by(Message.id)))
+            answers = [m for m in msgs if m.role == "assistant"]
+
+            def prompt(m: Message) -> list[dict]:
+                return history(conv, branch(msgs, m.parent_id)) if m.parent_id is not None else history(conv, [])
+
+            for m in answers:
+                fb = m.feedback
+                if fb is None:
+                    continue
+                if fmt == "sft":
+                    best = fb.correction or (m.content if fb.rating == 1 else None)
+                    if best and best.strip():
+                        out.append({"messages": prompt(m) + _assistant(best)})
+                elif fmt == "dpo":
+                    if fb.correction and fb.correction.strip() and fb.correction != m.content:
+                        out.append({"prompt": prompt(m), "chosen": _assistant(fb.correction),
+                                    "rejected": _assistant(m.content)})
+                elif fmt == "kto":
+                    if fb.rating in (1, -1) and m.content.strip():
+                        out.append({"prompt": prompt(m), "completion": _assistant(m.content),
+                                    "label": fb.rating == 1})
+            if fmt == "dpo":  # regenerations: answers that share a parent are alternatives for the same turn
+                turns: dict[int | None, list[Message]] = defaultdict(list)
+                for m in answers:
+                    turns[m.parent_id].append(m)
+                for siblings in turns.values():
+                    ups = [m for m in siblings if m.feedback and m.feedback.rating == 1]
+                    downs = [m for m in siblings if m.feedback and m.feedback.rating == -1]
+                    for good in ups:
+                        for bad in downs:
+                            out.append({"prompt": prompt(good), "chosen": _assistant(good.content),
+                                        "rejected": _assistant(bad.content)})
+    return out
+
+
+def export(db_url: str, fmt: str, out: str | Path) -> int:
+    """Write the examples as JSONL, atomically; returns how many were written."""
+    if db_url.startswith("sqlite:///") and db_url != "sqlite:///:memory:":
+        path = Path(db_url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise InputError(f"feedback store not found: {path} (from --db {db_url}); pass the URL `gptsmith serve` "
+                             "used, e.g. --db sqlite:///gptsmith.db")
+    store = Store(db_url)
+    try:
+        rows = build_examples(store, fmt)
+    finally:
+        store.close()
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows)

@@ -1,0 +1,198 @@
+"""Typed request and response bodies: the subset of OpenAI's API we serve, and the web UI's own JSON API.
+
+Unknown request fields are ignored (clients such as the `openai` package send fields we have no use for);
+a known field with a wrong type is a 400 in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """Any failure a client should see, rendered as OpenAI's `{"error": {message, type, param, code}}`."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 502: "backend_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or self.TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ------------------------------------------------------------------------------------------- requests
+
+class ContentPart(Lenient):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class StreamOptions(Lenient):
+    include_usage: bool = False
+
+
+class SamplingFields(Lenient):
+    n: int = Field(1, ge=1, description="choices to generate")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | list[str]
+
+
+# ------------------------------------------------------------------------------------------- responses
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gptsmith"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ------------------------------------------------------------------------------------------- the UI's API
+
+class UISettings(Lenient):
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class ConversationCreate(Lenient):
+    title: str = Field("", max_length=200)
+    system_prompt: str = ""
+    settings: UISettings = Field(default_factory=UISettings)
+
+
+class ConversationPatch(Lenient):
+    title: str | None = Field(None, max_length=200)
+    system_prompt: str | None = None
+    settings: UISettings | None = None
+
+
+class SendMessage(Lenient):
+    """One of: a new user message (content [+ parent_id]), an edit (edit_of + content), a regeneration
+    (regenerate_of)."""
+    content: str | None = None
+    parent_id: int | None = Field(None, description="message the new one follows; default: the newest one")
+    edit_of: int | None = Field(None, description="user message to replace with `content` (a new branch)")
+    regenerate_of: int | None = Field(None, description="assistant message to answer again")
+    settings: UISettings | None = None
+    system_prompt: str | None = None
+
+
+class FeedbackIn(Lenient):
+    rating: Literal[-1, 0, 1] | None = Field(None, description="+1 thumbs up, -1 thumbs down, 0 clears")
+    comment: str | None = None
+    correction: str | None = Field(None, description="a better answer written by the user")
+
+
+class LoginIn(Lenient):
+    key: str
+
+
+def dump(model: BaseModel | dict[str, Any]) -> dict:
+    return model.model_dump(mode="json") if isinstance(model, BaseModel) else model

@@ -1,0 +1,341 @@
+// gptsmith web chat. Plain JS, no build step. Everything is stored on the server (/api/...);
+// this page only renders it. Model output is untrusted: markdown goes through marked, then DOMPurify.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const state = { convId: null, conv: null, info: null, controller: null, streaming: false };
+
+// ------------------------------------------------------------------------------------------- server calls
+async function api(path, options = {}) {
+  const opts = { ...options, headers: { "Content-Type": "application/json", ...(options.headers || {}) } };
+  if (opts.body && typeof opts.body !== "string") opts.body = JSON.stringify(opts.body);
+  const res = await fetch(path, opts);
+  if (res.status === 401) { location.href = "/login"; throw new Error("not logged in"); }
+  if (!res.ok) {
+    let message = `${res.status} ${res.statusText}`;
+    try { message = (await res.json()).error.message; } catch (e) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return res;
+}
+const getJSON = async (path, options) => (await api(path, options)).json();
+
+function showError(message) {
+  const box = $("#error");
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+// ------------------------------------------------------------------------------------------- rendering
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A") { node.setAttribute("target", "_blank"); node.setAttribute("rel", "noopener noreferrer"); }
+});
+
+function renderMarkdown(el, text) {
+  el.innerHTML = DOMPurify.sanitize(marked.parse(text || "", { gfm: true, breaks: true }),
+                                    { FORBID_TAGS: ["style", "form", "input", "img"], FORBID_ATTR: ["style"] });
+}
+
+function button(label, cls, onClick, title) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.className = cls;
+  if (title) b.title = title;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function messageElement(m) {
+  const div = document.createElement("div");
+  div.className = `msg ${m.role}`;
+  div.dataset.id = m.id;
+  const role = document.createElement("div");
+  role.className = "role";
+  role.textContent = m.role === "user" ? "You" : m.role === "assistant" ? (m.model_name || "Assistant") : m.role;
+  const content = document.createElement("div");
+  content.className = "content";
+  if (m.role === "assistant") renderMarkdown(content, m.content); else content.textContent = m.content;
+  div.append(role, content);
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  if (m.role === "user") {
+    actions.append(button("Edit", "edit", () => startEdit(div, m)));
+  } else if (m.role === "assistant") {
+    const fb = m.feedback || {};
+    const up = button("\u{1F44D}", "thumb-up", () => rate(m, fb.rating === 1 ? 0 : 1), "Good answer");
+    const down = button("\u{1F44E}", "thumb-down", () => rate(m, fb.rating === -1 ? 0 : -1), "Bad answer");
+    up.setAttribute("aria-pressed", String(fb.rating === 1));
+    down.setAttribute("aria-pressed", String(fb.rating === -1));
+    actions.append(up, down,
+      button("Comment", "comment", () => openFeedback(m, "comment")),
+      button("Write a better answer", "correct", () => openFeedback(m, "correction")),
+      button("Regenerate", "regenerate", () => regenerate(m)));
+    if (m.siblings && m.siblings.length > 1) {
+      const note = document.createElement("span");
+      note.className = "note";
+      note.textContent = `version ${m.siblings.indexOf(m.id) + 1} of ${m.siblings.length}`;
+      actions.append(note);
+    }
+    if (m.finish_reason && m.finish_reason !== "stop") {
+      const note = document.createElement("span");
+      note.className = "note finish";
+      note.textContent = { cancelled: "stopped", length: "cut at max tokens", error: "failed" }[m.finish_reason] || m.finish_reason;
+      actions.append(note);
+    }
+    if (fb.comment) {
+      const c = document.createElement("span");
+      c.className = "note";
+      c.textContent = `Comment: ${fb.comment}`;
+      actions.append(c);
+    }
+    if (fb.correction) {
+      const c = document.createElement("div");
+      c.className = "correction";
+      c.textContent = `Better answer: ${fb.correction}`;
+      div.append(actions, c);
+      return div;
+    }
+  }
+  div.append(actions);
+  return div;
+}
+
+function renderConversation() {
+  const box = $("#messages");
+  box.replaceChildren(...(state.conv ? state.conv.messages.filter((m) => m.role !== "system").map(messageElement) : []));
+  box.scrollTop = box.scrollHeight;
+  $("#title").textContent = (state.conv && state.conv.title) || "New chat";
+  const s = (state.conv && state.conv.settings) || {};
+  const d = (state.info && state.info.defaults) || {};
+  $("#system-prompt").value = (state.conv && state.conv.system_prompt) || "";
+  $("#temperature").value = s.temperature ?? d.temperature ?? "";
+  $("#top-p").value = s.top_p ?? d.top_p ?? "";
+  $("#max-tokens").value = s.max_tokens ?? d.max_tokens ?? "";
+  for (const li of document.querySelectorAll("#conversations li")) li.classList.toggle("active", li.dataset.id === state.convId);
+}
+
+async function loadConversations() {
+  const q = $("#search").value.trim();
+  const convs = await getJSON(`/api/conversations?source=ui&q=${encodeURIComponent(q)}`);
+  const list = $("#conversations");
+  list.replaceChildren(...convs.map((c) => {
+    const li = document.createElement("li");
+    li.dataset.id = c.id;
+    li.classList.toggle("active", c.id === state.convId);
+    const open = button(c.title || "Untitled", "open", () => openConversation(c.id));
+    li.append(open,
+      button("Rename", "rename", () => startRename(li, c)),
+      button("Delete", "delete", () => deleteConversation(c.id)));
+    return li;
+  }));
+}
+
+async function openConversation(id) {
+  if (state.streaming) stop();
+  state.convId = id;
+  state.conv = id ? await getJSON(`/api/conversations/${id}`) : null;
+  showError("");
+  renderConversation();
+}
+
+async function refresh() {
+  if (state.convId) state.conv = await getJSON(`/api/conversations/${state.convId}`);
+  renderConversation();
+  await loadConversations();
+}
+
+// ------------------------------------------------------------------------------------------- conversations
+function currentSettings() {
+  const num = (sel) => { const v = $(sel).value; return v === "" ? null : Number(v); };
+  const s = { temperature: num("#temperature"), top_p: num("#top-p"), max_tokens: num("#max-tokens") };
+  return Object.fromEntries(Object.entries(s).filter(([, v]) => v !== null && !Number.isNaN(v)));
+}
+
+async function ensureConversation() {
+  if (state.convId) return state.convId;
+  const conv = await getJSON("/api/conversations", { method: "POST",
+    body: { system_prompt: $("#system-prompt").value, settings: currentSettings() } });
+  state.convId = conv.id;
+  state.conv = { ...conv, messages: [] };
+  return conv.id;
+}
+
+function startRename(li, c) {
+  const input = document.createElement("input");
+  input.value = c.title;
+  input.className = "rename-input";
+  li.replaceChildren(input);
+  input.focus();
+  const save = async () => {
+    await api(`/api/conversations/${c.id}`, { method: "PATCH", body: { title: input.value.trim() } });
+    if (c.id === state.convId) await refresh(); else await loadConversations();
+  };
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter") save(); if (e.key === "Escape") loadConversations(); });
+  input.addEventListener("blur", save, { once: true });
+}
+
+async function deleteConversation(id) {
+  await api(`/api/conversations/${id}`, { method: "DELETE" });
+  if (id === state.convId) await openConversation(null);
+  await loadConversations();
+}
+
+async function saveSettings() {
+  if (!state.convId) return;
+  await api(`/api/conversations/${state.convId}`, { method: "PATCH",
+    body: { system_prompt: $("#system-prompt").value, settings: currentSettings() } });
+}
+
+// ------------------------------------------------------------------------------------------- chatting
+async function send(body, pendingUser) {
+  if (state.streaming) return;
+  showError("");
+  const convId = await ensureConversation();
+  const box = $("#messages");
+  if (pendingUser) box.append(messageElement({ role: "user", content: pendingUser, id: "" }));
+  const answer = messageElement({ role: "assistant", content: "", id: "" });
+  answer.classList.add("streaming");
+  answer.querySelector(".actions").hidden = true;
+  box.append(answer);
+  box.scrollTop = box.scrollHeight;
+  const content = answer.querySelector(".content");
+  let text = "", frame = 0;
+  state.controller = new AbortController();
+  setStreaming(true);
+  try {
+    const res = await api(`/api/conversations/${convId}/messages`, { method: "POST",
+      body: { ...body, settings: currentSettings(), system_prompt: $("#system-prompt").value },
+      signal: state.controller.signal });
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const line = buf.slice(0, cut).trim();
+        buf = buf.slice(cut + 2);
+        if (!line.startsWith("data:")) continue;
+        const ev = JSON.parse(line.slice(5));
+        if (ev.type === "start") answer.dataset.id = ev.assistant_message.id;
+        else if (ev.type === "delta") {
+          text += ev.text;
+          if (!frame) frame = requestAnimationFrame(() => { frame = 0; renderMarkdown(content, text); box.scrollTop = box.scrollHeight; });
+        } else if (ev.type === "error") showError(ev.error.message);
+      }
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") showError(e.message);
+  } finally {
+    state.controller = null;
+    setStreaming(false);
+    // the server has the final text (or the partial one, marked stopped): show what it stored
+    setTimeout(() => refresh().catch((e) => showError(e.message)), state.stopped ? 300 : 0);
+    state.stopped = false;
+  }
+}
+
+function setStreaming(on) {
+  state.streaming = on;
+  $("#send").hidden = on;
+  $("#stop").hidden = !on;
+}
+
+function stop() {
+  state.stopped = true;
+  if (state.controller) state.controller.abort();
+}
+
+function lastMessageId() {
+  const msgs = (state.conv && state.conv.messages) || [];
+  return msgs.length ? msgs[msgs.length - 1].id : null;
+}
+
+function startEdit(div, m) {
+  const area = document.createElement("textarea");
+  area.className = "edit";
+  area.value = m.content;
+  const actions = div.querySelector(".actions");
+  div.querySelector(".content").replaceChildren(area);
+  actions.replaceChildren(
+    button("Save and send", "save-edit", () => {
+      if (!area.value.trim()) return;
+      // everything after the edited message belongs to the old branch: drop it from view
+      const idx = state.conv.messages.findIndex((x) => x.id === m.id);
+      state.conv.messages = state.conv.messages.slice(0, idx);
+      renderConversation();
+      send({ content: area.value, edit_of: m.id }, area.value);
+    }),
+    button("Cancel", "cancel-edit", () => renderConversation()));
+  area.focus();
+}
+
+function regenerate(m) {
+  const idx = state.conv.messages.findIndex((x) => x.id === m.id);
+  state.conv.messages = state.conv.messages.slice(0, idx);
+  renderConversation();
+  send({ regenerate_of: m.id });
+}
+
+async function rate(m, rating) {
+  await api(`/api/messages/${m.id}/feedback`, { method: "POST", body: { rating } });
+  await refresh();
+}
+
+function openFeedback(m, field) {
+  const dialog = $("#feedback-dialog");
+  $("#feedback-title").textContent = field === "correction" ? "Write a better answer" : "Comment on this answer";
+  const area = $("#feedback-text");
+  area.value = (m.feedback && m.feedback[field]) || (field === "correction" ? m.content : "");
+  dialog.dataset.messageId = m.id;
+  dialog.dataset.field = field;
+  dialog.showModal();
+  area.focus();
+}
+
+$("#feedback-dialog").addEventListener("close", async () => {
+  const dialog = $("#feedback-dialog");
+  if (dialog.returnValue !== "save") return;
+  try {
+    await api(`/api/messages/${dialog.dataset.messageId}/feedback`, { method: "POST",
+      body: { [dialog.dataset.field]: $("#feedback-text").value } });
+    await refresh();
+  } catch (e) { showError(e.message); }
+});
+
+// ------------------------------------------------------------------------------------------- wiring
+$("#composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("#input").value;
+  if (!text.trim() || state.streaming) return;
+  $("#input").value = "";
+  send({ content: text, parent_id: lastMessageId() }, text);
+});
+$("#input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("#composer").requestSubmit(); }
+});
+$("#stop").addEventListener("click", stop);
+$("#new-chat").addEventListener("click", () => openConversation(null).then(() => $("#input").focus()));
+let searchTimer = 0;
+$("#search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(loadConversations, 200); });
+$("#settings-toggle").addEventListener("click", () => {
+  const s = $("#settings");
+  s.hidden = !s.hidden;
+  $("#settings-toggle").setAttribute("aria-expanded", String(!s.hidden));
+});
+for (const sel of ["#system-prompt", "#temperature", "#top-p", "#max-tokens"]) {
+  $(sel).addEventListener("change", () => saveSettings().catch((e) => showError(e.message)));
+}
+
+(async function init() {
+  try {
+    state.info = await getJSON("/api/info");
+    $("#model").textContent = state.info.model;
+    $("#logout-form").hidden = !state.info.auth;
+    renderConversation();
+    await loadConversations();
+  } catch (e) { showError(e.message); }
+})();

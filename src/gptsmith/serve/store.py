@@ -1,0 +1,270 @@
+"""The conversation and feedback store: SQLAlchemy 2.x ORM over SQLite (default) or any SQLAlchemy URL.
+
+Messages form a tree: `parent_id` is the message a turn answers or follows, so editing a user message
+adds a sibling (same parent) and regenerating an answer adds a sibling with `regeneration_of_id` set.
+The branch a conversation shows is the path from the root to its newest message. Every exchange is kept,
+including the ones made through the /v1 API, because they are the raw material of the feedback loop.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, delete, event,
+                        func, or_, select)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
+    title: Mapped[str] = mapped_column(String(200), default="")
+    system_prompt: Mapped[str] = mapped_column(Text, default="")
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # the UI's sampling settings for this chat
+    source: Mapped[str] = mapped_column(String(20), default="ui")  # ui | api
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    messages: Mapped[list[Message]] = relationship(back_populates="conversation", cascade="all, delete-orphan",
+                                                   passive_deletes=True, order_by="Message.id")
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    regeneration_of_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
+    role: Mapped[str] = mapped_column(String(20))
+    content: Mapped[str] = mapped_column(Text, default="")
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    model_version: Mapped[str | None] = mapped_column(String(200))
+    sampling: Mapped[dict | None] = mapped_column(JSON)
+    latency_s: Mapped[float | None] = mapped_column(Float)  # request to last token
+    ttft_s: Mapped[float | None] = mapped_column(Float)  # request to first token
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(20))  # None while streaming (or killed mid-answer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    conversation: Mapped[Conversation] = relationship(back_populates="messages")
+    feedback: Mapped[Feedback | None] = relationship(back_populates="message", cascade="all, delete-orphan",
+                                                     passive_deletes=True, uselist=False)
+
+
+class Feedback(Base):
+    """One row per rated message; the UI updates it in place (the latest opinion is the one that counts)."""
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
+    rating: Mapped[int | None] = mapped_column(Integer)  # +1 / -1 / None
+    comment: Mapped[str | None] = mapped_column(Text)
+    correction: Mapped[str | None] = mapped_column(Text)  # "a better answer" written by the user
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    message: Mapped[Message] = relationship(back_populates="feedback")
+
+
+def make_engine(db_url: str):
+    """SQLite gets WAL (readers never block the writer) and a busy timeout (writers wait instead of failing)."""
+    kwargs: dict[str, Any] = {}
+    if db_url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = create_engine(db_url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable against process crashes
+            cur.close()
+    return engine
+
+
+def message_dict(m: Message, with_feedback: bool = True) -> dict:
+    d = {"id": m.id, "conversation_id": m.conversation_id, "parent_id": m.parent_id,
+         "regeneration_of_id": m.regeneration_of_id, "role": m.role, "content": m.content,
+         "model_name": m.model_name, "model_version": m.model_version, "sampling": m.sampling,
+         "latency_s": m.latency_s, "ttft_s": m.ttft_s, "prompt_tokens": m.prompt_tokens,
+         "completion_tokens": m.completion_tokens, "finish_reason": m.finish_reason,
+         "created_at": m.created_at.isoformat() if m.created_at else None}
+    if with_feedback:
+        fb = m.feedback
+        d["feedback"] = None if fb is None else {"rating": fb.rating, "comment": fb.comment,
+                                                  "correction": fb.correction}
+    return d
+
+
+def conversation_dict(c: Conversation) -> dict:
+    return {"id": c.id, "title": c.title, "system_prompt": c.system_prompt, "settings": c.settings or {},
+            "source": c.source, "created_at": c.created_at.isoformat(), "updated_at": c.updated_at.isoformat()}
+
+
+def branch(messages: list[Message], leaf_id: int | None = None) -> list[Message]:
+    """The path root -> leaf (default: the newest message), i.e. what the conversation currently shows."""
+    if not messages:
+        return []
+    by_id = {m.id: m for m in messages}
+    node = by_id.get(leaf_id) if leaf_id is not None else max(messages, key=lambda m: m.id)
+    path = []
+    while node is not None:
+        path.append(node)
+        node = by_id.get(node.parent_id) if node.parent_id is not None else None
+    return path[::-1]
+
+
+def history(conv: Conversation, path: list[Message]) -> list[dict]:
+    """OpenAI-style messages for a branch, with the conversation's system prompt first (if it has one)."""
+    msgs = [{"role": m.role, "content": m.content} for m in path]
+    if conv.system_prompt and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": conv.system_prompt})
+    return msgs
+
+
+class Store:
+    """Thin query layer. Every method opens its own short session, so it is safe to call from worker threads."""
+
+    def __init__(self, db_url: str):
+        self.url = db_url
+        self.engine = make_engine(db_url)
+        Base.metadata.create_all(self.engine)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # conversations -------------------------------------------------------------------------------------
+    def create_conversation(self, title: str = "", system_prompt: str = "", settings: dict | None = None,
+                            source: str = "ui") -> dict:
+        with self.Session.begin() as s:
+            c = Conversation(title=title, system_prompt=system_prompt, settings=settings or {}, source=source)
+            s.add(c)
+            s.flush()
+            return conversation_dict(c)
+
+    def list_conversations(self, query: str = "", limit: int = 200, source: str | None = None) -> list[dict]:
+        with self.Session() as s:
+            stmt = select(Conversation).order_by(Conversation.updated_at.desc()).limit(limit)
+            if source:
+                stmt = stmt.where(Conversation.source == source)
+            if query:
+                like = f"%{query.lower()}%"
+                hits = select(Message.conversation_id).where(func.lower(Message.content).like(like))
+                stmt = stmt.where(or_(func.lower(Conversation.title).like(like), Conversation.id.in_(hits)))
+            return [conversation_dict(c) for c in s.scalars(stmt)]
+
+    def get_conversation(self, conv_id: str, all_messages: bool = False) -> dict | None:
+        with self.Session() as s:
+            c = s.get(Conversation, conv_id)
+            if c is None:
+                return None
+            msgs = list(s.scalars(select(Message).where(Message.conversation_id == conv_id).order_by(Message.id)))
+            shown = msgs if all_messages else branch(msgs)
+            children: dict[int | None, list[int]] = {}
+            for m in msgs:
+                children.setdefault(m.parent_id, []).append(m.id)
+            out = conversation_dict(c)
+            out["messages"] = []
+            for m in shown:
+                d = message_dict(m)
+                d["siblings"] = children.get(m.parent_id, [m.id])  # other versions of this turn (edits/regenerations)
+                out["messages"].append(d)
+            return out
+
+    def update_conversation(self, conv_id: str, **fields) -> dict | None:
+        with self.Session.begin() as s:
+            c = s.get(Conversation, conv_id)
+            if c is None:
+                return None
+            for k, v in fields.items():
+                if v is not None:
+                    setattr(c, k, v)
+            c.updated_at = utcnow()
+            return conversation_dict(c)
+
+    def delete_conversation(self, conv_id: str) -> bool:
+        with self.Session.begin() as s:
+            c = s.get(Conversation, conv_id)
+            if c is None:
+                return False
+            ids = select(Message.id).where(Message.conversation_id == conv_id)
+            s.execute(delete(Feedback).where(Feedback.message_id.in_(ids)))
+            # children first: parent links point inside the same conversation
+            s.execute(Message.__table__.update().where(Message.conversation_id == conv_id)
+                      .values(parent_id=None, regeneration_of_id=None))
+            s.execute(delete(Message).where(Message.conversation_id == conv_id))
+            s.delete(c)
+            return True
+
+    # messages ------------------------------------------------------------------------------------------
+    def get_message(self, msg_id: int) -> dict | None:
+        with self.Session() as s:
+            m = s.get(Message, msg_id)
+            return None if m is None else message_dict(m)
+
+    def context_for(self, conv_id: str, parent_id: int | None) -> list[dict]:
+        """The history a new answer to `parent_id` sees: system prompt + the branch ending at parent_id."""
+        with self.Session() as s:
+            c = s.get(Conversation, conv_id)
+            msgs = list(s.scalars(select(Message).where(Message.conversation_id == conv_id)))
+            path = branch(msgs, parent_id) if parent_id is not None else []
+            return history(c, path)
+
+    def leaf_id(self, conv_id: str) -> int | None:
+        with self.Session() as s:
+            return s.scalar(select(func.max(Message.id)).where(Message.conversation_id == conv_id))
+
+    def add_message(self, conv_id: str, role: str, content: str, parent_id: int | None = None, **fields) -> dict:
+        with self.Session.begin() as s:
+            m = Message(conversation_id=conv_id, role=role, content=content, parent_id=parent_id, **fields)
+            s.add(m)
+            c = s.get(Conversation, conv_id)
+            c.updated_at = utcnow()
+            if not c.title and role == "user":
+                c.title = " ".join(content.split())[:60]
+            s.flush()
+            return message_dict(m, with_feedback=False) | {"feedback": None}
+
+    def add_chain(self, conv_id: str, messages: list[dict]) -> int | None:
+        """Insert a list of messages as one branch (an API request's history); returns the last id."""
+        parent = None
+        with self.Session.begin() as s:
+            for msg in messages:
+                m = Message(conversation_id=conv_id, role=msg["role"], content=msg["content"], parent_id=parent)
+                s.add(m)
+                s.flush()
+                parent = m.id
+        return parent
+
+    def update_message(self, msg_id: int, **fields) -> None:
+        with self.Session.begin() as s:
+            m = s.get(Message, msg_id)
+            for k, v in fields.items():
+                setattr(m, k, v)
+
+    # feedback ------------------------------------------------------------------------------------------
+    def set_feedback(self, msg_id: int, **fields) -> dict | None:
+        """Upsert: only the fields given change; rating 0 clears the thumb, "" clears a comment/correction."""
+        with self.Session.begin() as s:
+            m = s.get(Message, msg_id)
+            if m is None:
+                return None
+            fb = m.feedback or Feedback(message_id=msg_id)
+            for k, v in fields.items():
+                if k == "rating":
+                    fb.rating = v or None
+                else:
+                    setattr(fb, k, v or None)
+            fb.updated_at = utcnow()
+            s.add(fb)
+            return {"rating": fb.rating, "comment": fb.comment, "correction": fb.correction}
