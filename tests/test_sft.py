@@ -175,3 +175,13 @@ def test_missing_model_and_adapter_are_clear_errors(data_file, tmp_path):
         sft(str(tmp_path / "nope"), data_file, tmp_path / "o", cfg())
     with pytest.raises(InputError, match="adapter_config.json"):
         merge_lora(tmp_path, tmp_path / "m")
+
+
+def test_cli_sft_reports_errors_without_traceback(tiny_model_dir, data_file, tmp_path, capsys):
+    from gptsmith.cli import main
+
+    assert main(["sft", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "o"),
+                 "--qlora", "--device", "cpu"]) == 2
+    assert "--qlora needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["merge-lora", "--adapter", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err

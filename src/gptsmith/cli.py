@@ -88,7 +88,9 @@ def cmd_sft(args) -> None:
     from gptsmith.train.sft import sft
     cfg = _config(args, {"sft.epochs": args.epochs, "sft.max_steps": args.max_steps, "sft.lora": args.lora or None,
                          "sft.qlora": args.qlora or None, "sft.lora_r": args.lora_r,
-                         "sft.lora_alpha": args.lora_alpha, "sft.lora_target_modules": args.lora_target_modules})
+                         "sft.lora_alpha": args.lora_alpha, "sft.lora_target_modules": args.lora_target_modules,
+                         "sft.lr": args.lr, "sft.batch_size": args.batch_size, "sft.packing": args.packing or None,
+                         "sft.device": args.device, "data.on_error": args.on_error})
     sft(args.model, args.data, args.out, cfg, resume=args.resume)
 
 
@@ -217,9 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("sft", "Supervised fine-tuning on conversations (full, LoRA or QLoRA).", cmd_sft)
     p.add_argument("--model", required=True, help="base model: HF directory or hub id")
-    p.add_argument("--data", type=Path, required=True, help="conversations JSONL (messages, sharegpt or alpaca)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--data", type=Path, required=True,
+                   help="conversations .jsonl/.json (messages, sharegpt or alpaca; detected), or 'chatterbot' for "
+                        "the embedded English dialogs")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory: a HF model dir (full) or a LoRA adapter dir (--lora/--qlora)")
     p.add_argument("--epochs", type=float, help="epochs over the data (sft.epochs)")
+    p.add_argument("--lr", type=float, help="peak learning rate (sft.lr)")
+    p.add_argument("--batch-size", type=int, help="conversations per micro-batch (sft.batch_size)")
+    p.add_argument("--packing", action="store_true", help="pack several conversations per sequence (sft.packing)")
+    p.add_argument("--device", help="auto, cpu, cuda (sft.device)")
+    p.add_argument("--on-error", choices=["error", "skip"], help="bad conversations: stop, or skip and count them")
     p.add_argument("--max-steps", type=int, help="stop after N steps (sft.max_steps)")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (sft.lora)")
     p.add_argument("--qlora", action="store_true", help="4-bit base + LoRA; needs CUDA and bitsandbytes")
