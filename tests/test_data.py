@@ -1,7 +1,6 @@
 """Data preparation: readers, cleaning, dedup, split, bad input, token shards, the prepare command."""
 
 import json
-import os
 
 import numpy as np
 import pyarrow as pa

@@ -29,8 +29,11 @@ SPLITS = ("train", "val")
 
 
 def _tmp_dir(final: Path) -> Path:
+    # Leftovers of a killed run (any pid) are incomplete by definition: remove them.
+    if final.parent.exists():
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 
@@ -95,11 +98,12 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
                         split = "val" if score < d.val_fraction else "train"
                         line = json.dumps({"text": text, "source": src.path}, ensure_ascii=False) + "\n"
                         (fval if split == "val" else ftrain).write(line)
+                        size = len(text.encode("utf-8"))
                         docs[split] += 1
-                        nbytes[split] += len(text.encode("utf-8"))
+                        nbytes[split] += size
                         src.documents += 1
                         if split == "train" and (lowest_train is None or score < lowest_train[0]):
-                            lowest_train = (score, line, nbytes_of(text))
+                            lowest_train = (score, line, size)
         if docs["train"] + docs["val"] == 0:
             raise _empty_corpus(read, dropped, ctx.skipped, cfg)
         if docs["val"] == 0 and docs["train"] >= 2:
@@ -126,10 +130,6 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
           f"(train {docs['train']:,}, val {docs['val']:,}); dropped: {_fmt(dropped)}; "
           f"skipped: {_fmt(ctx.skipped)} -> {final}")
     return report
-
-
-def nbytes_of(text: str) -> int:
-    return len(text.encode("utf-8"))
 
 
 def _move_line(src: Path, dst: Path, line: str) -> None:
