@@ -68,7 +68,7 @@ class ReadContext:
 def resolve_inputs(inputs: list[str]) -> list[Source]:
     """Expand inputs into sources. Files are de-duplicated and sorted, so the result (and the cleaned corpus)
     doesn't depend on the order the inputs were given in."""
-    files: set[Path] = set()
+    files: dict[Path, Path] = {}  # resolved -> as given: a file named twice (a/x.md, ./a/x.md) is read once
     others: list[Source] = []
     for raw in inputs:
         text = str(raw)
@@ -78,27 +78,27 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
         elif text.startswith("hub:"):
             others.append(Source("hub", text[4:]))
         elif path.is_file():
-            files.add(path)
+            if path.suffix.lower() not in EXTENSIONS:
+                raise InputError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(EXTENSIONS)}")
+            files[path.resolve()] = path
         elif path.is_dir():
             found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
                      and not any(part.startswith(".") for part in p.relative_to(path).parts)]
             if not found:
                 raise InputError(f"{text}: folder has no {'/'.join(EXTENSIONS)} files")
-            files.update(found)
+            files.update((p.resolve(), p) for p in found)
         elif any(c in text for c in "*?["):
-            found = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
+            found = [Path(p) for p in glob.glob(text, recursive=True)
+                     if Path(p).is_file() and Path(p).suffix.lower() in EXTENSIONS]
             if not found:
-                raise InputError(f"{text}: the pattern matches no files")
-            files.update(found)
-        elif HUB_ID.match(text) and not Path(text).suffix.lower() in EXTENSIONS:
+                raise InputError(f"{text}: the pattern matches no {'/'.join(EXTENSIONS)} files")
+            files.update((p.resolve(), p) for p in found)
+        elif HUB_ID.match(text) and Path(text).suffix.lower() not in EXTENSIONS:
             others.append(Source("hub", text))
         else:
             raise InputError(f"{text}: no such file or folder (a Hugging Face dataset id looks like owner/name; "
                              f"prefix it with hub: to be explicit)")
-    for p in files:
-        if p.suffix.lower() not in EXTENSIONS:
-            raise InputError(f"{p}: unsupported file type '{p.suffix}'; use one of {', '.join(EXTENSIONS)}")
-    return [Source("file", str(p)) for p in sorted(files)] + others
+    return [Source("file", str(files[k])) for k in sorted(files)] + others
 
 
 def read_source(src: Source, ctx: ReadContext) -> Iterator[str]:
