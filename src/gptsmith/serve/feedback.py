@@ -18,7 +18,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from gptsmith.errors import InputError
 from gptsmith.files import atomic_write_text
@@ -36,8 +36,9 @@ def build_examples(store: Store, fmt: str) -> list[dict]:
         raise ValueError(f"unknown feedback export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     out: list[dict] = []
     with store.Session() as s:
-        conv_ids = s.scalars(select(Message.conversation_id).where(Message.feedback.has()).distinct()).all()
-        for conv_id in sorted(conv_ids):
+        conv_ids = s.scalars(select(Message.conversation_id).where(Message.feedback.has())
+                             .group_by(Message.conversation_id).order_by(func.min(Message.id))).all()
+        for conv_id in conv_ids:  # oldest first, so the file's order is the order things happened
             conv = s.get(Conversation, conv_id)
             msgs = list(s.scalars(select(Message).where(Message.conversation_id == conv_id).order_by(Message.id)))
             answers = [m for m in msgs if m.role == "assistant"]
