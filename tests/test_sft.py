@@ -73,6 +73,29 @@ def test_labels_mask_everything_but_assistant_tokens(tiny_model_dir, tmp_path):
         assert "<|user|>" in masked
 
 
+def test_template_without_generation_markers_is_masked_by_prefix_rendering(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = ("{%- for m in messages -%}{{- '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' -}}"
+                         "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}")
+    (model_dir / "chat_template.jinja").unlink()
+    tok.save_pretrained(model_dir)
+    convs = conversations(4)
+    trainer, info = build_trainer(str(model_dir), convs, [], tmp_path / "o", cfg())
+    assert info["masking"] == "prefix rendering"
+    for conv, row in zip(convs, trainer.train_dataset):
+        ids, labels = row["input_ids"], row["labels"]
+        trained = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+        assert trained == "".join(m["content"] + "<|end|>\n" for m in conv if m["role"] == "assistant")
+        masked = tok.decode([t for t, lab in zip(ids, labels) if lab == -100])
+        assert all(m["content"] in masked for m in conv if m["role"] != "assistant")
+
+
 def test_full_sft_lowers_val_loss_and_writes_a_plain_hf_dir(tiny_model_dir, data_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

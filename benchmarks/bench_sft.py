@@ -1,0 +1,152 @@
+"""SFT throughput: gptsmith's TRL-based `sft` trainer against a minimal plain-PyTorch loop, in one run.
+
+Same model (a randomly initialised `tiny` preset with a tokenizer trained on Python's docs), same data (the
+embedded chatterbot conversations), same micro-batch size, sequence cap, optimizer (AdamW) and number of steps;
+loss on assistant tokens only in both. The plain loop pads each batch to its longest conversation and groups
+conversations by length, like `sft` without packing. Each case runs in its own process so its peak RSS is its own.
+Assistant tokens/s counts the tokens that carry loss; padding is not counted.
+
+    python benchmarks/bench_sft.py            # 100 steps, batch 16
+    python benchmarks/bench_sft.py --quick    # 15 steps: a check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_model(workdir: Path) -> Path:
+    import pydoc_data.topics
+
+    from gptsmith.config import ModelConfig
+    from gptsmith.model import build_model, llama_config, resolve_shape, save_model_dir
+    from gptsmith.tokenizer import load_tokenizer, train_tokenizer
+
+    train_tokenizer(list(pydoc_data.topics.topics.values()), workdir / "tok", vocab_size=2048)
+    tok = load_tokenizer(workdir / "tok")
+    cfg = llama_config(resolve_shape(ModelConfig(preset="tiny")), len(tok), tok.bos_token_id, tok.eos_token_id,
+                       tok.pad_token_id)
+    save_model_dir(build_model(cfg, seed=0), tok, workdir / "model")
+    return workdir / "model"
+
+
+def run_trl(model_dir: Path, steps: int, batch: int, seq: int, packing: bool, out: Path) -> dict:
+    from gptsmith.config import load_config
+    from gptsmith.train.sft import sft
+
+    cfg = load_config(None, {"sft.max_steps": steps, "sft.batch_size": batch, "sft.max_seq_len": seq,
+                             "sft.packing": packing, "sft.val_fraction": 0.0, "sft.save_every": 10**6,
+                             "sft.log_every": 10**6, "sft.device": "cpu", "sft.lr": 1e-3})
+    t0 = time.perf_counter()
+    m = sft(str(model_dir), "chatterbot", out, cfg)
+    total = time.perf_counter() - t0
+    return {"train_s": m["train_seconds"], "total_s": total, "loss": m["train_loss"]}
+
+
+def run_plain(model_dir: Path, steps: int, batch: int, seq: int) -> dict:
+    import torch
+
+    from gptsmith.data.chat_formats import chatterbot_conversations
+    from gptsmith.model import load_model
+    from gptsmith.tokenizer import load_tokenizer
+
+    torch.manual_seed(42)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    rows = []
+    for conv in chatterbot_conversations():
+        enc = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = enc["input_ids"][:seq], enc["assistant_masks"][:seq]
+        rows.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
+    rows.sort(key=lambda r: len(r[0]))  # length-grouped batches, shuffled batch order
+    batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+    order = torch.randperm(len(batches)).tolist()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    model.train()
+    t1 = time.perf_counter()
+    losses = []
+    for step in range(steps):
+        b = batches[order[step % len(batches)]]
+        width = max(len(r[0]) for r in b)
+        ids = torch.tensor([r[0] + [tok.pad_token_id] * (width - len(r[0])) for r in b])
+        att = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in b])
+        lab = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in b])
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return {"train_s": time.perf_counter() - t1, "total_s": time.perf_counter() - t0, "loss": sum(losses) / len(losses)}
+
+
+def assistant_tokens(model_dir: Path, steps: int, batch: int, seq: int) -> int:
+    """Assistant tokens seen in `steps` batches, averaged over the data: the same for both cases."""
+    from gptsmith.data.chat_formats import chatterbot_conversations
+    from gptsmith.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    n = [sum(enc["assistant_masks"][:seq]) for enc in (
+        tok.apply_chat_template(c, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        for c in chatterbot_conversations())]
+    return round(sum(n) / len(n) * batch * steps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--case", choices=["plain", "trl", "trl-packing"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.steps = 15
+    if args.case:  # child process: one case, JSON on the last line
+        if args.case == "plain":
+            r = run_plain(args.model, args.steps, args.batch_size, args.seq_len)
+        else:
+            r = run_trl(args.model, args.steps, args.batch_size, args.seq_len, args.case == "trl-packing", args.out)
+        r["rss_mb"] = peak_rss_mb()
+        print(json.dumps(r))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = make_model(tmp)
+        n_tok = assistant_tokens(model_dir, args.steps, args.batch_size, args.seq_len)
+        results = {}
+        for case in ("plain", "trl"):
+            cmd = [sys.executable, __file__, "--case", case, "--model", str(model_dir), "--out", str(tmp / case),
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if proc.returncode:
+                sys.exit(f"{case} failed:\n{proc.stderr[-3000:]}")
+            results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = results["plain"]["train_s"]
+    print(f"\nSFT, tiny preset, chatterbot, {args.steps} steps x batch {args.batch_size}, cap {args.seq_len} tokens, "
+          f"CPU threads {os.cpu_count()}; ~{n_tok:,} assistant tokens trained")
+    print(f"{'case':<28}{'train s':>9}{'asst tok/s':>12}{'vs plain':>10}{'total s':>9}{'peak RSS MB':>13}{'mean loss':>11}")
+    names = {"plain": "plain PyTorch loop", "trl": "gptsmith sft (TRL)"}
+    for case, r in results.items():
+        print(f"{names[case]:<28}{r['train_s']:>9.2f}{n_tok / r['train_s']:>12.0f}{base / r['train_s']:>10.2f}"
+              f"{r['total_s']:>9.2f}{r['rss_mb']:>13.0f}{r['loss']:>11.3f}")
+
+
+if __name__ == "__main__":
+    main()
