@@ -74,19 +74,25 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(-1, seen, scores)
 
 
-def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a 1-D row of logits (repetition penalty already applied)."""
+def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from a 1-D row of logits (repetition penalty already applied).
+
+    Same distribution as HF's temperature -> top-k -> top-p -> softmax, computed faster: top-k first, so
+    top-p sorts k candidates instead of the vocabulary, and the draw is argmax(probs / Exp(1)) (the
+    exponential-race form of sampling), which is several times cheaper than torch.multinomial per row.
+    """
     if p.greedy:
         return int(logits.argmax())
     logits = logits.float() / p.temperature
+    idx = None
     if p.top_k and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, idx = torch.topk(logits, p.top_k)  # sorted, descending
+    elif p.top_p < 1.0:
+        logits, idx = torch.sort(logits, descending=True)
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
+        probs = logits.softmax(-1)
         # drop a token when the tokens before it already cover top_p; the most likely token always stays
-        drop = (probs.cumsum(-1) - probs) > p.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits = logits.masked_fill((probs.cumsum(-1) - probs) > p.top_p, float("-inf"))
     probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    choice = int((probs / torch.empty_like(probs).exponential_(generator=generator)).argmax())
+    return choice if idx is None else int(idx[choice])
