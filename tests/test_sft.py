@@ -122,7 +122,7 @@ def test_lora_trains_only_the_adapter_and_merges_exactly(tiny_model_dir, data_fi
 
     base_sha = sha256_file(tiny_model_dir / "model.safetensors")
     out = tmp_path / "adapter"
-    m = sft(str(tiny_model_dir), data_file, out, cfg(lora=True, max_steps=10, lora_r=4, lora_alpha=8))
+    m = sft(str(tiny_model_dir), data_file, out, cfg(lora=True, max_steps=10, lora_r=4, lora_alpha=8, packing=True))
     assert m["trainable_params"] < m["total_params"] / 2
     assert sha256_file(tiny_model_dir / "model.safetensors") == base_sha  # base weights untouched
     weights = load_file(out / "adapter_model.safetensors")
