@@ -118,7 +118,7 @@ def cmd_serve(args) -> None:
     from gptsmith.serve.app import serve
     cfg = _config(args, {"serve.host": args.host, "serve.port": args.port, "serve.db": args.db,
                          "serve.api_key": args.api_key or os.environ.get("GPTSMITH_API_KEY"),
-                         "serve.backend_url": args.backend_url})
+                         "serve.backend_url": args.backend_url, "serve.device": args.device})
     if not args.model and not cfg.serve.backend_url:
         raise UserError("serve needs --model DIR (a local model) or --backend-url URL (another OpenAI-compatible server)")
     serve(args.model, cfg)
@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (serve.port)")
     p.add_argument("--db", help="SQLAlchemy URL of the store (serve.db), e.g. postgresql://...")
     p.add_argument("--api-key", help="require this API key (or set GPTSMITH_API_KEY)")
-    p.add_argument("--backend-url", help="front another OpenAI-compatible server instead of --model")
+    p.add_argument("--backend-url", help="front another OpenAI-compatible server instead of --model "
+                                         "(its key, if any, from GPTSMITH_BACKEND_API_KEY)")
+    p.add_argument("--device", help="where the local model runs: auto, cpu, cuda (serve.device)")
 
     fb = sub.add_parser("feedback", help="The feedback store: export.")
     fb_sub = fb.add_subparsers(dest="feedback_command", metavar="STEP", required=True)

@@ -63,8 +63,8 @@ function messageElement(m) {
     actions.append(button("Edit", "edit", () => startEdit(div, m)));
   } else if (m.role === "assistant") {
     const fb = m.feedback || {};
-    const up = button("\u{1F44D}", "thumb-up", () => rate(m, fb.rating === 1 ? 0 : 1), "Good answer");
-    const down = button("\u{1F44E}", "thumb-down", () => rate(m, fb.rating === -1 ? 0 : -1), "Bad answer");
+    const up = button("\u{1F44D} Good", "thumb-up", () => rate(m, fb.rating === 1 ? 0 : 1), "Good answer");
+    const down = button("\u{1F44E} Bad", "thumb-down", () => rate(m, fb.rating === -1 ? 0 : -1), "Bad answer");
     up.setAttribute("aria-pressed", String(fb.rating === 1));
     down.setAttribute("aria-pressed", String(fb.rating === -1));
     actions.append(up, down,
