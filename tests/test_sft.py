@@ -212,3 +212,12 @@ def test_cli_sft_reports_errors_without_traceback(tiny_model_dir, data_file, tmp
     assert "--qlora needs a CUDA GPU" in capsys.readouterr().err
     assert main(["merge-lora", "--adapter", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_time_budget_stops_training_early_with_a_usable_model(tiny_model_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "chat"
+    m = sft(str(tiny_model_dir), data_file, out, cfg(max_steps=10_000, max_minutes=1e-4))
+    assert 1 <= m["steps"] < 10_000
+    AutoModelForCausalLM.from_pretrained(out)

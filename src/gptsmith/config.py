@@ -108,6 +108,7 @@ class SFTConfig(Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
     log_every: int = Field(10, ge=1, description="log training loss every N steps")
+    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
 
 
 class GenerateConfig(Section):

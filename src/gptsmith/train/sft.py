@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from gptsmith.config import ProjectConfig, save_config
 from gptsmith.data.chat_formats import CHATTERBOT, Messages, conversation_hash, load_chat_data, split_conversations
@@ -171,6 +172,25 @@ def _lora_config(cfg):
                       task_type="CAUSAL_LM", bias="none")
 
 
+class StopAfterMinutes(TrainerCallback):
+    """`sft.max_minutes`: end training (the Trainer then saves and evaluates as at a normal end) once the time
+    budget is spent, so a time-boxed run such as the quickstart always finishes with a usable model."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start > self.seconds:
+            print(f"sft: time budget of {self.seconds / 60:g} min reached at step {state.global_step}; stopping")
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+
 def build_trainer(model_id: str, train: list[Messages], val: list[Messages], out: Path, cfg: ProjectConfig,
                   callbacks: list | None = None):
     """The SFTTrainer for this run (model loaded, template prepared, datasets tokenised with assistant masks)."""
@@ -204,6 +224,8 @@ def build_trainer(model_id: str, train: list[Messages], val: list[Messages], out
         logging_steps=s.log_every, logging_first_step=True, report_to="none",
         seed=s.seed, data_seed=s.seed, disable_tqdm=False,
     )
+    if s.max_minutes is not None:
+        callbacks = [*(callbacks or []), StopAfterMinutes(s.max_minutes)]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, peft_config=_lora_config(cfg) if s.lora or s.qlora else None,
                          callbacks=callbacks)
