@@ -34,8 +34,10 @@ def browser():
 
 
 def last_answer(store: Store) -> dict:
+    """The newest answer of the newest UI conversation, whichever branch it is on."""
     conv = store.list_conversations(source="ui")[0]
-    return [m for m in store.get_conversation(conv["id"])["messages"] if m["role"] == "assistant"][-1]
+    msgs = store.get_conversation(conv["id"], all_messages=True)["messages"]
+    return max((m for m in msgs if m["role"] == "assistant"), key=lambda m: m["id"])
 
 
 def wait_for(fn, timeout: float = 15.0):
