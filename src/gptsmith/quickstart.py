@@ -66,7 +66,6 @@ def _quickstart_config(cfg: ProjectConfig, minutes: float, smoke: bool) -> Proje
 
 
 def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smoke: bool = False) -> dict:
-    from gptsmith.data.chat_formats import chatterbot_conversations, write_jsonl
     from gptsmith.data.pipeline import prepare
     from gptsmith.engine import Engine, SamplingParams
     from gptsmith.train.pretrain import pretrain
@@ -87,16 +86,13 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smoke:
     _banner("2/4 pretrain: a small GPT from scratch (next-token prediction)")
     base = pretrain(out / "data", out / "base", cfg)
     results["base"] = base
-    print(f"validation bits-per-byte: {base.get('initial_val_bpb', float('nan')):.3f} before training -> "
+    print(f"validation bits-per-byte: {base.get('val_bpb_before', float('nan')):.3f} before training -> "
           f"{base['val_bpb']:.3f} after")
 
     _banner("3/4 fine-tune: chatterbot-corpus English dialogs, loss on the assistant's turns only")
-    conversations = chatterbot_conversations()
-    chat_data = out / "chat_data.jsonl"
-    write_jsonl(chat_data, conversations)
-    chat = sft(out / "base", chat_data, out / "chat", cfg)
+    chat = sft(out / "base", "chatterbot", out / "chat", cfg)
     results["chat"] = chat
-    print(f"chat validation bits-per-byte (assistant tokens): {chat.get('initial_val_bpb', float('nan')):.3f} "
+    print(f"chat validation bits-per-byte (assistant tokens): {chat.get('val_bpb_before', float('nan')):.3f} "
           f"before fine-tuning -> {chat['val_bpb']:.3f} after")
 
     _banner("4/4 samples")
