@@ -286,6 +286,8 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
                                   fused=device.type in ("cuda", "cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
         s, pc.max_steps, pc.warmup_steps, pc.schedule, pc.min_lr_ratio, pc.decay_fraction))
+    # float16 needs loss scaling or small gradients underflow to zero; with bf16/fp32 the scaler is a no-op
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_step, records = 0, []
     if state is not None:
         try:
@@ -295,6 +297,8 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
                              f"model settings of {out_dir / 'gptsmith.yaml'}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_step, records = state["step"], state["metrics"]
     elif resume:
@@ -340,11 +344,16 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
 
     def checkpoint(step: int, metrics: dict) -> None:
         if dist.main:
-            save_checkpoint(ckpt_root, step, {
-                "step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "metrics": log.records,
-                "data_position": {"seed": pc.seed, "next_step": step}, "last": metrics,
-            }, keep=pc.keep_checkpoints)
+            # a stop (time limit, Ctrl-C, resuming a finished run) right at a checkpoint step has the same
+            # state: keep that checkpoint rather than replace it, which would briefly leave none on disk
+            latest = find_latest_checkpoint(ckpt_root)
+            if latest is None or latest.name != f"step_{step:06d}":
+                save_checkpoint(ckpt_root, step, {
+                    "step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                    "metrics": log.records, "data_position": {"seed": pc.seed, "next_step": step},
+                    "last": metrics,
+                }, keep=pc.keep_checkpoints)
             log.flush()
         if dist.enabled:
             import torch.distributed as td
@@ -378,15 +387,18 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
             step_loss = torch.zeros((), device=device)
             for micro in range(pc.grad_accum):
                 batch = device_batch(step, micro)
+                # DDP all-reduces gradients on the last micro-batch only
                 sync = train_model.no_sync() if dist.enabled and micro < pc.grad_accum - 1 else nullcontext()
-                with sync, autocast(device, amp_dtype):
-                    loss = lm_loss(train_model, batch) / pc.grad_accum
                 with sync:
-                    loss.backward()
+                    with autocast(device, amp_dtype):
+                        loss = lm_loss(train_model, batch) / pc.grad_accum
+                    scaler.scale(loss).backward()
                 step_loss += loss.detach()
             if pc.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), pc.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
