@@ -225,6 +225,21 @@ def test_max_minutes_stops_and_saves(workdir, tmp_path):
     assert find_latest_checkpoint(tmp_path / "m" / "checkpoints").name == f"step_{metrics['step']:06d}"
 
 
+def test_trains_on_a_workdir_written_by_prepare(tmp_path):
+    from gptsmith.data.pipeline import prepare
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(python_doc_texts(40)):
+        (docs / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    cfg = ProjectConfig.model_validate({"tokenizer": {"vocab_size": 400}, "data": {"val_fraction": 0.1},
+                                        "model": {"preset": "test"},
+                                        "pretrain": {**PRETRAIN, "max_steps": 10, "save_every": 10}})
+    prepare([str(docs)], tmp_path / "work", cfg)
+    metrics = pretrain(tmp_path / "work", tmp_path / "model", cfg)
+    assert metrics["step"] == 10 and math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["val_bpb"])
+
+
 # ---------------------------------------------------------------------------------------------- continued pretraining
 
 def test_init_from_continues_a_hf_model(workdir, tiny_model_dir, tmp_path):
