@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from gptsmith.config import save_config
 from gptsmith.train.pretrain import pretrain
-from test_pretrain import make_cfg, make_workdir, subprocess_env, workdir  # noqa: F401  (fixture)
+from test_pretrain import make_cfg, subprocess_env, workdir  # noqa: F401  (workdir is a fixture)
 
 
 def test_two_gloo_ranks_with_accumulation_train_like_one_process(workdir, tmp_path):  # noqa: F811
