@@ -132,7 +132,8 @@ def test_validation_loss_falls_and_output_is_a_plain_hf_model(workdir, reference
         assert (out / name).is_file(), name
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "logs").iterdir())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "val/loss" in r] == [10, 20, 30]
+    assert [r["step"] for r in records if "val/loss" in r] == [0, 10, 20, 30]  # step 0: the untrained baseline
+    assert metrics["val_bpb_before"] == pytest.approx(before["bpb"], abs=1e-5)
     assert any("sample" in r for r in records)
     assert [d.name for _, d in checkpoint_dirs(out / "checkpoints")] == ["step_000020", "step_000030"]  # keep 2
 
@@ -219,8 +220,15 @@ def test_ctrl_c_stops_at_a_step_and_saves_checkpoint_and_model(workdir, tmp_path
 
 
 def test_max_minutes_stops_and_saves(workdir, tmp_path):
-    metrics = pretrain(workdir, tmp_path / "m", make_cfg(max_steps=100000, max_minutes=0.05))
-    assert 0 < metrics["step"] < 100000 and metrics["stop_reason"].startswith("max_minutes")
+    cfg = make_cfg(max_steps=100000, max_minutes=0.05)
+    metrics = pretrain(workdir, tmp_path / "m", cfg)
+    assert 0 < metrics["step"] < 100000
+    assert metrics["stop_reason"].startswith(("max_minutes", "time budget"))
+    if metrics["stop_reason"].startswith("time budget"):
+        # the budget became a step count, so the LR schedule ran to its end instead of being cut mid-decay
+        lrs = [r["train/lr"] for r in map(json.loads, (tmp_path / "m" / "metrics.jsonl").read_text().splitlines())
+               if "train/lr" in r]
+        assert lrs[-1] == pytest.approx(cfg.pretrain.lr * cfg.pretrain.min_lr_ratio, rel=0.05)
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert find_latest_checkpoint(tmp_path / "m" / "checkpoints").name == f"step_{metrics['step']:06d}"
 

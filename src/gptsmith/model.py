@@ -146,7 +146,7 @@ def save_model_dir(model, tokenizer, out_dir: str | os.PathLike, lineage: dict |
 
     `lineage` (parent model, data, config, metrics) goes to gptsmith_lineage.json beside the weights.
     """
-    from gptsmith.files import atomic_write_json, replace_dir
+    from gptsmith.files import atomic_write_json
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -161,12 +161,19 @@ def save_model_dir(model, tokenizer, out_dir: str | os.PathLike, lineage: dict |
     tokenizer.save_pretrained(tmp)
     if lineage is not None:
         atomic_write_json(tmp / LINEAGE_FILENAME, lineage)
-    # keep files that live beside the weights (checkpoints/, logs, plots) when overwriting in place
-    if out_dir.exists():
-        for child in out_dir.iterdir():
-            if not (tmp / child.name).exists() and child.name not in {"model.safetensors"}:
-                os.replace(child, tmp / child.name)
-    replace_dir(tmp, out_dir)
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)  # the common case: one atomic rename
+        return out_dir
+    # Overwriting a directory that also holds checkpoints/, logs and plots: those stay where they are (a resume
+    # must find them at every instant), and the model files are swapped in one by one, weights first, each
+    # atomically. Weight shards of an earlier save that this one does not write are removed.
+    new = sorted(tmp.iterdir(), key=lambda p: (not p.name.startswith("model"), p.name))
+    for stale in out_dir.glob("model*.safetensors*"):
+        if not (tmp / stale.name).exists():
+            stale.unlink()
+    for f in new:
+        os.replace(f, out_dir / f.name)
+    tmp.rmdir()
     return out_dir
 
 

@@ -284,8 +284,12 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
     # the fused kernel: one pass over each tensor instead of ~10 (measured 4x faster per step on CPU too)
     optimizer = torch.optim.AdamW(param_groups(model, pc.weight_decay), lr=pc.lr, betas=(pc.beta1, pc.beta2),
                                   fused=device.type in ("cuda", "cpu"))
+    # `plan["steps"]` is max_steps, or fewer when a time budget (max_minutes) is set: after a few timed steps
+    # the budget is turned into a step count once, so the LR schedule decays to its end within the budget
+    # and a resumed run follows the same schedule.
+    plan = {"steps": pc.max_steps, "fixed": pc.max_minutes is None}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
-        s, pc.max_steps, pc.warmup_steps, pc.schedule, pc.min_lr_ratio, pc.decay_fraction))
+        s, plan["steps"], pc.warmup_steps, pc.schedule, pc.min_lr_ratio, pc.decay_fraction))
     # float16 needs loss scaling or small gradients underflow to zero; with bf16/fp32 the scaler is a no-op
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_step, records = 0, []
@@ -301,6 +305,7 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_step, records = state["step"], state["metrics"]
+        plan.update(state.get("plan", {}))
     elif resume:
         say(f"no complete checkpoint in {ckpt_root}; starting from step 0")
 
@@ -352,7 +357,7 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
                     "step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                     "metrics": log.records, "data_position": {"seed": pc.seed, "next_step": step},
-                    "last": metrics,
+                    "last": metrics, "plan": dict(plan),
                 }, keep=pc.keep_checkpoints)
             log.flush()
         if dist.enabled:
@@ -380,10 +385,14 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
     t_start = t_window = time.perf_counter()
     steps_this_run, step, stop_reason = 0, start_step, "max_steps"
     mfu = tokens_per_s = float("nan")
-    bar = tqdm(total=pc.max_steps, initial=start_step, disable=not dist.main, unit="step", dynamic_ncols=True,
+    if state is None:  # the untrained model's score: the baseline every later number is read against
+        last["val_bpb_before"] = run_eval(0)["bpb"]
+    bar = tqdm(total=plan["steps"], initial=start_step, disable=not dist.main, unit="step", dynamic_ncols=True,
                desc="pretrain")
+    calibration_steps = min(20, max(5, pc.max_steps // 50))
+    t_calibrate = None
     with StopOnSigint() as sigint:
-        while step < pc.max_steps:
+        while step < plan["steps"]:
             step_loss = torch.zeros((), device=device)
             for micro in range(pc.grad_accum):
                 batch = device_batch(step, micro)
@@ -406,8 +415,18 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
             window_loss += step_loss
             window_steps += 1
             bar.update(1)
+            if not plan["fixed"]:
+                if steps_this_run == 1:  # the first step pays one-off costs (allocation, compilation); skip it
+                    t_calibrate = time.perf_counter()
+                elif steps_this_run == 1 + calibration_steps:
+                    per_step = (time.perf_counter() - t_calibrate) / calibration_steps
+                    left = pc.max_minutes * 60 - (time.perf_counter() - t_start)
+                    steps = all_reduce_mean([float(step + int(0.97 * left / per_step))], dist, device)[0]
+                    plan.update(steps=max(step + 1, min(pc.max_steps, int(steps))), fixed=True)
+                    bar.total = plan["steps"]
+                    say(f"time budget {pc.max_minutes:g} min at {per_step:.3f} s/step: training {plan['steps']} steps")
 
-            if step % log_every == 0 or step == pc.max_steps:
+            if step % log_every == 0 or step == plan["steps"]:
                 # .item() syncs with the GPU, so it is done once per window, not every step
                 train_loss, step_loss_v = all_reduce_mean([(window_loss / window_steps).item(), step_loss.item()],
                                                           dist, device)
@@ -424,12 +443,12 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
                 window_loss.zero_()
                 window_steps, t_window = 0, now
 
-            if step % pc.eval_every == 0 and step < pc.max_steps:
+            if step % pc.eval_every == 0 and step < plan["steps"]:
                 res = run_eval(step)
                 last.update(val_loss=res["loss"], val_bpb=res["bpb"])
             if pc.sample_every and step % pc.sample_every == 0:
                 sample(step)
-            if step % pc.save_every == 0 and step < pc.max_steps:
+            if step % pc.save_every == 0 and step < plan["steps"]:
                 checkpoint(step, last)
                 if not pc.sample_every:
                     sample(step)
@@ -444,6 +463,8 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
                     stop_reason = f"max_minutes ({pc.max_minutes})"
                     break
     bar.close()
+    if stop_reason == "max_steps" and plan["steps"] < pc.max_steps:
+        stop_reason = f"time budget ({pc.max_minutes:g} min)"
     if stop_reason != "max_steps":
         say(f"stopping at step {step}: {stop_reason}")
     elapsed = time.perf_counter() - t_start
@@ -463,7 +484,7 @@ def _finish(step, run_eval, checkpoint, last, raw_model, tokenizer, out_dir, cfg
     res = run_eval(step)
     metrics = {"step": step, "train_loss": last.get("train_loss"), "val_loss": res["loss"], "val_bpb": res["bpb"],
                "tokens_seen": step * tokens_per_step, "tokens_per_s": last.get("tokens_per_s"),
-               "mfu": last.get("mfu"), "stop_reason": stop_reason}
+               "mfu": last.get("mfu"), "stop_reason": stop_reason, "val_bpb_before": last.get("val_bpb_before")}
     if dist.enabled:
         metrics["ranks_in_sync"] = _ranks_in_sync(raw_model, dist)
     checkpoint(step, {**last, "val_loss": res["loss"], "val_bpb": res["bpb"]})

@@ -1,0 +1,23 @@
+import json
+
+from gptsmith.cli import main
+
+
+def test_quickstart_smoke_builds_base_and_chat_models(tmp_path, capsys):
+    """The whole lifecycle on the embedded defaults, tiny: data -> tokenizer -> pretrain -> sft -> samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--smoke"]) == 0
+    printed = capsys.readouterr().out
+    assert "bits-per-byte" in printed and f"gptsmith chat --model {out / 'chat'}" in printed
+    manifest = json.loads((out / "data" / "tokens" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["tokens"] > 10_000 and manifest["splits"]["val"]["documents"] >= 1
+    for stage in ("base", "chat"):
+        AutoModelForCausalLM.from_pretrained(out / stage)
+    tok = AutoTokenizer.from_pretrained(out / "chat")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    lineage = json.loads((out / "chat" / "gptsmith_lineage.json").read_text())
+    assert lineage["parent_model"] == str((out / "base").resolve())
+    pretrain_metrics = json.loads((out / "base" / "gptsmith_lineage.json").read_text())["metrics"]
+    assert pretrain_metrics["val_bpb"] < pretrain_metrics["val_bpb_before"]
