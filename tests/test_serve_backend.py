@@ -109,3 +109,11 @@ def test_client_disconnect_stops_the_backend(servers):
     finally:
         store.close()
     assert answer["finish_reason"] == "cancelled" and answer["completion_tokens"] < 220
+
+
+def test_unreachable_backend_is_a_clear_startup_error(tmp_path, capsys):
+    from gptsmith.cli import main
+
+    rc = main(["serve", "--backend-url", "http://127.0.0.1:1", "--port", "0", "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert rc == 2
+    assert "not reachable" in capsys.readouterr().err

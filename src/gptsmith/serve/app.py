@@ -53,10 +53,13 @@ class ClientGone(Exception):
 async def drain(queue: asyncio.Queue, wait: float = 0.5) -> list:
     """Everything queued now (waiting up to `wait` s for the first item): under load many pieces arrive between
     two turns of the event loop, and sending them in one write costs one syscall instead of one per token."""
-    try:
-        items = [await asyncio.wait_for(queue.get(), wait)]
-    except TimeoutError:
-        return []
+    if queue.empty():  # wait_for costs a task per call: only pay it when there is nothing to send yet
+        try:
+            items = [await asyncio.wait_for(queue.get(), wait)]
+        except TimeoutError:
+            return []
+    else:
+        items = []
     while not queue.empty():
         items.append(queue.get_nowait())
     return items
@@ -235,11 +238,14 @@ class Server:
                         last_check = time.monotonic()
                         if await request.is_disconnected():
                             return
-                    out = []
-                    for idx, what, val in items:
+                    out, pending = [], {}  # pending: text per choice, merged until something else comes
+                    for idx, what, val in items + [(None, "flush", None)]:
                         if what == "text":
-                            out.append(sse(chunk(idx, text=val)))
-                        elif what == "done":
+                            pending[idx] = pending.get(idx, "") + val
+                            continue
+                        out += [sse(chunk(i, text=t)) for i, t in pending.items()]
+                        pending.clear()
+                        if what == "done":
                             results[idx] = val
                             out.append(sse(chunk(idx, finish=val["finish_reason"])))
                         elif what == "error":
@@ -575,6 +581,9 @@ def serve(model_dir, cfg: ProjectConfig) -> None:
     if sc.host not in ("127.0.0.1", "localhost", "::1") and not sc.api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model and "
                     "read the stored conversations; set --api-key or GPTSMITH_API_KEY", sc.host)
+    if sc.backend_url:
+        from gptsmith.serve.backends import check_backend
+        check_backend(sc.backend_url, os.environ.get("GPTSMITH_BACKEND_API_KEY"))
     app = create_app(cfg, model_dir)
     name = app.state.server.backend.name or sc.backend_url
     print(f"gptsmith serve: {name} on http://{sc.host}:{sc.port}  (chat UI at /, OpenAI API at /v1, store {sc.db})",

@@ -151,6 +151,18 @@ class LocalBackend:
                 req.cancel()
 
 
+def check_backend(url: str, api_key: str | None) -> None:
+    """Fail at startup, with the fix, when the backend is down or refuses our key (ValueError: CLI exit 2)."""
+    base = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
+    try:
+        r = httpx.get(base + "/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=10)
+    except httpx.HTTPError as e:
+        raise ValueError(f"backend {base} is not reachable ({e}); start it or fix --backend-url") from None
+    if r.status_code != 200:
+        raise ValueError(f"backend {base}/models answered {r.status_code}: {r.text[:300]} "
+                         "(set GPTSMITH_BACKEND_API_KEY if it needs a key)")
+
+
 class ExternalBackend:
     """Another OpenAI-compatible server. Each choice is one streamed request with n=1, so the routes treat
     it exactly like a local one; closing the stream closes the connection, which stops the backend too."""
