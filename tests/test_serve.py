@@ -262,3 +262,19 @@ def test_rate_limit_and_auth(tiny_model_dir, tmp_path, monkeypatch):
     with running(create_app(cfg, tiny_model_dir)) as url:
         assert httpx.get(url + "/v1/models").status_code == 200
         assert httpx.get(url + "/").status_code == 200
+
+
+def test_cors_off_unless_configured(tiny_model_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    for origins, allowed in (([], False), (["https://app.example"], True)):
+        cfg = load_config(None, {"serve.db": f"sqlite:///{tmp_path / 'c.db'}", "serve.cors_origins": origins,
+                                 "serve.api_key": "k"})
+        with TestClient(create_app(cfg, tiny_model_dir)) as c:
+            r = c.options("/v1/chat/completions", headers=preflight)
+            assert (r.headers.get("access-control-allow-origin") == "https://app.example") is allowed
+            r = c.get("/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+            assert r.status_code == 200
+            assert ("access-control-allow-origin" in r.headers) is allowed
