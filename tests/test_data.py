@@ -261,3 +261,10 @@ def test_max_chars_cuts_long_documents_at_line_breaks(tmp_path):
     assert len(pieces) > 5 and all(len(p) <= 300 for p in pieces)
     assert all(p.startswith("line ") and p.endswith("document") for p in pieces)
     assert sorted(sum((p.split("\n") for p in pieces), [])) == sorted(long.split("\n"))
+
+
+def test_max_documents_takes_a_sample_and_stops_reading(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": doc(i)} for i in range(50)])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": doc(100 + i)} for i in range(50)])
+    report = clean([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], tmp_path / "w", cfg_for(max_documents=30))
+    assert report["documents"]["kept"] == 30 and report["documents"]["read"] == 30

@@ -29,6 +29,7 @@ class DataConfig(Section):
     max_chars: int = Field(0, ge=0, description="documents longer than this are cut into pieces of this size; 0 = no limit")
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="share of documents (by content hash) in validation")
     dedup: bool = Field(True, description="drop exact duplicate documents (by content hash)")
+    max_documents: int = Field(0, ge=0, description="stop reading after this many kept documents (a sample of a big hub dataset); 0 = all")
     on_error: Literal["error", "skip"] = Field("error", description="bad input: stop with an error, or skip and count it")
     hub_split: str = Field("train", description="split to stream when an input is a Hugging Face dataset id")
     hub_config: str | None = Field(None, description="dataset config name for hub inputs")

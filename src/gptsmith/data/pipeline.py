@@ -80,8 +80,12 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
                 open(tmp / "val.jsonl", "w", encoding="utf-8") as fval, \
                 tqdm(desc="reading", unit="char", unit_scale=True, mininterval=0.5, dynamic_ncols=True) as bar:
             for src in sources:
+                if d.max_documents and docs.total() >= d.max_documents:
+                    break
                 bar.set_postfix_str(Path(src.path).name[-30:], refresh=False)
                 for raw in read_source(src, ctx):
+                    if d.max_documents and docs.total() >= d.max_documents:
+                        break  # leaving the generator closes a streamed hub dataset too
                     read += 1
                     bar.update(len(raw))
                     for text in split_long(clean_text(raw), d.max_chars):
