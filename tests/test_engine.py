@@ -182,7 +182,7 @@ def test_encode_chat_drops_oldest_turns_keeps_system(engine):
     assert text.endswith("<|assistant|>\n")
     assert text.split("<|system|>")[1].find("<|user|>") >= 0  # the first kept turn is a user turn
     short = messages[:1] + messages[-1:]
-    assert engine.encode_chat(short, 64) == engine._chat_ids(short)
+    assert engine.encode_chat(short, 64) == engine.chat_template_ids(short)
 
 
 def test_scheduler_concurrent_requests_match_single(engine):

@@ -17,7 +17,7 @@ from gptsmith.config import ProjectConfig, save_config
 from gptsmith.files import atomic_write_text
 
 # Share of the budget each training stage gets; data preparation and samples take the rest (~1-1.5 min).
-PRETRAIN_SHARE, SFT_SHARE = 0.65, 0.18
+PRETRAIN_SHARE, SFT_SHARE = 0.7, 0.2
 SAMPLE_PROMPTS = ["The list", "def ", "An exception"]
 SAMPLE_QUESTIONS = ["Hello, how are you?", "What is your name?", "Do you like Python?"]
 
@@ -54,7 +54,7 @@ def _quickstart_config(cfg: ProjectConfig, minutes: float, smoke: bool) -> Proje
                     "pretrain.max_steps": 100_000, "pretrain.max_minutes": minutes * PRETRAIN_SHARE,
                     "pretrain.seq_len": 256, "pretrain.batch_size": 16, "pretrain.eval_every": 100,
                     "pretrain.save_every": 200, "pretrain.warmup_steps": 50,
-                    "sft.max_minutes": minutes * SFT_SHARE, "sft.epochs": 3, "sft.max_seq_len": 256,
+                    "sft.max_minutes": minutes * SFT_SHARE, "sft.epochs": 4, "sft.max_seq_len": 256,
                     "sft.lr": 1e-3, "sft.batch_size": 16}
     user = _user_keys(cfg)
     tree = cfg.model_dump()

@@ -160,7 +160,8 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_template_ids(self, messages: list[dict]) -> list[int]:
+        """The chat template with the generation prompt, as token ids; no turn is dropped (see encode_chat)."""
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
@@ -169,7 +170,7 @@ class Engine:
         oldest turns after the system prompt (never the last message) until it does."""
         if not messages:
             raise ValueError("messages is empty; send at least one {'role': 'user', 'content': ...} message")
-        ids = self._chat_ids(messages)
+        ids = self.chat_template_ids(messages)
         budget = self.max_context - max_new_tokens
         head = [m for m in messages if m.get("role") == "system"][:1] if messages[0].get("role") == "system" else []
         rest = messages[len(head):]
@@ -177,7 +178,7 @@ class Engine:
             rest = rest[1:]
             while len(rest) > 1 and rest[0].get("role") == "assistant":  # a conversation resumes at a user turn
                 rest = rest[1:]
-            ids = self._chat_ids(head + rest)
+            ids = self.chat_template_ids(head + rest)
         if len(ids) >= self.max_context:
             raise ValueError(f"the conversation's last message and system prompt alone are {len(ids)} tokens; the "
                              f"model's context is {self.max_context}. Send a shorter message or system prompt.")

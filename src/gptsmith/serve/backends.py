@@ -100,7 +100,7 @@ class LocalBackend:
                 return self.engine.encode_chat(prompt.messages, budget_tokens)
             except ValueError as e:
                 raise APIError(400, str(e), "messages", "context_length_exceeded") from None
-        return self.engine._chat_ids(prompt.messages)
+        return self.engine.chat_template_ids(prompt.messages)
 
     async def prepare(self, prompt: Prompt, max_tokens: int | None, default_max_tokens: int,
                       fit: bool) -> tuple[Prompt, int]:

@@ -332,7 +332,9 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: ProjectConfig, resume: bool, d
             f"vocab {raw_model.config.vocab_size}, context {context}" + (f", from {parent}" if parent else ""))
         say(f"data: {train_data.tokens:,} train / {val_data.tokens:,} val tokens from {data_dir}; "
             f"{tokens_per_step:,} tokens per step ({pc.batch_size} x {pc.seq_len} x {pc.grad_accum} accum x "
-            f"{dist.world_size} procs); {pc.max_steps} steps = {pc.max_steps * tokens_per_step / max(train_data.tokens, 1):.2f} epochs")
+            f"{dist.world_size} procs); "
+            + (f"as many steps as fit in {pc.max_minutes:g} min (at most {pc.max_steps})" if pc.max_minutes else
+               f"{pc.max_steps} steps = {pc.max_steps * tokens_per_step / max(train_data.tokens, 1):.2f} epochs"))
         say(f"device: {device} ({dist.world_size} process{'es' if dist.enabled else ''}), "
             f"{'autocast ' + str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}, "
             f"compile {'on' if compile_on else 'off'}; output: {out_dir} (checkpoints every {pc.save_every} steps, "
