@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 class GenerationRequest:
     """Handle to one submitted request. Consume its events with `events()` (threads) or `aevents()` (asyncio);
-    the last event has `finish_reason` set ("stop", "length", "cancelled" or "error" with the message in text)."""
+    the last event has `finish_reason` set ("stop", "length", "cancelled" or "error" with the message in text).
+    `aevents()` merges the events that piled up while its consumer was busy into one (text and token ids
+    concatenated), so a slow consumer does one piece of work per turn instead of one per token."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams):
         self.id = uuid.uuid4().hex
@@ -35,26 +37,24 @@ class GenerationRequest:
         self._queue: queue.Queue[StreamEvent] = queue.Queue()
         self._lock = threading.Lock()
         self._aloop: asyncio.AbstractEventLoop | None = None
-        self._aqueue: asyncio.Queue | None = None
+        self._abuf: list[StreamEvent] = []  # touched only on the event loop's thread
+        self._waiter: asyncio.Future | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
 
-    def _put(self, event: StreamEvent) -> None:
-        """Called from the scheduler thread."""
+    def _record(self, event: StreamEvent) -> None:
         self.completion_tokens += len(event.token_ids)
         if event.finish_reason:
             self.finish_reason = event.finish_reason
             if event.finish_reason == "error":
                 self.error = event.text
-        with self._lock:
-            if self._aloop is None:
-                self._queue.put(event)
-                return
-            try:
-                self._aloop.call_soon_threadsafe(self._aqueue.put_nowait, event)
-            except RuntimeError:  # the consumer's event loop is gone: nobody is listening any more
-                self.cancelled = True
+
+    def _push(self, event: StreamEvent) -> None:
+        """On the event loop's thread."""
+        self._abuf.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def events(self, timeout: float | None = None) -> Iterator[StreamEvent]:
         """Blocking iterator; raises TimeoutError when no event arrives within `timeout` seconds."""
@@ -68,20 +68,73 @@ class GenerationRequest:
                 return
 
     async def aevents(self) -> AsyncIterator[StreamEvent]:
+        loop = asyncio.get_running_loop()
         with self._lock:  # switch delivery to this event loop, keeping whatever arrived before
-            self._aloop = asyncio.get_running_loop()
-            self._aqueue = asyncio.Queue()
+            self._aloop = loop
             while not self._queue.empty():
-                self._aqueue.put_nowait(self._queue.get_nowait())
+                self._abuf.append(self._queue.get_nowait())
         try:
             while True:
-                event = await self._aqueue.get()
-                yield event
-                if event.finish_reason:
-                    return
+                if not self._abuf:
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                    self._waiter = None
+                events, self._abuf = self._abuf, []
+                for event in _merge(events):
+                    yield event
+                    if event.finish_reason:
+                        return
         except (asyncio.CancelledError, GeneratorExit):
             self.cancel()  # the client went away mid-stream
             raise
+
+
+def _merge(events: list[StreamEvent]) -> list[StreamEvent]:
+    """Consecutive events as one; an error stays its own event because its text is a message, not output."""
+    if len(events) == 1:
+        return events
+    out: list[StreamEvent] = []
+    run: list[StreamEvent] = []
+    for e in events:
+        if e.finish_reason == "error":
+            out += _join(run) + [e]
+            run = []
+        else:
+            run.append(e)
+            if e.finish_reason:
+                break
+    return out + _join(run)
+
+
+def _join(run: list[StreamEvent]) -> list[StreamEvent]:
+    if len(run) <= 1:
+        return run
+    return [StreamEvent("".join(e.text for e in run), [t for e in run for t in e.token_ids], run[-1].finish_reason)]
+
+
+def deliver(pairs: list[tuple[GenerationRequest, StreamEvent]]) -> None:
+    """Hand a scheduler step's events to their consumers: thread consumers through their queue, asyncio ones
+    with ONE thread-safe callback per event loop per step (not one per token: each call_soon_threadsafe wakes
+    the loop through its self-pipe, and at 16 streams that was 16 wake-ups per decode step)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for req, event in pairs:
+        req._record(event)
+        with req._lock:
+            if req._aloop is None:
+                req._queue.put(event)
+            else:
+                by_loop.setdefault(req._aloop, []).append((req, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_fan_out, items)
+        except RuntimeError:  # the consumers' event loop is gone: nobody is listening any more
+            for req, _ in items:
+                req.cancelled = True
+
+
+def _fan_out(items: list[tuple[GenerationRequest, StreamEvent]]) -> None:
+    for req, event in items:
+        req._push(event)
 
 
 class BatchScheduler:
@@ -110,8 +163,8 @@ class BatchScheduler:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for req in list(self._incoming) + list(self._active.values()):
-            req._put(StreamEvent("", [], "cancelled"))
+        left = list(self._incoming) + list(self._active.values())
+        deliver([(req, StreamEvent("", [], "cancelled")) for req in left])
         self._incoming.clear()
         self._active.clear()
         self._batch = None
@@ -145,8 +198,7 @@ class BatchScheduler:
                 self._fail_all(e)
 
     def _fail_all(self, e: Exception) -> None:
-        for req in self._active.values():
-            req._put(StreamEvent(f"{type(e).__name__}: {e}", [], "error"))
+        deliver([(req, StreamEvent(f"{type(e).__name__}: {e}", [], "error")) for req in self._active.values()])
         self._active.clear()
         self._batch = None  # its cache may be half written; the next request gets a fresh one
 
@@ -154,33 +206,38 @@ class BatchScheduler:
         if self._batch is None:
             self._batch = Batch(self.engine, self.max_batch_size, self.engine.max_context)
         batch = self._batch
+        out: list[tuple[GenerationRequest, StreamEvent]] = []  # delivered together, see deliver()
         # drop cancelled requests first so their slots can be reused right away
         for seq in list(batch.seqs):
             req = self._active[id(seq)]
             if req.cancelled:
                 batch.remove(seq)
                 del self._active[id(seq)]
-                req._put(StreamEvent("", [], "cancelled"))
+                out.append((req, StreamEvent("", [], "cancelled")))
         while not batch.full:
             with self._cond:
                 if not self._incoming:
                     break
                 req = self._incoming.popleft()
             if req.cancelled:
-                req._put(StreamEvent("", [], "cancelled"))
+                out.append((req, StreamEvent("", [], "cancelled")))
                 continue
             try:
                 seq = Sequence(self.engine, req.prompt_ids, req.params)
                 event = batch.add(seq)
             except Exception as e:  # this request's fault (bad prompt, params): report it, keep going
-                req._put(StreamEvent(f"{e}", [], "error"))
+                out.append((req, StreamEvent(f"{e}", [], "error")))
                 continue
             if not seq.finish_reason:
                 self._active[id(seq)] = req
-            req._put(event)
+            out.append((req, event))
+        if out:  # first tokens of new requests go out before the decode step: lower time to first token
+            deliver(out)
+            out = []
         if batch.seqs:
             for seq, event in batch.step():
                 req = self._active[id(seq)]
                 if seq.finish_reason:
                     del self._active[id(seq)]
-                req._put(event)
+                out.append((req, event))
+        deliver(out)

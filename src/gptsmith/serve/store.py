@@ -12,8 +12,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, delete, event,
-                        func, or_, select)
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, bindparam, create_engine, delete,
+                        event, func, or_, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 
@@ -251,6 +251,17 @@ class Store:
             m = s.get(Message, msg_id)
             for k, v in fields.items():
                 setattr(m, k, v)
+
+    def update_streaming(self, contents: dict[int, str]) -> None:
+        """Save the partial text of answers still streaming, in one transaction. An answer that has finished
+        meanwhile (finish_reason set) keeps its final text: this write may land after the final one."""
+        if not contents:
+            return
+        t = Message.__table__
+        stmt = (t.update().where(t.c.id == bindparam("mid"), t.c.finish_reason.is_(None))
+                .values(content=bindparam("text")))
+        with self.engine.begin() as conn:
+            conn.execute(stmt, [{"mid": mid, "text": text} for mid, text in contents.items()])
 
     # feedback ------------------------------------------------------------------------------------------
     def set_feedback(self, msg_id: int, **fields) -> dict | None:
