@@ -10,7 +10,7 @@ import torch
 
 from gptsmith.engine.params import (Completion, SamplingParams, StreamEvent, apply_repetition_penalty,
                                     make_generator, sample_token)
-from gptsmith.engine.runners import HFRunner, LlamaRunner, llama_supported
+from gptsmith.engine.runners import HFRunner, LlamaRunner, llama_supported, llama_weights, weights_key
 from gptsmith.engine.text import IncrementalDecoder, StopMatcher
 
 
@@ -128,6 +128,7 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             self.stop_ids.add(tokenizer.eos_token_id)
         self.fast = llama_supported(model)
+        self._weights: tuple | None = None  # (key, LlamaRunner weights): fused copies made once, not per request
 
     @classmethod
     def load(cls, model_dir, device: str = "auto", dtype=None) -> "Engine":
@@ -153,7 +154,12 @@ class Engine:
         return cls(model, tokenizer, device, stop_ids)
 
     def make_runner(self, n_slots: int, max_len: int):
-        return (LlamaRunner if self.fast else HFRunner)(self.model, n_slots, max_len)
+        if not self.fast:
+            return HFRunner(self.model, n_slots, max_len)
+        key = weights_key(self.model)  # rebuilt if a weight was replaced or edited in place since
+        if self._weights is None or self._weights[0] != key:
+            self._weights = (key, llama_weights(self.model))
+        return LlamaRunner(self.model, n_slots, max_len, self._weights[1])
 
     # ------------------------------------------------------------------------------------------ prompts
 
