@@ -3,10 +3,12 @@ against a real `gptsmith serve` process, time to first token (p50/p95) and the s
 
     python benchmarks/bench_serve.py                        # a random preset-tiny model, built on the fly
     python benchmarks/bench_serve.py --model runs/sft --max-tokens 128 --concurrency 1 4 16
+    python benchmarks/bench_serve.py --torch-threads 2      # the server's torch CPU threads (default: auto)
 
 The baseline is concurrency 1 in the same run; continuous batching should give aggregate(16)/aggregate(1) >= 4.
 Requests are greedy so every answer runs to --max-tokens (a random model never says end-of-turn), which keeps
-the token counts comparable across rows.
+the token counts comparable across rows. "server CPU ms/tok" is the server process's CPU time (all threads) per
+generated token: unlike tok/s it barely moves when other programs load the machine.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def build_random_model(out: Path, preset: str) -> Path:
     cfg = llama_config(resolve_shape(ModelConfig(preset=preset)), len(tok), tok.bos_token_id, tok.eos_token_id,
                        tok.pad_token_id)
     return save_model_dir(build_model(cfg, seed=0), tok, out / f"random-{preset}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -88,6 +95,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="waves of concurrent streams per level")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--torch-threads", type=int, default=0, help="serve.torch_threads of the server (0 = auto)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -98,7 +106,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "gptsmith.cli", "serve", "--model", str(model), "--port", str(port),
            "--db", f"sqlite:///{tmp / 'bench.db'}", "--device", args.device, "--serve.rate_limit_per_minute", "0",
-           "--serve.max_batch_size", str(max(args.concurrency)), "--serve.max_tokens_limit", str(args.max_tokens)]
+           "--serve.max_batch_size", str(max(args.concurrency)), "--serve.max_tokens_limit", str(args.max_tokens),
+           "--serve.torch_threads", str(args.torch_threads)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=os.environ | {"GPTSMITH_API_KEY": ""})
     try:
@@ -114,7 +123,11 @@ def main() -> None:
             time.sleep(0.2)
         name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         asyncio.run(run_level(url, name, 1, 1, 8))  # warm-up: first-call allocations, lazy imports
-        rows = [asyncio.run(run_level(url, name, c, args.requests, args.max_tokens)) for c in args.concurrency]
+        rows = []
+        for c in args.concurrency:
+            cpu0 = cpu_seconds(server.pid)
+            rows.append(asyncio.run(run_level(url, name, c, args.requests, args.max_tokens)))
+            rows[-1]["cpu_ms_tok"] = 1000 * (cpu_seconds(server.pid) - cpu0) / max(rows[-1]["tokens"], 1)
         rss = peak_rss_mb(server.pid)
     finally:
         server.terminate()
@@ -123,12 +136,14 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             server.kill()
 
-    print(f"\nmodel {model} | {args.max_tokens} tokens per answer, greedy | device {args.device}")
+    print(f"\nmodel {model} | {args.max_tokens} tokens per answer, greedy | device {args.device} | torch threads "
+          f"{args.torch_threads or 'auto'}")
     print(f"{'clients':>7} {'streams':>7} {'tokens':>7} {'wall s':>7} {'agg tok/s':>10} {'tok/s/stream':>12} "
-          f"{'TTFT p50 ms':>11} {'TTFT p95 ms':>11}")
+          f"{'TTFT p50 ms':>11} {'TTFT p95 ms':>11} {'server CPU ms/tok':>17}")
     for r in rows:
         print(f"{r['concurrency']:>7} {r['streams']:>7} {r['tokens']:>7} {r['wall_s']:>7.2f} {r['agg_tok_s']:>10.1f} "
-              f"{r['per_stream_tok_s']:>12.1f} {r['ttft_p50_ms']:>11.0f} {r['ttft_p95_ms']:>11.0f}")
+              f"{r['per_stream_tok_s']:>12.1f} {r['ttft_p50_ms']:>11.0f} {r['ttft_p95_ms']:>11.0f} "
+              f"{r['cpu_ms_tok']:>17.2f}")
     base = rows[0]["agg_tok_s"]
     for r in rows[1:]:
         print(f"aggregate({r['concurrency']}) / aggregate({rows[0]['concurrency']}) = {r['agg_tok_s'] / base:.2f}x")

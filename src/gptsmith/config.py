@@ -136,6 +136,8 @@ class ServeConfig(Section):
     max_n: int = Field(8, ge=1, description="most choices (n x prompts) one request may ask for")
     store_flush_seconds: float = Field(0.5, ge=0, description="save a streaming answer's text this often")
     rate_limit_per_minute: int = Field(600, ge=0, description="requests per minute per key; 0 = off")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for the local model's math; 0 = auto: all cores "
+                               "but one, which the HTTP event loop needs")
     cors_origins: list[str] = Field(default_factory=list)
 
 

@@ -328,6 +328,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"Invalid value for '{param}': {e.get('msg')} (got {e.get('input')!r:.100}).", param
 
 
+def set_torch_threads(n: int) -> int:
+    """Torch's CPU thread pool busy-waits between ops; when it spans every core it spins against the event
+    loop thread (and anything else on the machine), and on a 2-core box that made 16 streams cost 2-3x more
+    CPU per token and, under outside load, decode 10-50x slower (benchmarks/bench_serve.py --torch-threads).
+    Auto (0) keeps one core free for the event loop."""
+    import torch
+
+    if n <= 0:
+        n = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
+    torch.set_num_threads(n)
+    log.info("torch CPU threads: %d", n)
+    return n
+
+
 def build_backend(cfg: ProjectConfig, model_dir=None, engine=None) -> Backend:
     sc = cfg.serve
     if sc.backend_url:
@@ -337,6 +351,8 @@ def build_backend(cfg: ProjectConfig, model_dir=None, engine=None) -> Backend:
             raise ValueError("serve needs a model directory (--model) or a backend URL (--backend-url)")
         from gptsmith.engine import Engine
         engine = Engine.load(model_dir, device=sc.device)
+        if engine.device.type == "cpu":
+            set_torch_threads(sc.torch_threads)
     if model_dir is not None:
         name, version = Path(model_dir).resolve().name, model_version(Path(model_dir))
     else:
