@@ -73,6 +73,39 @@ def test_labels_mask_everything_but_assistant_tokens(tiny_model_dir, tmp_path):
         assert "<|user|>" in masked
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_cpu_lm_head_scores_assistant_tokens_exactly_like_trls(tiny_model_dir, tmp_path, lora):
+    """The CPU fast path (only assistant positions projected) gives TRL's per-token log-probs, metrics, loss and
+    gradients: same training, less work."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    trainer, info = build_trainer(str(tiny_model_dir), conversations(16), [], tmp_path, cfg(lora=lora))
+    assert info["lm_head"] == "compact (assistant tokens only)"
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).float().mean() > 0.3  # prompt and padding: positions the fast path skips
+    ours = trainer.model.get_base_model() if lora else trainer.model
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    ref.load_state_dict({k.replace("base_layer.", ""): v for k, v in ours.state_dict().items() if "lora_" not in k})
+    add_fused_lm_head(ref, outputs=("log_probs", "entropy", "is_top1"))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    a, b = ours(**inputs, fused_lm_head=True), ref(**inputs, fused_lm_head=True)
+    assert torch.equal(a.label_mask, b.label_mask)
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.entropy, b.entropy, atol=1e-4, rtol=1e-5)
+    assert torch.equal(a.is_top1, b.is_top1)
+    a.loss.backward(), b.loss.backward()
+    torch.testing.assert_close(a.loss, b.loss)
+    grads = dict(ref.named_parameters())
+    trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for _, p in trained)
+    if lora:  # the adapter (lora_B starts at zero, so the outputs match the base) gets its gradient
+        assert any(p.grad.abs().sum() > 0 for n, p in trained if "lora_B" in n)
+    else:
+        for name, p in trained:
+            torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-4)
+
+
 def test_template_without_generation_markers_is_masked_by_prefix_rendering(tiny_model_dir, tmp_path):
     import shutil
 

@@ -191,6 +191,63 @@ class StopAfterMinutes(TrainerCallback):
         return control
 
 
+# Config fields with which a model transforms its logits after the LM head (Gemma's softcapping, Cohere's scale,
+# ...): TRL's kernel applies them; models that have one keep it.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def use_compact_lm_head(model) -> bool:
+    """On CPU (and MPS) score only the assistant tokens, with the model's own LM head and torch's cross-entropy.
+
+    TRL's SFTTrainer gives the model a fused LM head (`add_fused_lm_head`) so the (tokens x vocab) logits are never
+    materialised. On CUDA its Triton kernel scores only the positions that carry loss. Without Triton it scores every
+    position, padding and prompt included (so shapes stay fixed for XLA-like backends), and folds the tiles with
+    a dozen elementwise torch passes, recomputing the projection in backward: on the `tiny` preset that head was
+    ~40% of a CPU training step (benchmarks/bench_sft.py). Here the same `fused_lm_head=True` call runs the
+    backbone, projects only the positions whose label is not -100 and scores them with `F.cross_entropy`.
+    TRL's compute_loss is untouched, so the loss (summed over assistant tokens, divided by their count or by
+    `num_items_in_batch`), the entropy / mean_token_accuracy metrics and DDP wrapping are the same; logits exist
+    only for the assistant tokens, never more memory than the model's plain forward. Returns whether it applied.
+    """
+    import functools
+    import types
+
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text_config = model.config.get_text_config()
+    if any(getattr(text_config, k, None) is not None for k in _LOGIT_TRANSFORMS) or \
+            getattr(text_config, "output_router_logits", False):
+        return False  # logit transforms and MoE aux losses: TRL's kernel handles them
+    trl_forward = model.forward  # TRL's fused forward; with fused_lm_head=False it is the model's own
+
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits"):
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:].to(hidden.device)
+        mask = labels != -100
+        target = labels[mask]
+        # the module, not its weight: a LoRA adapter on lm_head (if targeted) takes part
+        logp = self.get_output_embeddings()(hidden[mask]).float().log_softmax(-1)
+        token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # what cross_entropy computes, logp kept
+        with torch.no_grad():  # TRL's logged metrics, on the scored tokens only
+            entropy = -(logp.exp() * logp).sum(-1)
+            is_top1 = logp.argmax(-1) == target
+        # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero loss, not a backward error)
+        log_probs = hidden.new_zeros(mask.shape, dtype=token_lp.dtype).masked_scatter(mask, token_lp)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask,
+                                   entropy=torch.zeros_like(log_probs).masked_scatter(mask, entropy),
+                                   is_top1=torch.zeros_like(mask).masked_scatter(mask, is_top1))
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
 def build_trainer(model_id: str, train: list[Messages], val: list[Messages], out: Path, cfg: ProjectConfig,
                   callbacks: list | None = None):
     """The SFTTrainer for this run (model loaded, template prepared, datasets tokenised with assistant masks)."""
@@ -229,6 +286,9 @@ def build_trainer(model_id: str, train: list[Messages], val: list[Messages], out
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, peft_config=_lora_config(cfg) if s.lora or s.qlora else None,
                          callbacks=callbacks)
+    if device == "cpu" or device.startswith("mps"):  # CUDA: TRL's Triton kernel is already compact
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        info["lm_head"] = "compact (assistant tokens only)" if use_compact_lm_head(base) else "TRL fused"
     return trainer, info
 
 
@@ -379,12 +439,13 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
     before = None
     if trainer.eval_dataset is not None and ckpt is None:  # the baseline the fine-tune must beat
         before = assistant_metrics(trainer.model, trainer.processing_class, trainer.eval_dataset, s.batch_size)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     writer.close()
 
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step, "train_seconds": round(seconds, 2),
+               "train_cpu_seconds": round(cpu_seconds, 2),
                "train_conversations": len(train), "val_conversations": len(val), "skipped": loaded.skipped,
                "trainable_params": n_trainable, "total_params": n_total}
     if trainer.eval_dataset is not None:
