@@ -3,10 +3,14 @@ same sampling settings, in one run.
 
     python benchmarks/bench_engine.py                       # presets tiny and small, 8192 vocab
     python benchmarks/bench_engine.py --presets tiny --new-tokens 64 --repeats 1   # quick check
+    python benchmarks/bench_engine.py --threads 1 2          # one table per torch thread count
 
 Models are randomly initialised (speed does not depend on the weights) and end-of-sequence is switched off
 for both, so every run generates exactly --new-tokens tokens. Decode tokens/s excludes the prompt:
 (N - 1) / (time for N tokens - time for 1 token), per sequence times the batch size.
+HF and the engine are timed interleaved (HF N, engine N, HF 1, engine 1, repeated), and each rate uses the
+median of the repeats, so load from other processes hits both alike. The rate is given on wall time and on
+CPU time (process_time: all threads of this process), and the ratio on both.
 Peak RSS is the process's high-water mark after the row (so it only grows down the table).
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -40,19 +45,30 @@ def build(preset: str, tok_dir: Path, out: Path) -> Path:
     return save_model_dir(build_model(cfg, seed=0), tok, out / preset)
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
+def timed(fn) -> tuple[float, float]:
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def decode_rates(runs: dict, n: int, batch: int, repeats: int) -> dict:
+    """{name: (wall tok/s, cpu tok/s)} for each `run(n_tokens)` in runs, timed interleaved."""
+    for run in runs.values():
+        run(2)  # warm-up
+    times = {(name, k): [] for name in runs for k in (n, 1)}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def decode_rate(run, n: int, batch: int, repeats: int) -> float:
-    run(2)  # warm-up
-    t_n, t_1 = best_time(lambda: run(n), repeats), best_time(lambda: run(1), repeats)
-    return batch * (n - 1) / max(t_n - t_1, 1e-9)
+        for k in (n, 1):
+            for name, run in runs.items():
+                times[(name, k)].append(timed(lambda: run(k)))
+    out = {}
+    for name in runs:
+        rate = []
+        for j in (0, 1):  # wall, cpu
+            t_n = statistics.median(t[j] for t in times[(name, n)])
+            t_1 = statistics.median(t[j] for t in times[(name, 1)])
+            rate.append(batch * (n - 1) / max(t_n - t_1, 1e-9))
+        out[name] = tuple(rate)
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -63,13 +79,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
     ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--repeats", type=int, default=3, help="best of N timings")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    ap.add_argument("--repeats", type=int, default=5, help="median of N interleaved timings")
+    ap.add_argument("--threads", type=int, nargs="+", default=[0],
+                    help="torch thread counts to measure (both HF and the engine); 0 = torch's default")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = [t or torch.get_num_threads() for t in args.threads]
 
     from gptsmith.engine import Engine, SamplingParams
     from gptsmith.tokenizer import train_tokenizer
@@ -106,22 +122,22 @@ def main() -> None:
                         model.generate(torch.tensor([ids] * batch), max_new_tokens=n, min_new_tokens=0,
                                        repetition_penalty=s["repetition_penalty"], pad_token_id=1, **kw)
 
-                r_hf = decode_rate(hf, args.new_tokens, batch, args.repeats)
-                rss_hf = peak_rss_mb()
-                r_ours = decode_rate(ours, args.new_tokens, batch, args.repeats)
-                rows.append((preset, batch, name, r_hf, r_ours, rss_hf, peak_rss_mb()))
-                print(f"  {preset} batch {batch} {name}: hf {r_hf:.0f} tok/s, engine {r_ours:.0f} tok/s",
-                      file=sys.stderr)
+                for th in threads:
+                    torch.set_num_threads(th)
+                    r = decode_rates({"hf": hf, "engine": ours}, args.new_tokens, batch, args.repeats)
+                    rows.append((preset, batch, name, th, r["hf"], r["engine"], peak_rss_mb()))
+                    print(f"  {preset} batch {batch} {name} threads {th}: hf {r['hf'][0]:.0f} tok/s, "
+                          f"engine {r['engine'][0]:.0f} tok/s (wall)", file=sys.stderr)
 
     print(f"\nDecode tokens/s, {args.new_tokens} new tokens after a {len(ids)}-token prompt, vocab "
-          f"{args.vocab_size}, torch threads {torch.get_num_threads()}, best of {args.repeats}\n")
-    head = f"{'model':<7} {'batch':>5} {'sampling':<8} {'HF generate':>12} {'engine':>9} {'ratio':>6} " \
-           f"{'peak RSS MB (HF / engine)':>26}"
+          f"{args.vocab_size}, median of {args.repeats} interleaved runs; wall time and CPU time\n")
+    head = f"{'model':<7} {'batch':>5} {'sampling':<8} {'threads':>7} {'HF wall':>8} {'engine wall':>11} " \
+           f"{'ratio':>6} {'HF cpu':>7} {'engine cpu':>10} {'ratio':>6} {'peak RSS MB':>11}"
     print(head)
     print("-" * len(head))
-    for preset, batch, name, r_hf, r_ours, rss_hf, rss_ours in rows:
-        print(f"{preset:<7} {batch:>5} {name:<8} {r_hf:>12.0f} {r_ours:>9.0f} {r_ours / r_hf:>5.2f}x "
-              f"{rss_hf:>14.0f} / {rss_ours:<9.0f}")
+    for preset, batch, name, th, (hw, hc), (ew, ec), rss in rows:
+        print(f"{preset:<7} {batch:>5} {name:<8} {th:>7} {hw:>8.0f} {ew:>11.0f} {ew / hw:>5.2f}x {hc:>7.0f} "
+              f"{ec:>10.0f} {ec / hc:>5.2f}x {rss:>11.0f}")
 
 
 if __name__ == "__main__":
