@@ -256,3 +256,23 @@ def test_generate_cli_streams_to_stdout(tiny_model_dir, capsys):
     generate_cli(tiny_model_dir, "hi", cfg, chat=True, device="cpu")
     chat_ids = eng.encode_chat([{"role": "user", "content": "hi"}], 7)
     assert f"[{len(chat_ids)} prompt tokens" in capsys.readouterr().err
+
+
+def test_weight_edits_after_first_generate_are_used(tiny_model_dir, prompts):
+    """The fast path keeps fused copies of q/k/v and gate/up; editing the model's weights must not leave them stale."""
+    eng = Engine.load(tiny_model_dir, device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in eng.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    before = eng.generate([prompts[0]], GREEDY)[0].token_ids  # builds the fused copies
+    with torch.no_grad():
+        for layer in eng.model.model.layers:
+            layer.self_attn.k_proj.weight.normal_(0, 0.3)
+            layer.mlp.up_proj.weight.normal_(0, 0.3)
+    got = eng.generate([prompts[0]], GREEDY)[0].token_ids
+    assert got != before
+    hf = eng.model.generate(torch.tensor([prompts[0]]), do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
+                            eos_token_id=sorted(eng.stop_ids), pad_token_id=1)[0, len(prompts[0]):].tolist()
+    assert got == [t for t in hf if t not in eng.stop_ids]
