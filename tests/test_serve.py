@@ -278,3 +278,22 @@ def test_cors_off_unless_configured(tiny_model_dir, tmp_path):
             r = c.get("/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
             assert r.status_code == 200
             assert ("access-control-allow-origin" in r.headers) is allowed
+
+
+@pytest.mark.parametrize("interval", [0.0, 30.0])
+def test_stream_interval_merges_tokens_into_fewer_chunks(tiny_model_dir, tmp_path, interval):
+    """serve.stream_interval_s trades chunk count for CPU: the first token still comes alone and at once, the
+    text is the same, only the number of SSE chunks changes."""
+    cfg = load_config(None, {"serve.db": f"sqlite:///{tmp_path / 's.db'}", "serve.stream_interval_s": interval})
+    with running(create_app(cfg, tiny_model_dir)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        kw = {"model": tiny_model_dir.name, "messages": MSG, "max_tokens": 24, "temperature": 0}
+        full = c.chat.completions.create(**kw)
+        pieces = [ch.choices[0].delta.content for ch in c.chat.completions.create(stream=True, **kw)
+                  if ch.choices and ch.choices[0].delta.content]
+    assert "".join(pieces) == full.choices[0].message.content
+    n = full.usage.completion_tokens
+    if interval:
+        assert len(pieces) <= 3 < n  # first token, then the rest held until the end
+    else:
+        assert len(pieces) >= n - 4  # about one chunk per token (a UTF-8 character may span tokens)

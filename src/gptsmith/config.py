@@ -136,6 +136,9 @@ class ServeConfig(Section):
     max_n: int = Field(8, ge=1, description="most choices (n x prompts) one request may ask for")
     store_flush_seconds: float = Field(0.5, ge=0, description="save a streaming answer's text this often")
     rate_limit_per_minute: int = Field(600, ge=0, description="requests per minute per key; 0 = off")
+    stream_interval_s: float = Field(0.02, ge=0, description="local model: send streamed tokens at most this often "
+                                     "(first tokens and ends at once); fewer, multi-token SSE chunks cost less CPU "
+                                     "under load. 0 = one chunk per token")
     torch_threads: int = Field(0, ge=0, description="CPU threads for the local model's math; 0 = auto: all cores "
                                "but one, which the HTTP event loop needs")
     cors_origins: list[str] = Field(default_factory=list)

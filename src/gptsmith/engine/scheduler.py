@@ -7,6 +7,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -138,9 +139,16 @@ def _fan_out(items: list[tuple[GenerationRequest, StreamEvent]]) -> None:
 
 
 class BatchScheduler:
-    def __init__(self, engine: Engine, max_batch_size: int = 16):
+    """`stream_interval` (seconds): hand tokens to consumers at most this often, except first tokens and ends,
+    which go out at once. Each hand-over costs the consumer a wake-up, and in a server every wake-up is an SSE
+    write that competes with decoding for the GIL; 0 delivers every step."""
+
+    def __init__(self, engine: Engine, max_batch_size: int = 16, stream_interval: float = 0.0):
         self.engine = engine
         self.max_batch_size = max_batch_size
+        self.stream_interval = stream_interval
+        self._held: list[tuple[GenerationRequest, StreamEvent]] = []
+        self._last_delivery = 0.0
         self._incoming: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -164,7 +172,7 @@ class BatchScheduler:
             self._thread.join()
             self._thread = None
         left = list(self._incoming) + list(self._active.values())
-        deliver([(req, StreamEvent("", [], "cancelled")) for req in left])
+        self._deliver([(req, StreamEvent("", [], "cancelled")) for req in left], now=True)
         self._incoming.clear()
         self._active.clear()
         self._batch = None
@@ -198,7 +206,8 @@ class BatchScheduler:
                 self._fail_all(e)
 
     def _fail_all(self, e: Exception) -> None:
-        deliver([(req, StreamEvent(f"{type(e).__name__}: {e}", [], "error")) for req in self._active.values()])
+        self._deliver([(req, StreamEvent(f"{type(e).__name__}: {e}", [], "error")) for req in self._active.values()],
+                      now=True)
         self._active.clear()
         self._batch = None  # its cache may be half written; the next request gets a fresh one
 
@@ -231,8 +240,8 @@ class BatchScheduler:
             if not seq.finish_reason:
                 self._active[id(seq)] = req
             out.append((req, event))
-        if out:  # first tokens of new requests go out before the decode step: lower time to first token
-            deliver(out)
+        if out:  # first tokens of new requests go out at once, before the decode step: lower time to first token
+            self._deliver(out, now=True)
             out = []
         if batch.seqs:
             for seq, event in batch.step():
@@ -240,4 +249,14 @@ class BatchScheduler:
                 if seq.finish_reason:
                     del self._active[id(seq)]
                 out.append((req, event))
-        deliver(out)
+        self._deliver(out, now=any(e.finish_reason for _, e in out))
+
+    def _deliver(self, out: list[tuple[GenerationRequest, StreamEvent]], now: bool) -> None:
+        """Hold events until `stream_interval` has passed since the last delivery (or `now`); held events always
+        belong to running requests, so the next step or their end sends them."""
+        self._held += out
+        t = time.monotonic()
+        if self._held and (now or t - self._last_delivery >= self.stream_interval):
+            held, self._held = self._held, []
+            self._last_delivery = t
+            deliver(held)

@@ -360,7 +360,7 @@ def build_backend(cfg: ProjectConfig, model_dir=None, engine=None) -> Backend:
         version = name
     g = cfg.generate
     return LocalBackend(engine, name, version, sc.max_batch_size, top_k=g.top_k,
-                        repetition_penalty=g.repetition_penalty)
+                        repetition_penalty=g.repetition_penalty, stream_interval=sc.stream_interval_s)
 
 
 def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend | None = None) -> FastAPI:

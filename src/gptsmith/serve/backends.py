@@ -77,14 +77,14 @@ class LocalBackend:
     requests decode together in one batch (continuous batching) instead of queueing one after another."""
 
     def __init__(self, engine, name: str, version: str, max_batch_size: int = 16, top_k: int = 0,
-                 repetition_penalty: float = 1.0):
+                 repetition_penalty: float = 1.0, stream_interval: float = 0.0):
         from gptsmith.engine import BatchScheduler
 
         self.engine = engine
         self.name, self.version = name, version
         self.max_context = engine.max_context
         self.top_k, self.repetition_penalty = top_k, repetition_penalty
-        self.scheduler = BatchScheduler(engine, max_batch_size=max_batch_size)
+        self.scheduler = BatchScheduler(engine, max_batch_size=max_batch_size, stream_interval=stream_interval)
 
     async def start(self) -> None:
         self.scheduler.start()
