@@ -4,8 +4,9 @@ Same model (a randomly initialised `tiny` preset with a tokenizer trained on Pyt
 embedded chatterbot conversations), same micro-batch size, sequence cap, optimizer (AdamW) and number of steps;
 loss on assistant tokens only in both. The plain loop pads each batch to its longest conversation and groups
 conversations by length, like `sft` without packing. Each case runs in its own process so its peak RSS is its own.
-Assistant tokens/s counts the tokens that carry loss; padding is not counted. A third case runs `sft` with TRL's
-stock fused LM head instead of gptsmith's CPU one (`use_compact_lm_head`), to show what that head costs.
+Assistant tokens/s counts the tokens that carry loss in the batches each case drew; padding is not counted.
+`cpu s` is the process CPU time of the training loop, steadier than wall time on a busy machine. A third case runs
+`sft` with TRL's stock fused LM head instead of gptsmith's CPU one (`use_compact_lm_head`): what that head costs.
 Cases are interleaved `--repeats` times and the fastest of each is shown (a loaded machine only slows runs down).
 
     python benchmarks/bench_sft.py                        # 100 steps, batch 16
@@ -52,6 +53,7 @@ def run_trl(model_dir: Path, steps: int, batch: int, seq: int, packing: bool, ou
 
     if trl_head:  # keep the head TRL installed
         sft_module.use_compact_lm_head = lambda model: False
+    seen = count_assistant_tokens()
 
     cfg = load_config(None, {"sft.max_steps": steps, "sft.batch_size": batch, "sft.max_seq_len": seq,
                              "sft.packing": packing, "sft.val_fraction": 0.0, "sft.save_every": 10**6,
@@ -59,7 +61,25 @@ def run_trl(model_dir: Path, steps: int, batch: int, seq: int, packing: bool, ou
     t0 = time.perf_counter()
     m = sft(str(model_dir), "chatterbot", out, cfg)
     total = time.perf_counter() - t0
-    return {"train_s": m["train_seconds"], "cpu_s": m["train_cpu_seconds"], "total_s": total, "loss": m["train_loss"]}
+    return {"train_s": m["train_seconds"], "cpu_s": m["train_cpu_seconds"], "total_s": total, "loss": m["train_loss"],
+            "tokens": seen[0]}
+
+
+def count_assistant_tokens() -> list[int]:
+    """Count the tokens that carry loss in the batches SFTTrainer trains on (its sampler draws other batches than
+    the plain loop, so each case is credited with what it actually trained)."""
+    from trl import SFTTrainer
+
+    seen = [0]
+    compute_loss = SFTTrainer.compute_loss
+
+    def counting(self, model, inputs, *args, **kwargs):
+        if model.training:
+            seen[0] += int((inputs["labels"][:, 1:] != -100).sum())
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    SFTTrainer.compute_loss = counting
+    return seen
 
 
 def run_plain(model_dir: Path, steps: int, batch: int, seq: int) -> dict:
@@ -84,13 +104,14 @@ def run_plain(model_dir: Path, steps: int, batch: int, seq: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     model.train()
     t1, c1 = time.perf_counter(), time.process_time()
-    losses = []
+    losses, seen = [], 0
     for step in range(steps):
         b = batches[order[step % len(batches)]]
         width = max(len(r[0]) for r in b)
         ids = torch.tensor([r[0] + [tok.pad_token_id] * (width - len(r[0])) for r in b])
         att = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in b])
         lab = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in b])
+        seen += int((lab[:, 1:] != -100).sum())
         loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -98,19 +119,7 @@ def run_plain(model_dir: Path, steps: int, batch: int, seq: int) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return {"train_s": time.perf_counter() - t1, "cpu_s": time.process_time() - c1, "total_s": time.perf_counter() - t0,
-            "loss": sum(losses) / len(losses)}
-
-
-def assistant_tokens(model_dir: Path, steps: int, batch: int, seq: int) -> int:
-    """Assistant tokens seen in `steps` batches, averaged over the data: the same for both cases."""
-    from gptsmith.data.chat_formats import chatterbot_conversations
-    from gptsmith.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(model_dir)
-    n = [sum(enc["assistant_masks"][:seq]) for enc in (
-        tok.apply_chat_template(c, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        for c in chatterbot_conversations())]
-    return round(sum(n) / len(n) * batch * steps)
+            "loss": sum(losses) / len(losses), "tokens": seen}
 
 
 def main() -> None:
@@ -143,7 +152,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = make_model(tmp)
-        n_tok = assistant_tokens(model_dir, args.steps, args.batch_size, args.seq_len)
         results: dict[str, dict] = {}
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if args.threads:
@@ -159,16 +167,17 @@ def main() -> None:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 if case not in results or r["train_s"] < results[case]["train_s"]:
                     results[case] = r
-    base = results["plain"]["train_s"]
+    base = results["plain"]
     print(f"\nSFT, tiny preset, chatterbot, {args.steps} steps x batch {args.batch_size}, cap {args.seq_len} tokens, "
-          f"{args.threads or 'default'} torch threads on {os.cpu_count()} CPUs, best of {args.repeats}; "
-          f"~{n_tok:,} assistant tokens trained")
-    print(f"{'case':<36}{'train s':>9}{'cpu s':>8}{'asst tok/s':>12}{'vs plain':>10}{'total s':>9}{'peak RSS MB':>13}"
-          f"{'mean loss':>11}")
+          f"{args.threads or 'default'} torch threads on {os.cpu_count()} CPUs, best of {args.repeats}")
+    print(f"{'case':<34}{'asst tokens':>12}{'train s':>9}{'cpu s':>8}{'asst tok/s':>12}{'vs plain':>10}"
+          f"{'cpu vs plain':>14}{'total s':>9}{'peak RSS MB':>13}{'mean loss':>11}")
     names = {"plain": "plain PyTorch loop", "trl": "gptsmith sft (TRL)", "trl-head": "gptsmith sft, TRL's own LM head"}
     for case, r in results.items():
-        print(f"{names[case]:<36}{r['train_s']:>9.2f}{r['cpu_s']:>8.2f}{n_tok / r['train_s']:>12.0f}"
-              f"{base / r['train_s']:>10.2f}{r['total_s']:>9.2f}{r['rss_mb']:>13.0f}{r['loss']:>11.3f}")
+        speed, cpu_speed = r["tokens"] / r["train_s"], r["tokens"] / r["cpu_s"]
+        print(f"{names[case]:<34}{r['tokens']:>12,}{r['train_s']:>9.2f}{r['cpu_s']:>8.2f}{speed:>12.0f}"
+              f"{speed / (base['tokens'] / base['train_s']):>10.2f}{cpu_speed / (base['tokens'] / base['cpu_s']):>14.2f}"
+              f"{r['total_s']:>9.2f}{r['rss_mb']:>13.0f}{r['loss']:>11.3f}")
 
 
 if __name__ == "__main__":
