@@ -14,16 +14,21 @@ TEXTS = ["def foo(x):\n    return", "The", "Python is a programming language tha
          "import os\nimport sys\n\nclass A:"]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = Engine.load(tiny_model_dir, device="cpu")
-    # A freshly initialised model repeats one token forever, which would make every equality test pass
-    # trivially. Larger random weights give varied greedy output, so a wrong cache or position shows up.
+def load_varied_engine(model_dir) -> Engine:
+    """A freshly initialised model repeats one token forever, which would make every equality test pass
+    trivially. Larger random weights give varied greedy output, so a wrong cache or position shows up."""
+    eng = Engine.load(model_dir, device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in eng.model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.15)
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = load_varied_engine(tiny_model_dir)
     # one thread: on a small shared CPU, torch's thread pool spins against other processes (10x slower)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -260,12 +265,7 @@ def test_generate_cli_streams_to_stdout(tiny_model_dir, capsys):
 
 def test_weight_edits_after_first_generate_are_used(tiny_model_dir, prompts):
     """The fast path keeps fused copies of q/k/v and gate/up; editing the model's weights must not leave them stale."""
-    eng = Engine.load(tiny_model_dir, device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in eng.model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
+    eng = load_varied_engine(tiny_model_dir)
     before = eng.generate([prompts[0]], GREEDY)[0].token_ids  # builds the fused copies
     with torch.no_grad():
         for layer in eng.model.model.layers:
