@@ -64,6 +64,19 @@ def test_greedy_kv_cache_matches_full_recompute_and_hf_generate(engine, prompts)
         assert got.token_ids == [t for t in hf if t not in engine.stop_ids]
 
 
+def test_greedy_with_repetition_penalty_matches_hf_batched_and_alone(engine, prompts):
+    """The penalty is applied to a whole greedy batch in one op; it must equal HF's and a single sequence's."""
+    params = SamplingParams(max_new_tokens=GREEDY.max_new_tokens, temperature=0, repetition_penalty=1.3)
+    batched = engine.generate(prompts, [params] * (len(prompts) - 1) + [GREEDY])  # one row without a penalty
+    for ids, got, p in zip(prompts, batched, [params] * (len(prompts) - 1) + [GREEDY]):
+        hf = engine.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=p.max_new_tokens,
+                                   repetition_penalty=p.repetition_penalty, eos_token_id=sorted(engine.stop_ids),
+                                   pad_token_id=1)[0, len(ids):].tolist()
+        assert got.token_ids == [t for t in hf if t not in engine.stop_ids]
+        assert got.token_ids == engine.generate([ids], p)[0].token_ids
+    assert batched[0].token_ids != engine.generate([prompts[0]], GREEDY)[0].token_ids  # the penalty did something
+
+
 def test_batched_equals_one_by_one(engine, prompts):
     sampled = SamplingParams(max_new_tokens=30, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.2, seed=7)
     for params in (GREEDY, sampled):

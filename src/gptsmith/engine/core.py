@@ -29,8 +29,11 @@ class Sequence:
         self.generator = None if params.greedy else make_generator(params.seed, engine.device)
         self.decoder = IncrementalDecoder(engine.tokenizer)
         self.stopper = StopMatcher(params.stop)
-        self.seen = (torch.tensor(self.prompt_ids, device=engine.device)
-                     if params.repetition_penalty != 1.0 else None)
+        self.seen = None  # tokens already in the sequence, as a vocabulary mask, when a repetition penalty is on
+        if params.repetition_penalty != 1.0:
+            vocab = engine.model.get_output_embeddings().weight.shape[0]  # the logits' width
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=engine.device)
+            self.seen[self.prompt_ids] = True
 
     @property
     def length(self) -> int:
@@ -49,7 +52,7 @@ class Sequence:
             return StreamEvent(self._flush(), [], "stop")
         self.out_ids.append(token)
         if self.seen is not None:
-            self.seen = torch.cat([self.seen, self.seen.new_tensor([token])])
+            self.seen[token] = True
         text, hit = self.stopper.push(self.decoder.push(token))
         if hit:
             self.finish_reason = "stop"
@@ -71,6 +74,7 @@ class Batch:
         self.n_slots = n_slots
         self.runner = engine.make_runner(n_slots, max_len)
         self.seqs: list[Sequence] = []
+        self.empty_seen: torch.Tensor | None = None
 
     @property
     def full(self) -> bool:
@@ -93,7 +97,11 @@ class Batch:
         """One decode step for every sequence; finished ones leave the batch."""
         seqs = list(self.seqs)
         logits = self.runner.decode([s.out_ids[-1] for s in seqs], [s.length - 1 for s in seqs])
-        if all(s.params.greedy and s.seen is None for s in seqs):
+        if all(s.params.greedy for s in seqs):
+            if any(s.seen is not None for s in seqs):  # the repetition penalty for every row in one op, not one gather/scatter per row
+                seen = torch.stack([s.seen if s.seen is not None else self._no_tokens(logits) for s in seqs])
+                penalty = logits.new_tensor([[s.params.repetition_penalty] for s in seqs])
+                logits = apply_repetition_penalty(logits, seen, penalty)
             events = [(s, s.accept(t)) for s, t in zip(seqs, logits.argmax(-1).tolist())]  # one op for all
         else:
             events = [(s, self._next(s, row)) for s, row in zip(seqs, logits)]
@@ -101,6 +109,12 @@ class Batch:
             if s.finish_reason:
                 self.remove(s)
         return events
+
+    def _no_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """The `seen` row of a sequence without a penalty: penalises nothing."""
+        if self.empty_seen is None:
+            self.empty_seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        return self.empty_seen
 
     @staticmethod
     def _next(seq: Sequence, logits: torch.Tensor) -> StreamEvent:

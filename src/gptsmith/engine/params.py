@@ -67,11 +67,13 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL / HF-style penalty over every token already in the sequence (prompt included), as HF generate does."""
-    scores = logits.gather(-1, seen)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(-1, seen, scores)
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL / HF-style penalty over every token already in the sequence (prompt included), as HF generate does.
+
+    `seen` is a boolean mask over the vocabulary (same shape as `logits`), so one call covers a whole batch of
+    rows at once, each with its own penalty (a (B, 1) tensor) — no per-sequence gather/scatter in the decode step.
+    """
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
