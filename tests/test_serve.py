@@ -296,4 +296,6 @@ def test_stream_interval_merges_tokens_into_fewer_chunks(tiny_model_dir, tmp_pat
     if interval:
         assert len(pieces) <= 3 < n  # first token, then the rest held until the end
     else:
-        assert len(pieces) >= n - 4  # about one chunk per token (a UTF-8 character may span tokens)
+        # about one chunk per token; fewer only when the client falls behind and queued tokens merge (a loaded
+        # 2-core CI machine), never as few as a long interval gives
+        assert len(pieces) > 3 and len(pieces) <= n
