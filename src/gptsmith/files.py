@@ -66,6 +66,38 @@ def replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Non
         shutil.rmtree(old)
 
 
+def swap_in_files(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
+    """Move the files of a fully written `tmp_dir` (a model or adapter save) into `final_dir`.
+
+    A new directory is one atomic rename. An existing one keeps everything else that lives in it (checkpoints/,
+    logs, plots) where it is, since a resume must find them at every instant, and gets the new files one by one,
+    weights first, each with an atomic rename; weight files of an earlier save that this one does not write
+    (other shard counts) are removed.
+    """
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    if not final_dir.exists():
+        os.replace(tmp_dir, final_dir)
+        return
+    for stale in final_dir.glob("*.safetensors*"):
+        if not (tmp_dir / stale.name).exists():
+            stale.unlink()
+    for f in sorted(tmp_dir.iterdir(), key=lambda p: (".safetensors" not in p.name, p.name)):
+        os.replace(f, final_dir / f.name)
+    tmp_dir.rmdir()
+
+
+def write_dir(final_dir: str | os.PathLike, write) -> Path:
+    """`write(tmp)` fills a temp dir beside `final_dir`, whose files are then swapped in (swap_in_files)."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    swap_in_files(tmp, final_dir)
+    return final_dir
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -142,39 +142,23 @@ def default_generation_config(tokenizer) -> GenerationConfig:
 
 def save_model_dir(model, tokenizer, out_dir: str | os.PathLike, lineage: dict | None = None,
                    generation_config: GenerationConfig | None = None) -> Path:
-    """Write a standard Hugging Face model directory, atomically (temp dir, then rename).
+    """Write a standard Hugging Face model directory: a temp dir, then swapped in (files.write_dir).
 
     `lineage` (parent model, data, config, metrics) goes to gptsmith_lineage.json beside the weights.
     """
-    from gptsmith.files import atomic_write_json
+    from gptsmith.files import atomic_write_json, write_dir
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     model.generation_config = generation_config or default_generation_config(tokenizer)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if lineage is not None:
-        atomic_write_json(tmp / LINEAGE_FILENAME, lineage)
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)  # the common case: one atomic rename
-        return out_dir
-    # Overwriting a directory that also holds checkpoints/, logs and plots: those stay where they are (a resume
-    # must find them at every instant), and the model files are swapped in one by one, weights first, each
-    # atomically. Weight shards of an earlier save that this one does not write are removed.
-    new = sorted(tmp.iterdir(), key=lambda p: (not p.name.startswith("model"), p.name))
-    for stale in out_dir.glob("model*.safetensors*"):
-        if not (tmp / stale.name).exists():
-            stale.unlink()
-    for f in new:
-        os.replace(f, out_dir / f.name)
-    tmp.rmdir()
-    return out_dir
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if lineage is not None:
+            atomic_write_json(tmp / LINEAGE_FILENAME, lineage)
+
+    return write_dir(out_dir, write)
 
 
 def read_lineage(model_dir: str | os.PathLike) -> dict:

@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 from gptsmith.config import ProjectConfig, save_config
 from gptsmith.data.chat_formats import CHATTERBOT, Messages, conversation_hash, load_chat_data, split_conversations
 from gptsmith.errors import InputError
-from gptsmith.files import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file
+from gptsmith.files import atomic_write_bytes, atomic_write_json, sha256_file, write_dir
 from gptsmith.model import LINEAGE_FILENAME, default_generation_config, read_lineage, save_model_dir
 from gptsmith.tokenizer import ASSISTANT, CHAT_TEMPLATE, END_OF_TURN, PAD, SYSTEM, USER
 
@@ -365,20 +365,6 @@ def save_loss_plot(log_history: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _write_dir_atomic(out: Path, write) -> None:
-    """`write(tmp)` fills a temp dir that then replaces `out`, keeping what lives beside the weights
-    (checkpoints/, runs/, plots, config) from the old `out`."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if out.exists():
-        for child in out.iterdir():
-            if not (tmp / child.name).exists() and not child.name.endswith(".safetensors"):
-                os.replace(child, tmp / child.name)
-    replace_dir(tmp, out)
-
-
 def _generation_config(model, tokenizer, model_id: str):
     """Keep the parent's generation settings (a foreign model's stop tokens), making sure the eos we trained stops it."""
     has_own = Path(model_id, "generation_config.json").is_file() or not Path(model_id).exists()
@@ -463,7 +449,7 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / LINEAGE_FILENAME, lineage)
-        _write_dir_atomic(out, write)
+        write_dir(out, write)
     else:
         save_model_dir(trainer.model, tokenizer, out, lineage=lineage,
                        generation_config=_generation_config(trainer.model, tokenizer, model_id))
