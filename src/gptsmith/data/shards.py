@@ -130,20 +130,3 @@ def tokenize_split(jsonl: Path, out_dir: Path, split: str, tokenizer_json: Path,
             f.close()
         bar.close()
     return {"files": files, "tokens": tokens, "documents": docs, "bytes": nbytes}
-
-
-def read_manifest(workdir: str | os.PathLike) -> dict:
-    path = Path(workdir) / "tokens" / "manifest.json"
-    with open(path, encoding="utf-8") as fh:
-        manifest = json.load(fh)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}; expected {FORMAT}")
-    return manifest
-
-
-def load_split(workdir: str | os.PathLike, split: str) -> list[np.memmap]:
-    """Memory-map every shard of a split (what `gptsmith pretrain` reads)."""
-    manifest = read_manifest(workdir)
-    dtype = np.dtype(manifest["dtype"])
-    return [np.memmap(Path(workdir) / "tokens" / name, dtype=dtype, mode="r")
-            for name in manifest["splits"][split]["files"]]
