@@ -15,15 +15,16 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from gptsmith.config import ProjectConfig, save_config
-from gptsmith.data.clean import clean_text, digest, split_long, split_score
+from gptsmith.data.clean import SPLIT_PIECE_CHARS, SeenDigests, assign_split, clean_text, digest, split_long, split_pieces
 from gptsmith.data.readers import ReadContext, read_source, resolve_inputs
 from gptsmith.errors import InputError
-from gptsmith.files import atomic_write_json, read_json, replace_dir
+from gptsmith.files import atomic_write_json, iter_lines, read_json, replace_dir
 
 SPLITS = ("train", "val")
 
@@ -40,14 +41,17 @@ def _tmp_dir(final: Path) -> Path:
 
 def iter_texts(jsonl: str | os.PathLike) -> Iterator[str]:
     """The texts of a cleaned split, streamed."""
-    with open(jsonl, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
+    for _, line in iter_lines(jsonl):
+        if line.strip():
+            yield json.loads(line)["text"]
 
 
 def _fmt(counts: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items() if v) or "none"
+
+
+def _fmt_files(counts: dict) -> str:
+    return ", ".join(f"{n:,} ({reason})" for reason, n in sorted(counts.items())) or "none"
 
 
 def _empty_corpus(read: int, dropped: Counter, skipped: Counter, cfg: ProjectConfig) -> InputError:
@@ -63,18 +67,51 @@ def _empty_corpus(read: int, dropped: Counter, skipped: Counter, cfg: ProjectCon
                       + (f": {'; '.join(why)}" if why else " (the inputs hold no text)"))
 
 
+@dataclass
+class _Closest:
+    """The train piece the hash ranks closest to validation, moved there if validation would be empty."""
+    score: float
+    line: str  # the train.jsonl line that holds it
+    pieces: list[str]  # that line's pieces
+    index: int
+    source: str
+
+
+def _runs(pieces: list[str], val_fraction: float, seed: int) -> list[tuple[str, list[str], list[float]]]:
+    """Each piece's split by its own content hash; neighbours on the same side stay joined as one document."""
+    runs: list[tuple[str, list[str], list[float]]] = []
+    for piece in pieces:
+        split, score = assign_split(digest(piece), val_fraction, seed)
+        if runs and runs[-1][0] == split:
+            runs[-1][1].append(piece)
+            runs[-1][2].append(score)
+        else:
+            runs.append((split, [piece], [score]))
+    return runs
+
+
+def _joined(pieces: list[str]) -> str:
+    return "".join(pieces).lstrip("\n").rstrip()
+
+
+def _line(text: str, source: str) -> str:
+    return json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+
+
 def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict:
-    """Read, clean, filter, de-duplicate and split `inputs` into OUT/clean/{train,val}.jsonl."""
+    """Read, clean, filter, de-duplicate and split `inputs` into OUT/clean/{train,val}.jsonl.
+    A document longer than SPLIT_PIECE_CHARS is split piece by piece, so one long text still gets validation."""
     d = cfg.data
     out = Path(out)
-    sources = resolve_inputs(inputs)
+    ignored: Counter = Counter()
+    sources = resolve_inputs(inputs, ignored)
     ctx = ReadContext(text_field=d.text_field, on_error=d.on_error, hub_split=d.hub_split, hub_config=d.hub_config)
     final = out / "clean"
     tmp = _tmp_dir(final)
-    seen: set[bytes] = set()
-    read, dropped = 0, Counter(too_short=0, duplicate=0)
+    seen = SeenDigests()
+    read, cut, dropped = 0, 0, Counter(too_short=0, duplicate=0)
     docs, nbytes = Counter(train=0, val=0), Counter(train=0, val=0)
-    lowest_train: tuple[float, str, int] | None = None  # moved to val if val ends up empty
+    closest: _Closest | None = None
     try:
         with open(tmp / "train.jsonl", "w", encoding="utf-8") as ftrain, \
                 open(tmp / "val.jsonl", "w", encoding="utf-8") as fval, \
@@ -92,36 +129,39 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
                         if len(text) < d.min_chars:
                             dropped["too_short"] += 1
                             continue
-                        key = digest(text)
-                        if d.dedup:
-                            if key in seen:
-                                dropped["duplicate"] += 1
-                                continue
-                            seen.add(key)
-                        score = split_score(key, d.seed)
-                        split = "val" if score < d.val_fraction else "train"
-                        line = json.dumps({"text": text, "source": src.path}, ensure_ascii=False) + "\n"
-                        (fval if split == "val" else ftrain).write(line)
-                        size = len(text.encode("utf-8"))
-                        docs[split] += 1
-                        nbytes[split] += size
+                        if d.dedup and not seen.add(digest(text)):
+                            dropped["duplicate"] += 1
+                            continue
                         src.documents += 1
-                        if split == "train" and (lowest_train is None or score < lowest_train[0]):
-                            lowest_train = (score, line, size)
+                        pieces = split_pieces(text)
+                        cut += len(pieces) > 1
+                        for split, run, scores in _runs(pieces, d.val_fraction, d.seed):
+                            joined = _joined(run)
+                            line = _line(joined, src.path)
+                            (fval if split == "val" else ftrain).write(line)
+                            docs[split] += 1
+                            nbytes[split] += len(joined.encode("utf-8"))
+                            low = min(range(len(scores)), key=scores.__getitem__)
+                            if split == "train" and (closest is None or scores[low] < closest.score):
+                                closest = _Closest(scores[low], line, run, low, src.path)
         if docs["train"] + docs["val"] == 0:
             raise _empty_corpus(read, dropped, ctx.skipped, cfg)
-        if docs["val"] == 0 and docs["train"] >= 2:
-            # Validation must never be empty; move the train document the hash ranks closest to val, which
-            # is as order-independent as the split itself.
-            _move_line(tmp / "train.jsonl", tmp / "val.jsonl", lowest_train[1])
-            docs.update(train=-1, val=1)
-            nbytes.update(train=-lowest_train[2], val=lowest_train[2])
+        if docs["val"] == 0 and (docs["train"] >= 2 or len(closest.pieces) >= 2):
+            # Validation must never be empty: move the train piece the hash ranks closest to val, which is as
+            # order-independent as the split itself.
+            kept, moved = _move_piece(tmp / "train.jsonl", tmp / "val.jsonl", closest)
+            docs.update(train=len(kept) - 1, val=1)
+            size = len(moved.encode("utf-8"))
+            nbytes.update(val=size, train=-size - len(_joined(closest.pieces).encode("utf-8"))
+                          + sum(len(t.encode("utf-8")) for t in kept))
         report = {
             "inputs": [str(i) for i in inputs],
             "documents": {"read": read, "kept": docs["train"] + docs["val"], **docs},
             "bytes": dict(nbytes),
             "dropped": dict(dropped),
             "skipped": dict(ctx.skipped),
+            "ignored_files": dict(ignored),
+            "split": {"piece_chars": SPLIT_PIECE_CHARS, "documents_split_in_pieces": cut},
             "sources": [s.record() for s in sources],
             "config": d.model_dump(mode="json"),
         }
@@ -132,22 +172,33 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
     save_config(cfg, out)
     print(f"clean: read {read:,} documents, kept {report['documents']['kept']:,} "
           f"(train {docs['train']:,}, val {docs['val']:,}); dropped: {_fmt(dropped)}; "
-          f"skipped: {_fmt(ctx.skipped)} -> {final}")
+          f"skipped: {_fmt(ctx.skipped)}; files not read: {_fmt_files(ignored)} -> {final}")
+    if cut:
+        print(f"clean: {cut:,} document(s) longer than {SPLIT_PIECE_CHARS:,} characters were split into train and "
+              f"validation by pieces of about that size (at paragraph or line breaks)")
     return report
 
 
-def _move_line(src: Path, dst: Path, line: str) -> None:
-    kept = src.with_suffix(".jsonl.tmp")
-    moved = False
-    with open(src, encoding="utf-8") as fin, open(kept, "w", encoding="utf-8") as fout:
+def _move_piece(train: Path, val: Path, closest: _Closest) -> tuple[list[str], str]:
+    """Move `closest`'s piece from train to val; the train line that held it becomes the text before and the text
+    after the piece (as two documents, either left out when empty). Returns (those train texts, the moved text)."""
+    i = closest.index
+    kept = [t for t in (_joined(closest.pieces[:i]), _joined(closest.pieces[i + 1:])) if t]
+    moved = _joined([closest.pieces[i]])
+    rewritten = train.with_suffix(".jsonl.tmp")
+    done = False
+    with open(train, encoding="utf-8", newline="\n") as fin, \
+            open(rewritten, "w", encoding="utf-8", newline="\n") as fout:
         for cur in fin:
-            if not moved and cur == line:
-                moved = True
+            if not done and cur == closest.line:
+                done = True
+                fout.writelines(_line(t, closest.source) for t in kept)
                 continue
             fout.write(cur)
-    os.replace(kept, src)
-    with open(dst, "a", encoding="utf-8") as f:
-        f.write(line)
+    os.replace(rewritten, train)
+    with open(val, "a", encoding="utf-8") as f:
+        f.write(_line(moved, closest.source))
+    return kept, moved
 
 
 def _require(path: Path, what: str, fix: str) -> Path:
@@ -216,6 +267,7 @@ def tokenize(workdir: str | os.PathLike, cfg: ProjectConfig, tokenizer_dir: str 
             "bytes_per_token": round(sum(s["bytes"] for s in splits.values()) / max(tokens, 1), 4),
             "dropped": report["dropped"],
             "skipped": report["skipped"],
+            "ignored_files": report.get("ignored_files", {}),
             "sources": report["sources"],
         }
         atomic_write_json(tmp / "manifest.json", manifest)
@@ -241,6 +293,7 @@ def prepare(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> di
           f"val {sp['val']['documents']:,}), read {report['documents']['read']:,}\n"
           f"  dropped    {_fmt(report['dropped'])}\n"
           f"  skipped    {_fmt(report['skipped'])}\n"
+          f"  not read   {_fmt_files(report['ignored_files'])} (files in the input folders/globs)\n"
           f"  tokens     train {sp['train']['tokens']:,}, val {sp['val']['tokens']:,} "
           f"({manifest['dtype']}, vocab {manifest['vocab_size']:,})\n"
           f"  compression {manifest['bytes_per_token']:.2f} bytes per token\n"
