@@ -433,6 +433,24 @@ def test_sse_lines_end_only_at_newline():
     assert asyncio.run(collect()) == ['data: {"t": "a\u2028b\u0085c"}', "", "data: [DONE]"]
 
 
+def test_external_backend_stream_keeps_line_separators_in_tokens():
+    import asyncio
+
+    import httpx
+
+    from gptsmith.serve.backends import ExternalBackend
+
+    events = [{"choices": [{"delta": {"content": "one\u2028two"}}]},
+              {"choices": [{"delta": {"content": "\u0085three"}, "finish_reason": "stop"}]}]
+    body = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events) + "data: [DONE]\n\n"
+    resp = httpx.Response(200, content=body.encode("utf-8"))
+
+    async def collect():
+        return [c.text async for c in ExternalBackend._events(resp) if c.text]
+
+    assert "".join(asyncio.run(collect())) == "one\u2028two\u0085three"
+
+
 # ----------------------------------------------------------------------------------------------- files not read
 
 def test_empty_input_file_error_names_the_file(tmp_path):

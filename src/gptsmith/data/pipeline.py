@@ -151,9 +151,8 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
             # order-independent as the split itself.
             kept, moved = _move_piece(tmp / "train.jsonl", tmp / "val.jsonl", closest)
             docs.update(train=len(kept) - 1, val=1)
-            size = len(moved.encode("utf-8"))
-            nbytes.update(val=size, train=-size - len(_joined(closest.pieces).encode("utf-8"))
-                          + sum(len(t.encode("utf-8")) for t in kept))
+            nbytes.update(val=len(moved.encode("utf-8")), train=sum(len(t.encode("utf-8")) for t in kept)
+                          - len(_joined(closest.pieces).encode("utf-8")))
         report = {
             "inputs": [str(i) for i in inputs],
             "documents": {"read": read, "kept": docs["train"] + docs["val"], **docs},
