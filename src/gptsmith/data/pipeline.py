@@ -21,7 +21,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gptsmith.config import ProjectConfig, save_config
-from gptsmith.data.clean import SPLIT_PIECE_CHARS, SeenDigests, assign_split, clean_text, digest, split_long, split_pieces
+from gptsmith.data.clean import (
+    SPLIT_PIECE_CHARS, SeenDigests, assign_split, clean_text, digest, split_long, split_pieces,
+)
 from gptsmith.data.readers import ReadContext, read_source, resolve_inputs
 from gptsmith.errors import InputError
 from gptsmith.files import atomic_write_json, iter_lines, read_json, replace_dir

@@ -1,8 +1,9 @@
 """Turn the user's inputs (files, folders, globs, dataset ids, `python-docs`) into a stream of documents.
 
 Every reader is a generator that holds at most one line, one row batch, one array record or one document in
-memory, so a corpus larger than RAM streams through (a `.json` array is parsed incrementally with ijson). Bad input raises `InputError` naming the file and line; with
-`on_error="skip"` the reader counts the problem in `skipped` (by reason) and goes on.
+memory, so a corpus larger than RAM streams through (a `.json` array is parsed incrementally with ijson). Bad
+input raises `InputError` naming the file and line; with `on_error="skip"` the reader counts the problem in
+`skipped` (by reason) and goes on. An empty file, or one with no records, is bad input too ("empty").
 
 How an input is recognised, in this order:
   python-docs            the embedded corpus (Python's own documentation)
