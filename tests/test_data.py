@@ -368,7 +368,7 @@ def test_json_array_is_read_record_by_record(tmp_path):
     records = read_source(src, ReadContext())
     assert next(records) == "first record"  # out before the parser has reached the broken tail
     assert next(records) == "second record"
-    with pytest.raises(InputError, match=r"x\.json: item \[2\]: not valid JSON .*records before it were read"):
+    with pytest.raises(InputError, match=r"x\.json: item \[2\]: not valid JSON .*the 2 records before it were read"):
         next(records)
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": doc(i)} for i in range(3)])
     path.write_text(json.dumps([{"text": doc(10)}, {"text": doc(11)}, {"text": doc(10)}])[:-1] + ", {\"te",
@@ -485,5 +485,5 @@ def test_files_not_read_in_a_folder_are_counted_with_the_reason(tmp_path, capsys
     only_other = tmp_path / "other"
     only_other.mkdir()
     (only_other / "c.xyz").write_text("x")
-    with pytest.raises(InputError, match=r"folder has no .* files \(ignored: 1 unsupported extension \.xyz\)"):
+    with pytest.raises(InputError, match=r"folder has no .* files; not read: 1 \(unsupported extension \.xyz\)"):
         clean([str(only_other)], tmp_path / "w", cfg_for())

@@ -24,7 +24,7 @@ from gptsmith.config import ProjectConfig, save_config
 from gptsmith.data.clean import (
     SPLIT_PIECE_CHARS, SeenDigests, assign_split, clean_text, digest, split_long, split_pieces,
 )
-from gptsmith.data.readers import ReadContext, read_source, resolve_inputs
+from gptsmith.data.readers import ReadContext, describe_ignored, read_source, resolve_inputs
 from gptsmith.errors import InputError
 from gptsmith.files import atomic_write_json, iter_lines, read_json, replace_dir
 
@@ -50,10 +50,6 @@ def iter_texts(jsonl: str | os.PathLike) -> Iterator[str]:
 
 def _fmt(counts: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items() if v) or "none"
-
-
-def _fmt_files(counts: dict) -> str:
-    return ", ".join(f"{n:,} ({reason})" for reason, n in sorted(counts.items())) or "none"
 
 
 def _empty_corpus(read: int, dropped: Counter, skipped: Counter, cfg: ProjectConfig) -> InputError:
@@ -173,7 +169,7 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
     save_config(cfg, out)
     print(f"clean: read {read:,} documents, kept {report['documents']['kept']:,} "
           f"(train {docs['train']:,}, val {docs['val']:,}); dropped: {_fmt(dropped)}; "
-          f"skipped: {_fmt(ctx.skipped)}; files not read: {_fmt_files(ignored)} -> {final}")
+          f"skipped: {_fmt(ctx.skipped)}; files not read: {describe_ignored(ignored)} -> {final}")
     if cut:
         print(f"clean: {cut:,} document(s) longer than {SPLIT_PIECE_CHARS:,} characters were split into train and "
               f"validation by pieces of about that size (at paragraph or line breaks)")
@@ -294,7 +290,7 @@ def prepare(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> di
           f"val {sp['val']['documents']:,}), read {report['documents']['read']:,}\n"
           f"  dropped    {_fmt(report['dropped'])}\n"
           f"  skipped    {_fmt(report['skipped'])}\n"
-          f"  not read   {_fmt_files(report['ignored_files'])} (files in the input folders/globs)\n"
+          f"  not read   {describe_ignored(report['ignored_files'])} (files in the input folders/globs)\n"
           f"  tokens     train {sp['train']['tokens']:,}, val {sp['val']['tokens']:,} "
           f"({manifest['dtype']}, vocab {manifest['vocab_size']:,})\n"
           f"  compression {manifest['bytes_per_token']:.2f} bytes per token\n"

@@ -10,9 +10,9 @@ How an input is recognised, in this order:
   hub:NAME               a Hugging Face dataset id, or a local dataset dir/file loaded by `datasets.load_dataset`
   an existing path       a file, or a folder read recursively
   a glob (* ? [)         the files it matches (** = any depth)
+  owner/name             not an existing path and shaped like a dataset id: a Hugging Face dataset
 Files in a folder or glob that are not read (another extension, a hidden path) are counted by reason in
 `ignored`, which the cleaning report shows.
-  owner/name             not an existing path and shaped like a dataset id: a Hugging Face dataset
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def resolve_inputs(inputs: list[str], ignored: Counter | None = None) -> list[So
             found = _supported(path.rglob("*"), path, ignored)
             if not found:
                 raise InputError(f"{text}: folder has no {'/'.join(EXTENSIONS)} files"
-                                 + (f" (ignored: {_counts(ignored - before)})" if ignored - before else ""))
+                                 + (f"; not read: {describe_ignored(ignored - before)}" if ignored - before else ""))
             files.update((p.resolve(), p) for p in found)
         elif any(c in text for c in "*?["):
             found = _supported((Path(p) for p in glob.glob(text, recursive=True)), None, ignored)
@@ -129,8 +129,9 @@ def resolve_inputs(inputs: list[str], ignored: Counter | None = None) -> list[So
     return [Source("file", str(files[k])) for k in sorted(files)] + others
 
 
-def _counts(counter: Counter) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(counter.items()))
+def describe_ignored(counts: dict) -> str:
+    """'1 (hidden path), 2 (unsupported extension .xyz)' for the counts `resolve_inputs` puts in `ignored`."""
+    return ", ".join(f"{n:,} ({reason})" for reason, n in sorted(counts.items())) or "none"
 
 
 def read_source(src: Source, ctx: ReadContext) -> Iterator[str]:
@@ -276,11 +277,14 @@ def iter_json_records(path: str | Path, ctx: ReadContext) -> Iterator[tuple[int,
             problem = str(e).split("\n", 1)[0]
         except UnicodeDecodeError:
             problem = "invalid bytes in UTF8 string"
-    where = f"{path}: item [{n}]" if is_array else str(path)
     if "UTF8" in problem:
-        ctx.bad("invalid_utf8", where, "not valid UTF-8; re-save the file as UTF-8")
+        reason, message = "invalid_utf8", "not valid UTF-8; re-save the file as UTF-8"
     else:
-        ctx.bad("bad_json", where, f"not valid JSON ({problem.strip()}); records before it were read")
+        reason, message = "bad_json", f"not valid JSON ({problem.strip()})"
+    if is_array:
+        ctx.bad(reason, f"{path}: item [{n}]", message + (f"; the {n:,} records before it were read" if n else ""))
+    else:
+        ctx.bad(reason, str(path), message)
 
 
 class _Utf8Lines:
