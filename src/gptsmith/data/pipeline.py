@@ -96,6 +96,47 @@ def _line(text: str, source: str) -> str:
     return json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
 
 
+class _SplitWriter:
+    """Writes kept documents to DIR/{train,val}.jsonl by the content-hash split, piece by piece for long ones,
+    counting documents and bytes per split."""
+
+    def __init__(self, out_dir: Path, val_fraction: float, seed: int):
+        self.out_dir, self.val_fraction, self.seed = out_dir, val_fraction, seed
+        self.files = {split: open(out_dir / f"{split}.jsonl", "w", encoding="utf-8", newline="\n")
+                      for split in SPLITS}
+        self.docs, self.bytes = Counter(train=0, val=0), Counter(train=0, val=0)
+        self.cut = 0  # documents split into pieces
+        self.closest: _Closest | None = None
+
+    def write(self, text: str, source: str) -> None:
+        pieces = split_pieces(text)
+        self.cut += len(pieces) > 1
+        for split, run, scores in _runs(pieces, self.val_fraction, self.seed):
+            joined = _joined(run)
+            line = _line(joined, source)
+            self.files[split].write(line)
+            self.docs[split] += 1
+            self.bytes[split] += len(joined.encode("utf-8"))
+            low = min(range(len(scores)), key=scores.__getitem__)
+            if split == "train" and (self.closest is None or scores[low] < self.closest.score):
+                self.closest = _Closest(scores[low], line, run, low, source)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def ensure_validation(self) -> None:
+        """Validation must never be empty: move the train piece the hash ranks closest to val, which is as
+        order-independent as the split itself (when there are two documents or pieces to choose from)."""
+        c = self.closest
+        if self.docs["val"] or c is None or (self.docs["train"] < 2 and len(c.pieces) < 2):
+            return
+        kept, moved = _move_piece(self.out_dir / "train.jsonl", self.out_dir / "val.jsonl", c)
+        self.docs.update(train=len(kept) - 1, val=1)
+        self.bytes.update(val=len(moved.encode("utf-8")), train=sum(len(t.encode("utf-8")) for t in kept)
+                          - len(_joined(c.pieces).encode("utf-8")))
+
+
 def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict:
     """Read, clean, filter, de-duplicate and split `inputs` into OUT/clean/{train,val}.jsonl.
     A document longer than SPLIT_PIECE_CHARS is split piece by piece, so one long text still gets validation."""
@@ -107,13 +148,11 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
     final = out / "clean"
     tmp = _tmp_dir(final)
     seen = SeenDigests()
-    read, cut, dropped = 0, 0, Counter(too_short=0, duplicate=0)
-    docs, nbytes = Counter(train=0, val=0), Counter(train=0, val=0)
-    closest: _Closest | None = None
+    read, dropped = 0, Counter(too_short=0, duplicate=0)
+    splits = _SplitWriter(tmp, d.val_fraction, d.seed)
+    docs = splits.docs
     try:
-        with open(tmp / "train.jsonl", "w", encoding="utf-8") as ftrain, \
-                open(tmp / "val.jsonl", "w", encoding="utf-8") as fval, \
-                tqdm(desc="reading", unit="char", unit_scale=True, mininterval=0.5, dynamic_ncols=True) as bar:
+        with tqdm(desc="reading", unit="char", unit_scale=True, mininterval=0.5, dynamic_ncols=True) as bar:
             for src in sources:
                 if d.max_documents and docs.total() >= d.max_documents:
                     break
@@ -126,53 +165,38 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
                     for text in split_long(clean_text(raw), d.max_chars):
                         if len(text) < d.min_chars:
                             dropped["too_short"] += 1
-                            continue
-                        if d.dedup and not seen.add(digest(text)):
+                        elif d.dedup and not seen.add(digest(text)):
                             dropped["duplicate"] += 1
-                            continue
-                        src.documents += 1
-                        pieces = split_pieces(text)
-                        cut += len(pieces) > 1
-                        for split, run, scores in _runs(pieces, d.val_fraction, d.seed):
-                            joined = _joined(run)
-                            line = _line(joined, src.path)
-                            (fval if split == "val" else ftrain).write(line)
-                            docs[split] += 1
-                            nbytes[split] += len(joined.encode("utf-8"))
-                            low = min(range(len(scores)), key=scores.__getitem__)
-                            if split == "train" and (closest is None or scores[low] < closest.score):
-                                closest = _Closest(scores[low], line, run, low, src.path)
-        if docs["train"] + docs["val"] == 0:
+                        else:
+                            src.documents += 1
+                            splits.write(text, src.path)
+        splits.close()
+        if docs.total() == 0:
             raise _empty_corpus(read, dropped, ctx.skipped, cfg)
-        if docs["val"] == 0 and (docs["train"] >= 2 or len(closest.pieces) >= 2):
-            # Validation must never be empty: move the train piece the hash ranks closest to val, which is as
-            # order-independent as the split itself.
-            kept, moved = _move_piece(tmp / "train.jsonl", tmp / "val.jsonl", closest)
-            docs.update(train=len(kept) - 1, val=1)
-            nbytes.update(val=len(moved.encode("utf-8")), train=sum(len(t.encode("utf-8")) for t in kept)
-                          - len(_joined(closest.pieces).encode("utf-8")))
+        splits.ensure_validation()
         report = {
             "inputs": [str(i) for i in inputs],
-            "documents": {"read": read, "kept": docs["train"] + docs["val"], **docs},
-            "bytes": dict(nbytes),
+            "documents": {"read": read, "kept": docs.total(), **docs},
+            "bytes": dict(splits.bytes),
             "dropped": dict(dropped),
             "skipped": dict(ctx.skipped),
             "ignored_files": dict(ignored),
-            "split": {"piece_chars": SPLIT_PIECE_CHARS, "documents_split_in_pieces": cut},
+            "split": {"piece_chars": SPLIT_PIECE_CHARS, "documents_split_in_pieces": splits.cut},
             "sources": [s.record() for s in sources],
             "config": d.model_dump(mode="json"),
         }
         atomic_write_json(tmp / "report.json", report)
         replace_dir(tmp, final)
     finally:
+        splits.close()
         shutil.rmtree(tmp, ignore_errors=True)
     save_config(cfg, out)
-    print(f"clean: read {read:,} documents, kept {report['documents']['kept']:,} "
-          f"(train {docs['train']:,}, val {docs['val']:,}); dropped: {_fmt(dropped)}; "
-          f"skipped: {_fmt(ctx.skipped)}; files not read: {describe_ignored(ignored)} -> {final}")
-    if cut:
-        print(f"clean: {cut:,} document(s) longer than {SPLIT_PIECE_CHARS:,} characters were split into train and "
-              f"validation by pieces of about that size (at paragraph or line breaks)")
+    print(f"clean: read {read:,} documents, kept {docs.total():,} (train {docs['train']:,}, val {docs['val']:,}); "
+          f"dropped: {_fmt(dropped)}; skipped: {_fmt(ctx.skipped)}; files not read: {describe_ignored(ignored)} "
+          f"-> {final}")
+    if splits.cut:
+        print(f"clean: {splits.cut:,} document(s) longer than {SPLIT_PIECE_CHARS:,} characters were split into train "
+              f"and validation by pieces of about that size (at paragraph or line breaks)")
     return report
 
 
@@ -193,7 +217,7 @@ def _move_piece(train: Path, val: Path, closest: _Closest) -> tuple[list[str], s
                 continue
             fout.write(cur)
     os.replace(rewritten, train)
-    with open(val, "a", encoding="utf-8") as f:
+    with open(val, "a", encoding="utf-8", newline="\n") as f:
         f.write(_line(moved, closest.source))
     return kept, moved
 
