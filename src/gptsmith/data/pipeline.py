@@ -314,7 +314,7 @@ def prepare(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> di
           f"val {sp['val']['documents']:,}), read {report['documents']['read']:,}\n"
           f"  dropped    {_fmt(report['dropped'])}\n"
           f"  skipped    {_fmt(report['skipped'])}\n"
-          f"  not read   {describe_ignored(report['ignored_files'])} (files in the input folders/globs)\n"
+          f"  not read   {describe_ignored(report['ignored_files'])}\n"
           f"  tokens     train {sp['train']['tokens']:,}, val {sp['val']['tokens']:,} "
           f"({manifest['dtype']}, vocab {manifest['vocab_size']:,})\n"
           f"  compression {manifest['bytes_per_token']:.2f} bytes per token\n"

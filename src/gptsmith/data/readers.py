@@ -157,7 +157,7 @@ def read_source(src: Source, ctx: ReadContext) -> Iterator[str]:
             ctx.bad("unreadable", src.path, f"cannot read file ({e.strerror or e})")
             return
         if size == 0:
-            ctx.bad("empty", src.path, "the file is empty; remove it from the inputs")
+            ctx.bad("empty", src.path, "the file is empty")
             return
         reader = {".txt": _read_text, ".md": _read_text, ".jsonl": _read_jsonl, ".json": _read_json,
                   ".csv": _read_csv, ".parquet": _read_parquet}[Path(src.path).suffix.lower()]
@@ -170,8 +170,7 @@ def read_source(src: Source, ctx: ReadContext) -> Iterator[str]:
             ctx.bad("unreadable", src.path, f"cannot read file ({e.strerror or e})")
             return
         if texts == 0 and ctx.skipped.total() == problems_before:
-            ctx.bad("empty", src.path, "the file holds no records (only blank lines, an empty list or a header); "
-                                       "remove it from the inputs")
+            ctx.bad("empty", src.path, "the file holds no records (only blank lines, an empty list or a header)")
 
 
 def _utf8_error(path: str, err: UnicodeDecodeError, line_offset: int = 0) -> tuple[str, str]:
