@@ -157,3 +157,32 @@ def test_cli_data_convert(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
     assert main(["data", "convert", str(bad), str(tmp_path / "o.jsonl")]) == 2
     assert f"{bad}:1: invalid JSON" in capsys.readouterr().err
+
+
+def test_line_separators_inside_content_are_text_not_line_ends(tmp_path):
+    # feedback export and `data convert` write JSON with ensure_ascii=False: U+2028, U+2029 and U+0085 stay raw
+    odd = [{"role": "user", "content": "first\u2028second\u0085third\u2029fourth"},
+           {"role": "assistant", "content": "ok\u2028done \x1c"}]
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in [{"messages": odd}, {"messages": CONV}]
+                             ).encode("utf-8") + b"{broken\n")
+    with pytest.raises(InputError, match=rf"{path}:3: invalid JSON"):
+        load_conversations(path)
+    res = load_conversations(path, on_error="skip")
+    assert res.conversations == [odd, CONV] and res.skipped == 1
+    # and through `data convert` (which writes raw U+2028 again) and back
+    out = tmp_path / "share.jsonl"
+    convert(path, out, "sharegpt", on_error="skip")
+    assert "\u2028" in out.read_text(encoding="utf-8")
+    assert load_conversations(out).conversations == [odd, CONV]
+
+
+def test_json_list_is_streamed_and_a_broken_record_is_named(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps([{"messages": CONV}, {"messages": CONV[1:3]}])[:-1] + ', {"messages": [oops]}]')
+    with pytest.raises(InputError, match=rf"{path}: item \[2\]: not valid JSON.*one list of records"):
+        load_conversations(path)
+    obj = tmp_path / "obj.json"
+    obj.write_text(json.dumps({"messages": CONV}))
+    with pytest.raises(InputError, match="must hold a list of records"):
+        load_conversations(obj)

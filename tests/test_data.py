@@ -268,3 +268,222 @@ def test_max_documents_takes_a_sample_and_stops_reading(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"text": doc(100 + i)} for i in range(50)])
     report = clean([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], tmp_path / "w", cfg_for(max_documents=30))
     assert report["documents"]["kept"] == 30 and report["documents"]["read"] == 30
+
+
+# ----------------------------------------------------------------------------------------------- one long text
+
+def long_text(paragraphs: int = 120) -> str:
+    """~30 KB of prose in paragraphs of a few lines, like a book saved as one .txt file."""
+    words = "the king and his daughter walked by the river while the night came over the hills".split()
+    paras = []
+    for p in range(paragraphs):
+        lines = [" ".join(words[(p + k + j) % len(words)] for j in range(8 + (p + k) % 5)).capitalize() + "."
+                 for k in range(3)]
+        paras.append(f"Part {p}.\n" + "\n".join(lines))
+    return "\n\n".join(paras)
+
+
+def nonblank_lines(texts: list[str]) -> list[str]:
+    return sorted(line for t in texts for line in t.split("\n") if line)
+
+
+def test_one_big_text_file_gets_a_validation_split(tmp_path, capsys):
+    text = long_text()
+    assert 20_000 < len(text) < 50_000
+    book = tmp_path / "book.txt"
+    book.write_text(text, encoding="utf-8")
+    work = tmp_path / "w"
+    assert main(["prepare", str(book), "--out", str(work), "--vocab-size", "300", "--data.num_workers", "1"]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((work / "tokens" / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["documents"] >= 1 and manifest["splits"]["val"]["tokens"] > 256
+    assert manifest["splits"]["train"]["tokens"] > manifest["splits"]["val"]["tokens"]
+    report = json.loads((work / "clean" / "report.json").read_text())
+    assert report["split"] == {"piece_chars": 4096, "documents_split_in_pieces": 1}
+    assert "1 document(s) longer than 4,096 characters were split" in out
+    # nothing is lost or repeated: every line of the book is in exactly one split, pieces end at paragraph breaks
+    pieces = [d["text"] for split in ("train", "val") for d in lines(work / "clean" / f"{split}.jsonl")]
+    assert nonblank_lines(pieces) == nonblank_lines([text])
+    assert all(p.startswith("Part ") and p.endswith(".") for p in pieces)
+    assert report["bytes"]["train"] + report["bytes"]["val"] == sum(len(p.encode()) for p in pieces)
+
+
+def test_validation_piece_is_taken_from_the_middle_when_no_piece_hashes_into_it(tmp_path):
+    text = long_text()
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    report = clean([str(tmp_path / "book.txt")], tmp_path / "w", cfg_for(val_fraction=0.0))
+    val = [d["text"] for d in lines(tmp_path / "w/clean/val.jsonl")]
+    train = [d["text"] for d in lines(tmp_path / "w/clean/train.jsonl")]
+    assert len(val) == 1 and 1_000 < len(val[0]) <= 4096 and 1 <= len(train) <= 2
+    assert report["documents"] == {"read": 1, "kept": len(train) + 1, "train": len(train), "val": 1}
+    assert report["bytes"] == {"train": sum(len(t.encode()) for t in train), "val": len(val[0].encode())}
+    assert nonblank_lines(train + val) == nonblank_lines([text])
+
+
+def test_split_pieces_cut_at_paragraphs_and_join_back():
+    from gptsmith.data.clean import split_pieces
+
+    text = long_text()
+    pieces = split_pieces(text, 4096)
+    assert "".join(pieces) == text
+    assert all(1024 <= len(p) <= 4096 + 1024 for p in pieces) and len(pieces) >= 5
+    assert all(p.endswith("\n\n") for p in pieces[:-1])
+    assert split_pieces("short", 4096) == ["short"]
+    unbroken = "x" * 10_000  # no break at all: cut at the size
+    assert [len(p) for p in split_pieces(unbroken, 4096)] == [4096, 4096, 1808]
+
+
+# ----------------------------------------------------------------------------------------------- one split rule
+
+def test_pretraining_text_and_conversations_share_one_hash_split(tmp_path, monkeypatch):
+    import gptsmith.data.clean as cleaning
+    from gptsmith.data.chat_formats import conversation_key, split_conversations
+    from gptsmith.data.clean import assign_split, digest
+
+    asked = []
+    real = cleaning.split_score
+    monkeypatch.setattr(cleaning, "split_score", lambda key, seed: asked.append(key) or real(key, seed))
+    texts = [doc(i) for i in range(60)]
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
+    clean([str(tmp_path / "a.jsonl")], tmp_path / "w", cfg_for(val_fraction=0.2))
+    assert set(asked) == {digest(t) for t in texts}
+    val = {d["text"] for d in lines(tmp_path / "w/clean/val.jsonl")}
+    assert val == {t for t in texts if assign_split(digest(t), 0.2, 1234)[0] == "val"} and val
+
+    asked.clear()
+    convs = [[{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}] for t in texts]
+    train, val_convs = split_conversations(list(reversed(convs)), 0.2)
+    assert set(asked) == {conversation_key(c) for c in convs}
+    assert val_convs and {c[0]["content"] for c in val_convs} == {
+        c[0]["content"] for c in convs if assign_split(conversation_key(c), 0.2)[0] == "val"}
+
+
+# ----------------------------------------------------------------------------------------------- memory bounds
+
+def test_json_array_is_read_record_by_record(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('[{"text": "first record"}, "second record",\n {"text": "third" oops}, {"text": "never"}]',
+                    encoding="utf-8")
+    src = resolve_inputs([str(path)])[0]
+    records = read_source(src, ReadContext())
+    assert next(records) == "first record"  # out before the parser has reached the broken tail
+    assert next(records) == "second record"
+    with pytest.raises(InputError, match=r"x\.json: item \[2\]: not valid JSON .*the 2 records before it were read"):
+        next(records)
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": doc(i)} for i in range(3)])
+    path.write_text(json.dumps([{"text": doc(10)}, {"text": doc(11)}, {"text": doc(10)}])[:-1] + ", {\"te",
+                    encoding="utf-8")
+    report = clean([str(good), str(path)], tmp_path / "w", cfg_for(on_error="skip"))
+    assert report["skipped"]["bad_json"] == 1 and report["dropped"]["duplicate"] == 1
+    assert report["documents"]["kept"] == 5
+
+
+def test_json_array_with_invalid_utf8_names_the_record(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_bytes(b'[{"text": "fine"}, {"text": "bad \xff byte"}]')
+    with pytest.raises(InputError, match=r"x\.json: item \[1\]: not valid UTF-8"):
+        read_all([path])
+    texts, ctx = read_all([path], on_error="skip")
+    assert texts == ["fine"] and ctx.skipped["invalid_utf8"] == 1
+
+
+def test_dedup_keeps_8_bytes_per_document_and_still_finds_duplicates(tmp_path, monkeypatch):
+    from gptsmith.data.clean import SeenDigests, digest
+
+    monkeypatch.setattr(SeenDigests, "RECENT", 4)  # merge into the sorted array every 4 new documents
+    seen = SeenDigests()
+    keys = [digest(doc(i)) for i in range(50)]
+    assert all(seen.add(k) for k in keys) and not any(seen.add(k) for k in reversed(keys))
+    assert len(seen) == 50 and seen.merged.dtype.itemsize == 8 and len(seen.recent) < 4
+    write_jsonl(tmp_path / "a.jsonl", [{"text": doc(i % 30)} for i in range(90)])
+    report = clean([str(tmp_path / "a.jsonl")], tmp_path / "w", cfg_for())
+    assert report["documents"]["kept"] == 30 and report["dropped"]["duplicate"] == 60
+
+
+# ----------------------------------------------------------------------------------------------- JSONL lines
+
+def test_jsonl_lines_end_only_at_newline(tmp_path):
+    from gptsmith.data.pipeline import iter_texts
+    from gptsmith.files import iter_lines
+
+    odd = doc(1) + " line\u2028separator, next\u0085line, para\u2029sep, \x1c group"
+    path = tmp_path / "x.jsonl"
+    path.write_bytes((json.dumps({"text": odd}, ensure_ascii=False) + "\r\n" + json.dumps({"text": doc(2)}) + "\n"
+                      ).encode("utf-8"))
+    assert [n for n, _ in iter_lines(path)] == [1, 2]
+    texts, _ = read_all([path])
+    assert texts == [odd, doc(2)]
+    clean([str(path)], tmp_path / "w", cfg_for(val_fraction=0.0))
+    cleaned = list(iter_texts(tmp_path / "w/clean/train.jsonl")) + list(iter_texts(tmp_path / "w/clean/val.jsonl"))
+    assert sorted(cleaned) == sorted([doc(2), doc(1) + " line\nseparator, nextline, para\n\nsep, group"])
+
+
+def test_sse_lines_end_only_at_newline():
+    import asyncio
+
+    from gptsmith.files import aiter_lines
+
+    async def chunks():
+        for c in ['data: {"t": "a\u2028b\u0085', 'c"}\r\n\r\ndata: [DO', "NE]\n"]:
+            yield c
+
+    async def collect():
+        return [line async for line in aiter_lines(chunks())]
+
+    assert asyncio.run(collect()) == ['data: {"t": "a\u2028b\u0085c"}', "", "data: [DONE]"]
+
+
+def test_external_backend_stream_keeps_line_separators_in_tokens():
+    import asyncio
+
+    import httpx
+
+    from gptsmith.serve.backends import ExternalBackend
+
+    events = [{"choices": [{"delta": {"content": "one\u2028two"}}]},
+              {"choices": [{"delta": {"content": "\u0085three"}, "finish_reason": "stop"}]}]
+    body = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events) + "data: [DONE]\n\n"
+    resp = httpx.Response(200, content=body.encode("utf-8"))
+
+    async def collect():
+        return [c.text async for c in ExternalBackend._events(resp) if c.text]
+
+    assert "".join(asyncio.run(collect())) == "one\u2028two\u0085three"
+
+
+# ----------------------------------------------------------------------------------------------- files not read
+
+def test_empty_input_file_error_names_the_file(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": doc(i)} for i in range(4)])
+    for name, content in [("empty.txt", b""), ("empty.jsonl", b"\n\n"), ("empty.json", b"[]"),
+                          ("header.csv", b"text\n")]:
+        empty = tmp_path / name
+        empty.write_bytes(content)
+        with pytest.raises(InputError, match=rf"{empty}: the file (is empty|holds no records).*--on-error skip"):
+            clean([str(good), str(empty)], tmp_path / "w", cfg_for())
+        report = clean([str(good), str(empty)], tmp_path / "w", cfg_for(on_error="skip"))
+        assert report["skipped"]["empty"] == 1 and report["documents"]["kept"] == 4
+    with pytest.raises(InputError, match=rf"{tmp_path / 'empty.txt'}: the file is empty"):
+        clean([str(tmp_path / "empty.txt")], tmp_path / "w", cfg_for())
+
+
+def test_files_not_read_in_a_folder_are_counted_with_the_reason(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    (corpus / ".git").mkdir(parents=True)
+    write_jsonl(corpus / "rows.jsonl", [{"text": doc(i)} for i in range(5)])
+    (corpus / "a.xyz").write_text("x")
+    (corpus / "b.xyz").write_text("x")
+    (corpus / "README").write_text("x")
+    (corpus / ".git" / "config").write_text("x")
+    report = clean([str(corpus)], tmp_path / "w", cfg_for())
+    assert report["ignored_files"] == {"unsupported extension .xyz": 2, "unsupported extension (none)": 1,
+                                       "hidden path": 1}
+    assert "files not read: 1 (hidden path), 1 (unsupported extension (none)), 2 (unsupported extension .xyz)" \
+        in capsys.readouterr().out
+    report = clean([f"{corpus}/*"], tmp_path / "w", cfg_for())  # a glob too
+    assert report["ignored_files"] == {"unsupported extension .xyz": 2, "unsupported extension (none)": 1}
+    only_other = tmp_path / "other"
+    only_other.mkdir()
+    (only_other / "c.xyz").write_text("x")
+    with pytest.raises(InputError, match=r"folder has no .* files; not read: 1 \(unsupported extension \.xyz\)"):
+        clean([str(only_other)], tmp_path / "w", cfg_for())

@@ -27,7 +27,7 @@ class DataConfig(Section):
     text_field: str = Field("text", description="field holding the text in .jsonl/.json/.parquet/.csv/hub inputs")
     min_chars: int = Field(64, ge=0, description="documents shorter than this (after cleaning) are dropped")
     max_chars: int = Field(0, ge=0, description="documents longer than this are cut into pieces of this size; 0 = no limit")
-    val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="share of documents (by content hash) in validation")
+    val_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="share of documents (by content hash; long ones by ~4 KB pieces) in validation")
     dedup: bool = Field(True, description="drop exact duplicate documents (by content hash)")
     max_documents: int = Field(0, ge=0, description="stop reading after this many kept documents (a sample of a big hub dataset); 0 = all")
     on_error: Literal["error", "skip"] = Field("error", description="bad input: stop with an error, or skip and count it")

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    r"""(line number, line without its \n or \r\n) of a JSON Lines file, one line in memory at a time.
+
+    Lines end at "\n" only. Not str.splitlines(), which also ends a line at U+2028, U+2029 and U+0085 (and \x0b,
+    \x0c, \x1c-\x1e), characters JSON writers leave unescaped inside strings (json.dumps with ensure_ascii=False
+    does), so a record would be cut in two; nor text mode, which ends one at a lone \r.
+    """
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line.rstrip(b"\r\n")
+
+
+async def aiter_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    r"""The lines of a text stream (an HTTP body of server-sent events) ending at "\n" or "\r\n" only, for the
+    reason iter_lines gives: httpx's Response.aiter_lines() splits like str.splitlines()."""
+    pending = ""
+    async for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")

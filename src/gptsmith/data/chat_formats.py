@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+from gptsmith.data.clean import SPLIT_SEED, assign_split, digest
+from gptsmith.data.readers import SKIP_HINT
 from gptsmith.errors import InputError
+from gptsmith.files import iter_lines
 
 FORMATS = ("messages", "sharegpt", "alpaca")
 ROLES = ("system", "user", "assistant")
@@ -145,34 +148,41 @@ def from_messages(messages: Messages, fmt: str) -> dict:
 
 
 def _records(path: Path) -> Iterator[tuple[str, object]]:
-    """(location, parsed record or the JSON error) for each record of a .jsonl file or a .json list."""
+    """(location, parsed record or the JSON error) for each record of a .jsonl file or a .json list, streamed.
+    JSONL lines end at "\\n" only (files.iter_lines): U+2028 or U+0085 inside a string is text, not a line end."""
     try:
-        raw = path.read_bytes()
+        if path.suffix == ".json":
+            yield from _json_list_records(path)
+            return
+        for n, raw in iter_lines(path):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{n}: not valid UTF-8; re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{n}", e
     except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _json_list_records(path: Path) -> Iterator[tuple[str, object]]:
+    from gptsmith.data.readers import ReadContext, iter_json_records
+
+    with open(path, "rb") as f:
+        if f.read(4096).lstrip()[:1] != b"[":
+            raise InputError(f"{path}: a .json file must hold a list of records, or use .jsonl with one record "
+                             "per line")
+    ctx = ReadContext()  # on_error="error": a broken list cannot be read on past the break
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not valid UTF-8; re-save the file as UTF-8") from None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json file must hold one list of "
-                             "records, or use .jsonl with one record per line") from None
-        if not isinstance(data, list):
-            raise InputError(f"{path}: a .json file must hold a list of records; got {type(data).__name__}")
-        for i, rec in enumerate(data):
+        for i, rec in iter_json_records(path, ctx):
             yield f"{path}: item {i}", rec
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{n}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path}:{n}", e
+    except InputError as e:
+        raise InputError(f"{str(e).removesuffix(SKIP_HINT)}; a .json file must hold one list of records, "
+                         "or use .jsonl with one record per line") from None
 
 
 def load_conversations(path: str | os.PathLike, on_error: Literal["error", "skip"] = "error") -> LoadResult:
@@ -257,14 +267,22 @@ def conversation_hash(messages: Messages) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def split_conversations(conversations: list[Messages], val_fraction: float) -> tuple[list[Messages], list[Messages]]:
-    """Deterministic train/validation split by content hash: the same conversation always lands on the same side,
-    however the file is ordered or grown. Keeps at least one conversation on each side when there are two or more."""
+def conversation_key(messages: Messages) -> bytes:
+    """The content digest a conversation is split by (the same digest pretraining text is split by)."""
+    return digest(json.dumps(messages, sort_keys=True, ensure_ascii=False))
+
+
+def split_conversations(conversations: list[Messages], val_fraction: float,
+                        seed: int = SPLIT_SEED) -> tuple[list[Messages], list[Messages]]:
+    """Deterministic train/validation split by content hash (clean.assign_split, the rule pretraining data uses):
+    the same conversation always lands on the same side, however the file is ordered or grown. Keeps at least one
+    conversation on each side when there are two or more."""
     if val_fraction <= 0 or len(conversations) < 2:
         return list(conversations), []
-    scored = [(int(conversation_hash(c)[:15], 16) / 16**15, c) for c in conversations]
-    train = [c for s, c in scored if s >= val_fraction]
-    val = [c for s, c in scored if s < val_fraction]
+    scored = [(*assign_split(conversation_key(c), val_fraction, seed), c) for c in conversations]
+    train = [c for side, _, c in scored if side == "train"]
+    val = [c for side, _, c in scored if side == "val"]
+    scored = [(score, c) for _, score, c in scored]
     if not val:  # tiny data: the lowest hash goes to validation so there is always something to measure
         i = min(range(len(scored)), key=lambda j: scored[j][0])
         val, train = [scored[i][1]], [c for j, (_, c) in enumerate(scored) if j != i]

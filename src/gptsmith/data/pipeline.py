@@ -15,15 +15,18 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from gptsmith.config import ProjectConfig, save_config
-from gptsmith.data.clean import clean_text, digest, split_long, split_score
-from gptsmith.data.readers import ReadContext, read_source, resolve_inputs
+from gptsmith.data.clean import (
+    SPLIT_PIECE_CHARS, SeenDigests, assign_split, clean_text, digest, split_long, split_pieces,
+)
+from gptsmith.data.readers import ReadContext, describe_ignored, read_source, resolve_inputs
 from gptsmith.errors import InputError
-from gptsmith.files import atomic_write_json, read_json, replace_dir
+from gptsmith.files import atomic_write_json, iter_lines, read_json, replace_dir
 
 SPLITS = ("train", "val")
 
@@ -40,10 +43,9 @@ def _tmp_dir(final: Path) -> Path:
 
 def iter_texts(jsonl: str | os.PathLike) -> Iterator[str]:
     """The texts of a cleaned split, streamed."""
-    with open(jsonl, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
+    for _, line in iter_lines(jsonl):
+        if line.strip():
+            yield json.loads(line)["text"]
 
 
 def _fmt(counts: dict) -> str:
@@ -63,22 +65,94 @@ def _empty_corpus(read: int, dropped: Counter, skipped: Counter, cfg: ProjectCon
                       + (f": {'; '.join(why)}" if why else " (the inputs hold no text)"))
 
 
+@dataclass
+class _Closest:
+    """The train piece the hash ranks closest to validation, moved there if validation would be empty."""
+    score: float
+    line: str  # the train.jsonl line that holds it
+    pieces: list[str]  # that line's pieces
+    index: int
+    source: str
+
+
+def _runs(pieces: list[str], val_fraction: float, seed: int) -> list[tuple[str, list[str], list[float]]]:
+    """Each piece's split by its own content hash; neighbours on the same side stay joined as one document."""
+    runs: list[tuple[str, list[str], list[float]]] = []
+    for piece in pieces:
+        split, score = assign_split(digest(piece), val_fraction, seed)
+        if runs and runs[-1][0] == split:
+            runs[-1][1].append(piece)
+            runs[-1][2].append(score)
+        else:
+            runs.append((split, [piece], [score]))
+    return runs
+
+
+def _joined(pieces: list[str]) -> str:
+    return "".join(pieces).lstrip("\n").rstrip()
+
+
+def _line(text: str, source: str) -> str:
+    return json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+
+
+class _SplitWriter:
+    """Writes kept documents to DIR/{train,val}.jsonl by the content-hash split, piece by piece for long ones,
+    counting documents and bytes per split."""
+
+    def __init__(self, out_dir: Path, val_fraction: float, seed: int):
+        self.out_dir, self.val_fraction, self.seed = out_dir, val_fraction, seed
+        self.files = {split: open(out_dir / f"{split}.jsonl", "w", encoding="utf-8", newline="\n")
+                      for split in SPLITS}
+        self.docs, self.bytes = Counter(train=0, val=0), Counter(train=0, val=0)
+        self.cut = 0  # documents split into pieces
+        self.closest: _Closest | None = None
+
+    def write(self, text: str, source: str) -> None:
+        pieces = split_pieces(text)
+        self.cut += len(pieces) > 1
+        for split, run, scores in _runs(pieces, self.val_fraction, self.seed):
+            joined = _joined(run)
+            line = _line(joined, source)
+            self.files[split].write(line)
+            self.docs[split] += 1
+            self.bytes[split] += len(joined.encode("utf-8"))
+            low = min(range(len(scores)), key=scores.__getitem__)
+            if split == "train" and (self.closest is None or scores[low] < self.closest.score):
+                self.closest = _Closest(scores[low], line, run, low, source)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def ensure_validation(self) -> None:
+        """Validation must never be empty: move the train piece the hash ranks closest to val, which is as
+        order-independent as the split itself (when there are two documents or pieces to choose from)."""
+        c = self.closest
+        if self.docs["val"] or c is None or (self.docs["train"] < 2 and len(c.pieces) < 2):
+            return
+        kept, moved = _move_piece(self.out_dir / "train.jsonl", self.out_dir / "val.jsonl", c)
+        self.docs.update(train=len(kept) - 1, val=1)
+        self.bytes.update(val=len(moved.encode("utf-8")), train=sum(len(t.encode("utf-8")) for t in kept)
+                          - len(_joined(c.pieces).encode("utf-8")))
+
+
 def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict:
-    """Read, clean, filter, de-duplicate and split `inputs` into OUT/clean/{train,val}.jsonl."""
+    """Read, clean, filter, de-duplicate and split `inputs` into OUT/clean/{train,val}.jsonl.
+    A document longer than SPLIT_PIECE_CHARS is split piece by piece, so one long text still gets validation."""
     d = cfg.data
     out = Path(out)
-    sources = resolve_inputs(inputs)
+    ignored: Counter = Counter()
+    sources = resolve_inputs(inputs, ignored)
     ctx = ReadContext(text_field=d.text_field, on_error=d.on_error, hub_split=d.hub_split, hub_config=d.hub_config)
     final = out / "clean"
     tmp = _tmp_dir(final)
-    seen: set[bytes] = set()
+    seen = SeenDigests()
     read, dropped = 0, Counter(too_short=0, duplicate=0)
-    docs, nbytes = Counter(train=0, val=0), Counter(train=0, val=0)
-    lowest_train: tuple[float, str, int] | None = None  # moved to val if val ends up empty
+    splits = _SplitWriter(tmp, d.val_fraction, d.seed)
+    docs = splits.docs
     try:
-        with open(tmp / "train.jsonl", "w", encoding="utf-8") as ftrain, \
-                open(tmp / "val.jsonl", "w", encoding="utf-8") as fval, \
-                tqdm(desc="reading", unit="char", unit_scale=True, mininterval=0.5, dynamic_ncols=True) as bar:
+        with tqdm(desc="reading", unit="char", unit_scale=True, mininterval=0.5, dynamic_ncols=True) as bar:
             for src in sources:
                 if d.max_documents and docs.total() >= d.max_documents:
                     break
@@ -91,63 +165,61 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
                     for text in split_long(clean_text(raw), d.max_chars):
                         if len(text) < d.min_chars:
                             dropped["too_short"] += 1
-                            continue
-                        key = digest(text)
-                        if d.dedup:
-                            if key in seen:
-                                dropped["duplicate"] += 1
-                                continue
-                            seen.add(key)
-                        score = split_score(key, d.seed)
-                        split = "val" if score < d.val_fraction else "train"
-                        line = json.dumps({"text": text, "source": src.path}, ensure_ascii=False) + "\n"
-                        (fval if split == "val" else ftrain).write(line)
-                        size = len(text.encode("utf-8"))
-                        docs[split] += 1
-                        nbytes[split] += size
-                        src.documents += 1
-                        if split == "train" and (lowest_train is None or score < lowest_train[0]):
-                            lowest_train = (score, line, size)
-        if docs["train"] + docs["val"] == 0:
+                        elif d.dedup and not seen.add(digest(text)):
+                            dropped["duplicate"] += 1
+                        else:
+                            src.documents += 1
+                            splits.write(text, src.path)
+        splits.close()
+        if docs.total() == 0:
             raise _empty_corpus(read, dropped, ctx.skipped, cfg)
-        if docs["val"] == 0 and docs["train"] >= 2:
-            # Validation must never be empty; move the train document the hash ranks closest to val, which
-            # is as order-independent as the split itself.
-            _move_line(tmp / "train.jsonl", tmp / "val.jsonl", lowest_train[1])
-            docs.update(train=-1, val=1)
-            nbytes.update(train=-lowest_train[2], val=lowest_train[2])
+        splits.ensure_validation()
         report = {
             "inputs": [str(i) for i in inputs],
-            "documents": {"read": read, "kept": docs["train"] + docs["val"], **docs},
-            "bytes": dict(nbytes),
+            "documents": {"read": read, "kept": docs.total(), **docs},
+            "bytes": dict(splits.bytes),
             "dropped": dict(dropped),
             "skipped": dict(ctx.skipped),
+            "ignored_files": dict(ignored),
+            "split": {"piece_chars": SPLIT_PIECE_CHARS, "documents_split_in_pieces": splits.cut},
             "sources": [s.record() for s in sources],
             "config": d.model_dump(mode="json"),
         }
         atomic_write_json(tmp / "report.json", report)
         replace_dir(tmp, final)
     finally:
+        splits.close()
         shutil.rmtree(tmp, ignore_errors=True)
     save_config(cfg, out)
-    print(f"clean: read {read:,} documents, kept {report['documents']['kept']:,} "
-          f"(train {docs['train']:,}, val {docs['val']:,}); dropped: {_fmt(dropped)}; "
-          f"skipped: {_fmt(ctx.skipped)} -> {final}")
+    print(f"clean: read {read:,} documents, kept {docs.total():,} (train {docs['train']:,}, val {docs['val']:,}); "
+          f"dropped: {_fmt(dropped)}; skipped: {_fmt(ctx.skipped)}; files not read: {describe_ignored(ignored)} "
+          f"-> {final}")
+    if splits.cut:
+        print(f"clean: {splits.cut:,} document(s) longer than {SPLIT_PIECE_CHARS:,} characters were split into train "
+              f"and validation by pieces of about that size (at paragraph or line breaks)")
     return report
 
 
-def _move_line(src: Path, dst: Path, line: str) -> None:
-    kept = src.with_suffix(".jsonl.tmp")
-    moved = False
-    with open(src, encoding="utf-8") as fin, open(kept, "w", encoding="utf-8") as fout:
+def _move_piece(train: Path, val: Path, closest: _Closest) -> tuple[list[str], str]:
+    """Move `closest`'s piece from train to val; the train line that held it becomes the text before and the text
+    after the piece (as two documents, either left out when empty). Returns (those train texts, the moved text)."""
+    i = closest.index
+    kept = [t for t in (_joined(closest.pieces[:i]), _joined(closest.pieces[i + 1:])) if t]
+    moved = _joined([closest.pieces[i]])
+    rewritten = train.with_suffix(".jsonl.tmp")
+    done = False
+    with open(train, encoding="utf-8", newline="\n") as fin, \
+            open(rewritten, "w", encoding="utf-8", newline="\n") as fout:
         for cur in fin:
-            if not moved and cur == line:
-                moved = True
+            if not done and cur == closest.line:
+                done = True
+                fout.writelines(_line(t, closest.source) for t in kept)
                 continue
             fout.write(cur)
-    os.replace(kept, src)
-    with open(dst, "a", encoding="utf-8") as f:
-        f.write(line)
+    os.replace(rewritten, train)
+    with open(val, "a", encoding="utf-8", newline="\n") as f:
+        f.write(_line(moved, closest.source))
+    return kept, moved
 
 
 def _require(path: Path, what: str, fix: str) -> Path:
@@ -216,6 +288,7 @@ def tokenize(workdir: str | os.PathLike, cfg: ProjectConfig, tokenizer_dir: str 
             "bytes_per_token": round(sum(s["bytes"] for s in splits.values()) / max(tokens, 1), 4),
             "dropped": report["dropped"],
             "skipped": report["skipped"],
+            "ignored_files": report.get("ignored_files", {}),
             "sources": report["sources"],
         }
         atomic_write_json(tmp / "manifest.json", manifest)
@@ -241,6 +314,7 @@ def prepare(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> di
           f"val {sp['val']['documents']:,}), read {report['documents']['read']:,}\n"
           f"  dropped    {_fmt(report['dropped'])}\n"
           f"  skipped    {_fmt(report['skipped'])}\n"
+          f"  not read   {describe_ignored(report['ignored_files'])}\n"
           f"  tokens     train {sp['train']['tokens']:,}, val {sp['val']['tokens']:,} "
           f"({manifest['dtype']}, vocab {manifest['vocab_size']:,})\n"
           f"  compression {manifest['bytes_per_token']:.2f} bytes per token\n"

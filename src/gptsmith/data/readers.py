@@ -1,8 +1,9 @@
 """Turn the user's inputs (files, folders, globs, dataset ids, `python-docs`) into a stream of documents.
 
-Every reader is a generator that holds at most one line, one row batch or one document in memory, so a corpus
-larger than RAM streams through. Bad input raises `InputError` naming the file and line; with
-`on_error="skip"` the reader counts the problem in `skipped` (by reason) and goes on.
+Every reader is a generator that holds at most one line, one row batch, one array record or one document in
+memory, so a corpus larger than RAM streams through (a `.json` array is parsed incrementally with ijson). Bad
+input raises `InputError` naming the file and line; with `on_error="skip"` the reader counts the problem in
+`skipped` (by reason) and goes on. An empty file, or one with no records, is bad input too ("empty").
 
 How an input is recognised, in this order:
   python-docs            the embedded corpus (Python's own documentation)
@@ -10,6 +11,8 @@ How an input is recognised, in this order:
   an existing path       a file, or a folder read recursively
   a glob (* ? [)         the files it matches (** = any depth)
   owner/name             not an existing path and shaped like a dataset id: a Hugging Face dataset
+Files in a folder or glob that are not read (another extension, a hidden path) are counted by reason in
+`ignored`, which the cleaning report shows.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptsmith.errors import InputError
+from gptsmith.files import iter_lines
 
 EXTENSIONS = (".txt", ".md", ".jsonl", ".json", ".parquet", ".csv")
 EMBEDDED = "python-docs"
-SKIP_REASONS = ("unreadable", "invalid_utf8", "bad_json", "missing_field")
+SKIP_REASONS = ("unreadable", "empty", "invalid_utf8", "bad_json", "missing_field")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_TEXT_DOC_BYTES = 64 << 20  # a plain-text file bigger than this is cut into documents at blank lines
 READ_BLOCK = 8 << 20
@@ -65,9 +69,33 @@ class ReadContext:
         self.skipped[reason] += 1
 
 
-def resolve_inputs(inputs: list[str]) -> list[Source]:
+def _ignored_reason(path: Path, root: Path | None) -> str | None:
+    """Why a file found in a folder/glob is not read, or None when it is."""
+    parts = path.relative_to(root).parts if root else (path.name,)
+    if any(part.startswith(".") for part in parts):
+        return "hidden path"
+    if path.suffix.lower() not in EXTENSIONS:
+        return f"unsupported extension {path.suffix.lower() or '(none)'}"
+    return None
+
+
+def _supported(paths, root: Path | None, ignored: Counter) -> list[Path]:
+    found = []
+    for p in paths:
+        if not p.is_file():
+            continue
+        if reason := _ignored_reason(p, root):
+            ignored[reason] += 1
+        else:
+            found.append(p)
+    return found
+
+
+def resolve_inputs(inputs: list[str], ignored: Counter | None = None) -> list[Source]:
     """Expand inputs into sources. Files are de-duplicated and sorted, so the result (and the cleaned corpus)
-    doesn't depend on the order the inputs were given in."""
+    doesn't depend on the order the inputs were given in. Files of folders and globs that are not read are
+    counted in `ignored` by reason ("unsupported extension .xyz", "hidden path")."""
+    ignored = Counter() if ignored is None else ignored
     files: dict[Path, Path] = {}  # resolved -> as given: a file named twice (a/x.md, ./a/x.md) is read once
     others: list[Source] = []
     for raw in inputs:
@@ -82,14 +110,14 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
                 raise InputError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(EXTENSIONS)}")
             files[path.resolve()] = path
         elif path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS
-                     and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            before = Counter(ignored)
+            found = _supported(path.rglob("*"), path, ignored)
             if not found:
-                raise InputError(f"{text}: folder has no {'/'.join(EXTENSIONS)} files")
+                raise InputError(f"{text}: folder has no {'/'.join(EXTENSIONS)} files"
+                                 + (f"; not read: {describe_ignored(ignored - before)}" if ignored - before else ""))
             files.update((p.resolve(), p) for p in found)
         elif any(c in text for c in "*?["):
-            found = [Path(p) for p in glob.glob(text, recursive=True)
-                     if Path(p).is_file() and Path(p).suffix.lower() in EXTENSIONS]
+            found = _supported((Path(p) for p in glob.glob(text, recursive=True)), None, ignored)
             if not found:
                 raise InputError(f"{text}: the pattern matches no {'/'.join(EXTENSIONS)} files")
             files.update((p.resolve(), p) for p in found)
@@ -99,6 +127,11 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
             raise InputError(f"{text}: no such file or folder (a Hugging Face dataset id looks like owner/name; "
                              f"prefix it with hub: to be explicit)")
     return [Source("file", str(files[k])) for k in sorted(files)] + others
+
+
+def describe_ignored(counts: dict) -> str:
+    """'1 (hidden path), 2 (unsupported extension .xyz)' for the counts `resolve_inputs` puts in `ignored`."""
+    return ", ".join(f"{n:,} ({reason})" for reason, n in sorted(counts.items())) or "none"
 
 
 def read_source(src: Source, ctx: ReadContext) -> Iterator[str]:
@@ -119,15 +152,25 @@ def read_source(src: Source, ctx: ReadContext) -> Iterator[str]:
 
         try:
             src.sha256 = sha256_file(src.path)
+            size = Path(src.path).stat().st_size
         except OSError as e:
             ctx.bad("unreadable", src.path, f"cannot read file ({e.strerror or e})")
             return
+        if size == 0:
+            ctx.bad("empty", src.path, "the file is empty")
+            return
         reader = {".txt": _read_text, ".md": _read_text, ".jsonl": _read_jsonl, ".json": _read_json,
                   ".csv": _read_csv, ".parquet": _read_parquet}[Path(src.path).suffix.lower()]
+        problems_before, texts = ctx.skipped.total(), 0
         try:
-            yield from reader(src.path, ctx)
+            for text in reader(src.path, ctx):
+                texts += 1
+                yield text
         except OSError as e:
             ctx.bad("unreadable", src.path, f"cannot read file ({e.strerror or e})")
+            return
+        if texts == 0 and ctx.skipped.total() == problems_before:
+            ctx.bad("empty", src.path, "the file holds no records (only blank lines, an empty list or a header)")
 
 
 def _utf8_error(path: str, err: UnicodeDecodeError, line_offset: int = 0) -> tuple[str, str]:
@@ -175,28 +218,27 @@ def _field(obj, where: str, ctx: ReadContext) -> str | None:
 
 
 def _read_jsonl(path: str, ctx: ReadContext) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                ctx.bad("invalid_utf8", *_utf8_error(path, e, lineno - 1))
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                ctx.bad("bad_json", where, f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if (text := _field(obj, where, ctx)) is not None:
-                yield text
+    for lineno, raw in iter_lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            ctx.bad("invalid_utf8", *_utf8_error(path, e, lineno - 1))
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            ctx.bad("bad_json", where, f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if (text := _field(obj, where, ctx)) is not None:
+            yield text
 
 
 def _read_json(path: str, ctx: ReadContext) -> Iterator[str]:
     """A .json file: JSON Lines under another name, one object, or an array of objects or strings.
-    Arrays are parsed whole (the standard library has no streaming JSON parser); use .jsonl for big data."""
+    An array is parsed incrementally, one record in memory at a time."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if head[:1] != b"[":
@@ -209,21 +251,39 @@ def _read_json(path: str, ctx: ReadContext) -> Iterator[str]:
         if lines_parse:
             yield from _read_jsonl(path, ctx)
             return
-    data = Path(path).read_bytes()
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        ctx.bad("invalid_utf8", *_utf8_error(path, e))
-        return
-    except json.JSONDecodeError as e:
-        ctx.bad("bad_json", f"{path}:{e.lineno}", f"not valid JSON ({e.msg} at column {e.colno})")
-        return
-    items = obj if isinstance(obj, list) else [obj]
-    for i, item in enumerate(items):
+    for i, item in iter_json_records(path, ctx):
         if isinstance(item, str):
             yield item
         elif (text := _field(item, f"{path}: item [{i}]", ctx)) is not None:
             yield text
+
+
+def iter_json_records(path: str | Path, ctx: ReadContext) -> Iterator[tuple[int, object]]:
+    """(index, record) of a .json file's top-level array, or (0, the value) when it holds one value, parsed
+    incrementally (ijson): the records before a malformed one are yielded, then the error names the record."""
+    import ijson
+
+    with open(path, "rb") as f:
+        is_array = f.read(4096).lstrip()[:1] == b"["
+        f.seek(0)
+        n = 0  # records yielded so far = the index of the one being parsed when an error comes
+        try:
+            for record in ijson.items(f, "item" if is_array else "", use_float=True):
+                yield n, record
+                n += 1
+            return
+        except ijson.JSONError as e:
+            problem = str(e).split("\n", 1)[0]
+        except UnicodeDecodeError:
+            problem = "invalid bytes in UTF8 string"
+    if "UTF8" in problem:
+        reason, message = "invalid_utf8", "not valid UTF-8; re-save the file as UTF-8"
+    else:
+        reason, message = "bad_json", f"not valid JSON ({problem.strip()})"
+    if is_array:
+        ctx.bad(reason, f"{path}: item [{n}]", message + (f"; the {n:,} records before it were read" if n else ""))
+    else:
+        ctx.bad(reason, str(path), message)
 
 
 class _Utf8Lines:

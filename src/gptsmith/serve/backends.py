@@ -16,6 +16,7 @@ from typing import Protocol
 
 import httpx
 
+from gptsmith.files import aiter_lines
 from gptsmith.serve.schemas import APIError
 
 log = logging.getLogger("gptsmith.serve")
@@ -231,7 +232,7 @@ class ExternalBackend:
     async def _events(resp: httpx.Response) -> AsyncIterator[Chunk]:
         finish, usage, n_pieces = None, None, 0
         try:
-            async for line in resp.aiter_lines():
+            async for line in aiter_lines(resp.aiter_text()):  # not resp.aiter_lines(): it splits at U+2028
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
