@@ -206,6 +206,13 @@ def test_lora_trains_only_the_adapter_and_merges_exactly(tiny_model_dir, data_fi
     assert (got - base).abs().max() > 1e-3  # the adapter changed the model
     assert not list(merged.glob("adapter_*")) and (merged / "chat_template.jinja").is_file()
 
+    # the CLI verb loads the config like every other (default: the adapter's own) and records it beside the model
+    from gptsmith.cli import main
+
+    assert main(["merge-lora", "--adapter", str(out), "--out", str(tmp_path / "m2"), "--sft.log_every", "3"]) == 0
+    recorded = load_config(tmp_path / "m2" / "gptsmith.yaml")
+    assert recorded.sft.lora_r == 4 and recorded.sft.log_every == 3
+
 
 def test_resume_continues_from_the_last_finished_checkpoint(tiny_model_dir, data_file, tmp_path):
     import shutil

@@ -19,7 +19,7 @@ from gptsmith.config import ConfigError, ProjectConfig, load_config, parse_overr
 
 OVERRIDES_HELP = (
     "Any config key can also be set from the command line as --section.key VALUE "
-    "(e.g. --pretrain.lr 3e-4 --model.n_layer 6); `gptsmith config show` lists every key and its default."
+    "(e.g. --pretrain.lr 3e-4 --model.n_layer 6); `gptsmith config show` lists every key with what it does."
 )
 
 
@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="Show the effective config.")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="STEP", required=True)
-    add("show", "Print the effective config (defaults, file and overrides) as YAML.", cmd_config_show, cfg_sub)
+    add("show", "Print the effective config (defaults, file and overrides) as YAML, each key's description as a "
+                "comment above it: save it, edit it, pass it back with --config.", cmd_config_show, cfg_sub)
     return parser
 
 
