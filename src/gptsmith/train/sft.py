@@ -320,7 +320,7 @@ def _choose_lm_head(model, device: str) -> str:
         return "TRL fused (its GPU kernel scores the assistant tokens only)"
     if use_compact_lm_head(base):
         return COMPACT_LM_HEAD
-    return "TRL fused (the model transforms its logits or routes experts: TRL's kernel handles that)"
+    return "TRL fused (the compact head does not apply: the model transforms its logits or routes experts)"
 
 
 def latest_checkpoint(out: Path) -> Path | None:
