@@ -156,9 +156,10 @@ def main() -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
-        for _ in range(args.repeats):
-            for case in ("plain", "trl", "trl-head"):
-                cmd = [sys.executable, __file__, "--case", case, "--model", str(model_dir), "--out", str(tmp / case),
+        for repeat in range(args.repeats):
+            for case in ("plain", "trl", "trl-head"):  # a fresh OUT per run: sft refuses an earlier run's checkpoints
+                cmd = [sys.executable, __file__, "--case", case, "--model", str(model_dir),
+                       "--out", str(tmp / f"{case}-{repeat}"),
                        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                        "--threads", str(args.threads)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -88,3 +88,27 @@ def test_cli_export_and_errors(db, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert len(read(out)) == 4  # a failed export leaves the previous file alone
     assert not (tmp_path / "nope.db").exists()
+
+
+def test_cli_export_reads_the_configured_store(db, tmp_path, monkeypatch, capsys):
+    """The store is serve.db, the key `gptsmith serve` writes to: from --config, a dotted override, or --db."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no gptsmith.db here: the default store does not exist
+    out = tmp_path / "kto.jsonl"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"serve:\n  db: {db}\n")
+    assert main(["feedback", "export", "--config", str(config), "--format", "kto", "--out", str(out)]) == 0
+    assert "wrote 4 kto examples" in capsys.readouterr().out and len(read(out)) == 4
+    out.unlink()
+    assert main(["feedback", "export", "--serve.db", db, "--format", "sft", "--out", str(out)]) == 0
+    assert len(read(out)) == 3
+    missing = tmp_path / "c2.yaml"
+    missing.write_text(f"serve:\n  db: sqlite:///{tmp_path / 'nope.db'}\n")
+    assert main(["feedback", "export", "--config", str(missing), "--db", db, "--format", "kto", "--out", str(out)]) == 0
+    assert len(read(out)) == 4  # --db wins over the file
+    assert main(["feedback", "export", "--config", str(missing), "--format", "kto", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "nope.db" in err and "serve.db" in err and "--db" in err
+    assert main(["feedback", "export", "--format", "kto", "--out", str(out)]) == 2
+    assert "gptsmith.db" in capsys.readouterr().err and not (elsewhere / "gptsmith.db").exists()

@@ -74,7 +74,7 @@ def test_labels_mask_everything_but_assistant_tokens(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_cpu_lm_head_scores_assistant_tokens_exactly_like_trls(tiny_model_dir, tmp_path, lora):
+def test_cpu_lm_head_scores_assistant_tokens_exactly_like_trls(tiny_model_dir, tmp_path, lora, capsys):
     """The CPU fast path (only assistant positions projected) gives TRL's per-token log-probs, metrics, loss and
     gradients: same training, less work."""
     from transformers import AutoModelForCausalLM
@@ -82,6 +82,7 @@ def test_cpu_lm_head_scores_assistant_tokens_exactly_like_trls(tiny_model_dir, t
 
     trainer, info = build_trainer(str(tiny_model_dir), conversations(16), [], tmp_path, cfg(lora=lora))
     assert info["lm_head"] == "compact (assistant tokens only)"
+    assert "sft: LM head: compact (assistant tokens only)" in capsys.readouterr().out  # the log says which ran
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).float().mean() > 0.3  # prompt and padding: positions the fast path skips
     ours = trainer.model.get_base_model() if lora else trainer.model
@@ -104,6 +105,38 @@ def test_cpu_lm_head_scores_assistant_tokens_exactly_like_trls(tiny_model_dir, t
     else:
         for name, p in trained:
             torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-4)
+
+
+def test_compact_lm_head_needs_a_forward_patched_by_trl(tiny_model_dir):
+    """Feature detection on the model itself: a forward TRL did not give a `fused_lm_head=` keyword (TRL's main
+    branch no longer does) is left alone, so training takes TRL's own path."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from gptsmith.train.sft import trl_has_fused_lm_head, use_compact_lm_head
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    assert not trl_has_fused_lm_head(plain)
+    assert use_compact_lm_head(plain) is False
+    assert plain.forward.__func__ is type(plain).forward  # untouched
+    add_fused_lm_head(plain)
+    assert trl_has_fused_lm_head(plain) and use_compact_lm_head(plain) is True
+
+
+def test_trl_without_fused_lm_head_internals_trains_on_trls_standard_path(tiny_model_dir, data_file, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A TRL like its main branch: no `FusedCausalLMOutput`, no fused LM head patched onto the model, the loss from
+    the model's own forward. sft detects it, says so, and trains."""
+    import transformers
+    import trl.trainer.sft_trainer
+    import trl.trainer.utils
+
+    monkeypatch.delattr(trl.trainer.utils, "FusedCausalLMOutput")
+    monkeypatch.setattr(trl.trainer.sft_trainer, "add_fused_lm_head", lambda *args, **kwargs: None)
+    monkeypatch.setattr(trl.trainer.sft_trainer.SFTTrainer, "compute_loss", transformers.Trainer.compute_loss)
+    m = sft(str(tiny_model_dir), data_file, tmp_path / "chat", cfg(max_steps=12))
+    assert "sft: LM head: TRL standard" in capsys.readouterr().out
+    assert m["steps"] == 12 and m["val_loss"] < m["val_loss_before"]
 
 
 def test_template_without_generation_markers_is_masked_by_prefix_rendering(tiny_model_dir, tmp_path):
@@ -173,6 +206,13 @@ def test_lora_trains_only_the_adapter_and_merges_exactly(tiny_model_dir, data_fi
     assert (got - base).abs().max() > 1e-3  # the adapter changed the model
     assert not list(merged.glob("adapter_*")) and (merged / "chat_template.jinja").is_file()
 
+    # the CLI verb loads the config like every other (default: the adapter's own) and records it beside the model
+    from gptsmith.cli import main
+
+    assert main(["merge-lora", "--adapter", str(out), "--out", str(tmp_path / "m2"), "--sft.log_every", "3"]) == 0
+    recorded = load_config(tmp_path / "m2" / "gptsmith.yaml")
+    assert recorded.sft.lora_r == 4 and recorded.sft.log_every == 3
+
 
 def test_resume_continues_from_the_last_finished_checkpoint(tiny_model_dir, data_file, tmp_path):
     import shutil
@@ -195,6 +235,24 @@ def test_resume_continues_from_the_last_finished_checkpoint(tiny_model_dir, data
     other.write_text(json.dumps({"messages": conversations(3)[1]}) + "\n")
     with pytest.raises(InputError, match="different data"):
         sft(str(tiny_model_dir), other, out, cfg(max_steps=10), resume=True)
+
+
+def test_a_new_run_never_deletes_an_earlier_runs_checkpoints(tiny_model_dir, data_file, tmp_path, capsys):
+    from gptsmith.cli import main
+
+    out = tmp_path / "run"
+    sft(str(tiny_model_dir), data_file, out, cfg(max_steps=4, save_every=2))
+    before = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
+    assert latest_checkpoint(out).name == "checkpoint-4"
+    with pytest.raises(InputError, match="already holds checkpoints.*--resume.*--overwrite"):
+        sft(str(tiny_model_dir), data_file, out, cfg(max_steps=4, save_every=2))
+    argv = ["sft", "--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--device", "cpu",
+            "--max-steps", "2", "--sft.save_every", "2", "--sft.max_seq_len", "64", "--sft.eval_every", "1000"]
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == before  # all still there
+    assert main([*argv, "--overwrite"]) == 0  # asked for: the old checkpoints go, the new run starts over
+    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
 
 
 def test_model_without_chat_template_gets_ours(tmp_path, data_file):

@@ -19,7 +19,7 @@ from gptsmith.config import ConfigError, ProjectConfig, load_config, parse_overr
 
 OVERRIDES_HELP = (
     "Any config key can also be set from the command line as --section.key VALUE "
-    "(e.g. --pretrain.lr 3e-4 --model.n_layer 6); `gptsmith config show` lists every key and its default."
+    "(e.g. --pretrain.lr 3e-4 --model.n_layer 6); `gptsmith config show` lists every key with what it does."
 )
 
 
@@ -66,7 +66,8 @@ def cmd_data_tokenize(args) -> None:
 
 def cmd_data_convert(args) -> None:
     from gptsmith.data.chat_formats import convert
-    convert(args.input, args.output, to_format=args.to, on_error=args.on_error)
+    cfg = _config(args, {"data.on_error": args.on_error})
+    convert(args.input, args.output, to_format=args.to, on_error=cfg.data.on_error)
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -81,6 +82,7 @@ def cmd_pretrain(args) -> None:
                          "pretrain.init_from": args.init_from, "pretrain.max_minutes": args.minutes,
                          "pretrain.seq_len": args.seq_len, "pretrain.batch_size": args.batch_size,
                          "pretrain.lr": args.lr, "pretrain.device": args.device})
+    _overwrite_checkpoints(args)
     pretrain(args.data, args.out, cfg, resume=args.resume)
 
 
@@ -91,12 +93,34 @@ def cmd_sft(args) -> None:
                          "sft.lora_alpha": args.lora_alpha, "sft.lora_target_modules": args.lora_target_modules,
                          "sft.lr": args.lr, "sft.batch_size": args.batch_size, "sft.packing": args.packing or None,
                          "sft.device": args.device, "data.on_error": args.on_error})
+    _overwrite_checkpoints(args)
     sft(args.model, args.data, args.out, cfg, resume=args.resume)
 
 
+def _overwrite_checkpoints(args) -> None:
+    """--overwrite: delete OUT/checkpoints of an earlier run (pretrain and sft refuse to start over them without
+    it). Renamed away first: under torchrun every rank runs this, and exactly one rename succeeds."""
+    import shutil
+
+    if not args.overwrite:
+        return
+    if args.resume:
+        raise UserError("--overwrite deletes the checkpoints that --resume would continue from; pass one of them")
+    trash = args.out / f".checkpoints.deleting-{os.getpid()}"
+    try:
+        (args.out / "checkpoints").rename(trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash)
+    print(f"deleted the checkpoints of the earlier run in {args.out} (--overwrite)")
+
+
 def cmd_merge_lora(args) -> None:
+    from gptsmith.config import CONFIG_FILENAME
     from gptsmith.train.sft import merge_lora
-    merge_lora(args.adapter, args.out, base=args.base)
+    if args.config is None and (args.adapter / CONFIG_FILENAME).is_file():
+        args.config = args.adapter / CONFIG_FILENAME  # the config the adapter was trained with
+    merge_lora(args.adapter, args.out, base=args.base, cfg=_config(args, {}))
 
 
 def cmd_generate(args) -> None:
@@ -126,7 +150,8 @@ def cmd_serve(args) -> None:
 
 def cmd_feedback_export(args) -> None:
     from gptsmith.serve.feedback import export
-    n = export(args.db, args.format, args.out)
+    cfg = _config(args, {"serve.db": args.db})
+    n = export(cfg.serve.db, args.format, args.out)
     print(f"wrote {n} {args.format} examples to {args.out}")
 
 
@@ -137,9 +162,8 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_config_show(args) -> None:
-    import yaml
-    cfg = _config(args, {})
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    from gptsmith.config import to_yaml
+    print(to_yaml(_config(args, {})), end="")
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -192,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="input JSONL (format detected automatically)")
     p.add_argument("output", type=Path, help="output JSONL")
     p.add_argument("--to", choices=["messages", "sharegpt", "alpaca"], default="messages", help="output format")
-    p.add_argument("--on-error", choices=["error", "skip"], default="error", help="bad lines: stop or skip")
+    p.add_argument("--on-error", choices=["error", "skip"], help="bad lines: stop, or skip and count them "
+                                                                 "(data.on_error)")
 
     tok = sub.add_parser("tokenizer", help="Tokenizer stages: train.")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="STEP", required=True)
@@ -209,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="stop after this many minutes (pretrain.max_minutes)")
     p.add_argument("--init-from", help="continue pretraining this HF model dir or hub id (pretrain.init_from)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR/checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="delete DIR/checkpoints of an earlier run and start over")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence (pretrain.seq_len)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (pretrain.batch_size)")
     p.add_argument("--lr", type=float, help="peak learning rate (pretrain.lr)")
@@ -237,11 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=int, help="LoRA alpha (sft.lora_alpha)")
     p.add_argument("--lora-target-modules", nargs="+", help="modules to adapt, or all-linear")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT/checkpoints of an earlier run and start over")
 
     p = add("merge-lora", "Merge a LoRA adapter into its base model and save a plain HF directory.", cmd_merge_lora)
     p.add_argument("--adapter", type=Path, required=True, help="adapter directory written by `sft --lora`")
     p.add_argument("--out", type=Path, required=True, help="merged model directory")
     p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
+    p.epilog = ("--config defaults to the adapter's gptsmith.yaml (the config it was trained with); the effective "
+                "config is written beside the merged model. " + OVERRIDES_HELP)
 
     for name, helptext in (("generate", "Generate text from a prompt."),):
         p = add(name, helptext, cmd_generate)
@@ -278,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     fb = sub.add_parser("feedback", help="The feedback store: export.")
     fb_sub = fb.add_subparsers(dest="feedback_command", metavar="STEP", required=True)
     p = add("export", "Export stored feedback as training data.", cmd_feedback_export, fb_sub)
-    p.add_argument("--db", default="sqlite:///gptsmith.db", help="SQLAlchemy URL of the store")
+    p.add_argument("--db", help="SQLAlchemy URL of the store (serve.db; default sqlite:///gptsmith.db)")
     p.add_argument("--format", choices=["sft", "dpo", "kto"], required=True, help="training data format")
     p.add_argument("--out", type=Path, required=True, help="output JSONL")
 
@@ -291,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="Show the effective config.")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="STEP", required=True)
-    add("show", "Print the effective config (defaults, file and overrides) as YAML.", cmd_config_show, cfg_sub)
+    add("show", "Print the effective config (defaults, file and overrides) as YAML, each key's description as a "
+                "comment above it: save it, edit it, pass it back with --config.", cmd_config_show, cfg_sub)
     return parser
 
 

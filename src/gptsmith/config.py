@@ -10,6 +10,8 @@ every output as `gptsmith.yaml`, so any run can be repeated exactly.
 from __future__ import annotations
 
 import difflib
+import json
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +37,7 @@ class DataConfig(Section):
     hub_config: str | None = Field(None, description="dataset config name for hub inputs")
     num_workers: int = Field(0, ge=0, description="tokenisation worker processes; 0 = number of CPU cores")
     shard_tokens: int = Field(100_000_000, ge=1, description="tokens per shard file under WORKDIR/tokens (at most, roughly)")
-    seed: int = 1234
+    seed: int = Field(1234, description="seed of the content-hash train/validation split (same seed, same split)")
 
 
 class TokenizerConfig(Section):
@@ -64,20 +66,20 @@ class PretrainConfig(Section):
     max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of the peak")
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, description="steps of linear learning-rate warmup from 0 to the peak")
     schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="cosine decay, or warmup-stable-decay")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying at the end")
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay of matrices and embeddings (not norms)")
+    beta1: float = Field(0.9, description="AdamW beta1 (momentum of the gradient average)")
+    beta2: float = Field(0.95, description="AdamW beta2 (momentum of the squared-gradient average)")
     grad_clip: float = Field(1.0, ge=0, description="clip gradient norm to this; 0 = off")
     eval_every: int = Field(100, ge=1, description="validation loss and bits-per-byte every N steps")
     eval_batches: int = Field(8, ge=1, description="micro-batches per validation")
     save_every: int = Field(200, ge=1, description="checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
     sample_every: int = Field(0, ge=0, description="print sample text every N steps; 0 = at checkpoints only")
-    sample_prompt: str = "The"
-    seed: int = 1337
+    sample_prompt: str = Field("The", description="prompt of the sample text printed during training")
+    seed: int = Field(1337, description="seed of the model initialisation and the batch order")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile: auto = on CUDA only")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
@@ -85,26 +87,26 @@ class PretrainConfig(Section):
 
 
 class SFTConfig(Section):
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="passes over the training conversations (fractions allowed)")
     max_steps: int = Field(-1, description="stop after N steps; -1 = run all epochs")
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_seq_len: int = Field(512, ge=16)
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(2e-4, gt=0, description="peak learning rate (cosine decay after warmup)")
+    batch_size: int = Field(8, ge=1, description="conversations (or packed sequences) per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_seq_len: int = Field(512, ge=16, description="tokens per sequence; longer conversations are truncated")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of the steps spent warming up the learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     packing: bool = Field(False, description="pack several conversations into one sequence")
     lora: bool = Field(False, description="train a LoRA adapter instead of all weights")
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_r: int = Field(16, ge=1, description="LoRA rank (size of the low-rank update)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scale: the update is multiplied by lora_alpha / lora_r")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
     lora_target_modules: list[str] | str = Field("all-linear", description="module names, or all-linear")
     qlora: bool = Field(False, description="4-bit base weights (bitsandbytes, CUDA only) + LoRA")
-    val_fraction: float = Field(0.05, ge=0, lt=1)
-    eval_every: int = Field(50, ge=1)
-    save_every: int = Field(100, ge=1)
-    seed: int = 42
-    device: str = "auto"
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of conversations (by content hash) in validation")
+    eval_every: int = Field(50, ge=1, description="validation loss every N steps")
+    save_every: int = Field(100, ge=1, description="checkpoint every N steps (under OUT/checkpoints)")
+    seed: int = Field(42, description="seed of new weights' initialisation (LoRA, added tokens) and the data order")
+    device: str = Field("auto", description="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1, mps")
     group_by_length: bool = Field(True, description="without packing: batch conversations of similar length (less padding)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
@@ -113,26 +115,27 @@ class SFTConfig(Section):
 
 
 class GenerateConfig(Section):
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.8, ge=0, description="0 = greedy")
-    top_k: int = Field(50, ge=0, description="0 = off")
-    top_p: float = Field(0.95, gt=0, le=1)
-    repetition_penalty: float = Field(1.1, gt=0)
-    seed: int | None = None
+    max_new_tokens: int = Field(256, ge=1, description="longest answer, in tokens")
+    temperature: float = Field(0.8, ge=0, description="sampling temperature: higher is more varied; 0 = greedy")
+    top_k: int = Field(50, ge=0, description="sample from the k most likely tokens only; 0 = off")
+    top_p: float = Field(0.95, gt=0, le=1, description="sample from the most likely tokens that hold this much "
+                         "probability (nucleus sampling); 1 = off")
+    repetition_penalty: float = Field(1.1, gt=0, description="> 1 makes tokens already in the text less likely")
+    seed: int | None = Field(None, description="random seed for reproducible samples; null = a new one each time")
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 serves other machines too (set api_key)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     db: str = Field("sqlite:///gptsmith.db", description="SQLAlchemy URL of the conversation and feedback store")
     api_key: str | None = Field(None, description="require this key (also read from GPTSMITH_API_KEY)")
     backend_url: str | None = Field(None, description="front another OpenAI-compatible server instead of a local model")
     backend_model: str | None = Field(None, description="model id to ask the backend for; default: the first it lists")
     device: str = Field("auto", description="where the local model runs: auto, cpu, cuda, cuda:1, mps")
-    max_batch_size: int = Field(16, ge=1)
-    max_tokens_limit: int = Field(2048, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1)
-    max_messages: int = Field(200, ge=1)
+    max_batch_size: int = Field(16, ge=1, description="local model: most sequences decoded together in one batch")
+    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens one request may ask for")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="largest request body accepted, in bytes")
+    max_messages: int = Field(200, ge=1, description="most messages one chat request may carry")
     max_n: int = Field(8, ge=1, description="most choices (n x prompts) one request may ask for")
     store_flush_seconds: float = Field(0.5, ge=0, description="save a streaming answer's text this often")
     rate_limit_per_minute: int = Field(600, ge=0, description="requests per minute per key; 0 = off")
@@ -141,17 +144,24 @@ class ServeConfig(Section):
                                      "under load. 0 = one chunk per token")
     torch_threads: int = Field(0, ge=0, description="CPU threads for the local model's math; 0 = auto: all cores "
                                "but one, which the HTTP event loop needs")
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list, description="other web origins allowed to call the API "
+                                    "from a browser, e.g. [\"https://app.example\"]")
 
 
 class ProjectConfig(Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
+    data: DataConfig = Field(default_factory=DataConfig,
+                             description="reading, cleaning, de-duplicating and splitting inputs (prepare, data; on_error: sft too)")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig,
+                                       description="the byte-level BPE tokenizer (prepare, tokenizer train)")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model's size and shape (pretrain)")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig,
+                                     description="pretraining on token shards (pretrain, quickstart)")
+    sft: SFTConfig = Field(default_factory=SFTConfig,
+                           description="supervised fine-tuning on conversations (sft, quickstart)")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig,
+                                     description="sampling defaults (generate, chat, serve)")
+    serve: ServeConfig = Field(default_factory=ServeConfig,
+                               description="the OpenAI-compatible server, web UI and store (serve, feedback export)")
 
 
 class ConfigError(ValueError):
@@ -258,9 +268,37 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(_format_error(e, source)) from None
 
 
+CONFIG_HEADER = ("gptsmith config: every key, with what it does above it. Use it with --config FILE; "
+                 "a key can also be set on the command line as --section.key VALUE.")
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    return [f"{indent}# {line}" for line in textwrap.wrap(text, 100 - len(indent) - 2)]
+
+
+def _yaml_entry(key: str, value: Any, indent: str) -> list[str]:
+    text = yaml.safe_dump({key: value}, sort_keys=False, allow_unicode=True, default_flow_style=False, width=10**6)
+    return [indent + line for line in text.splitlines()]
+
+
+def to_yaml(cfg: ProjectConfig) -> str:
+    """The config as YAML with each key's description (and its default, where the value differs) as a comment
+    above it: a file that documents itself and loads back (`load_config`) to the same config."""
+    values = cfg.model_dump(mode="json")
+    lines = _comment(CONFIG_HEADER, "")
+    for section, section_field in ProjectConfig.model_fields.items():
+        lines += ["", *_comment(section_field.description or "", ""), f"{section}:"]
+        for key, field in section_field.annotation.model_fields.items():
+            value = values[section][key]
+            default = field.get_default(call_default_factory=True)
+            note = "" if value == default else f" (default: {json.dumps(default, ensure_ascii=False)})"
+            lines += _comment((field.description or "") + note, "  ") + _yaml_entry(key, value, "  ")
+    return "\n".join(lines) + "\n"
+
+
 def save_config(cfg: ProjectConfig, out_dir: str | Path) -> Path:
-    from gptsmith.files import atomic_write_yaml
+    from gptsmith.files import atomic_write_text
 
     path = Path(out_dir) / CONFIG_FILENAME
-    atomic_write_yaml(path, cfg.model_dump(mode="json"))
+    atomic_write_text(path, to_yaml(cfg))
     return path

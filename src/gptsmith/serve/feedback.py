@@ -1,6 +1,6 @@
 """Turn stored ratings and corrections into training data in TRL's conversational formats.
 
-    gptsmith feedback export --db sqlite:///gptsmith.db --format dpo --out prefs.jsonl
+    gptsmith feedback export --format dpo --out prefs.jsonl     # the store of serve.db (--config), or --db URL
 
 - sft: `{"messages": [...history, {"role": "assistant", "content": ANSWER}]}` for every correction (the user's
   better answer) and every thumbs-up answer that has no correction. A correction wins over the thumb on the
@@ -81,8 +81,8 @@ def export(db_url: str, fmt: str, out: str | Path) -> int:
     if db_url.startswith("sqlite:///") and db_url != "sqlite:///:memory:":
         path = Path(db_url.removeprefix("sqlite:///"))
         if not path.is_file():
-            raise InputError(f"feedback store not found: {path} (from --db {db_url}); pass the URL `gptsmith serve` "
-                             "used, e.g. --db sqlite:///gptsmith.db")
+            raise InputError(f"feedback store not found: {path} (serve.db = {db_url}); pass the store `gptsmith serve` "
+                             "used: --db URL, or serve.db in --config FILE")
     store = Store(db_url)
     try:
         rows = build_examples(store, fmt)

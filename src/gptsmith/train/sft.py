@@ -197,6 +197,24 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 
 
+COMPACT_LM_HEAD = "compact (assistant tokens only)"
+
+
+def trl_has_fused_lm_head(model) -> bool:
+    """Whether the installed TRL has the internals the compact head plugs into: `FusedCausalLMOutput`, and a model
+    forward that SFTTrainer patched to take `fused_lm_head=` (`add_fused_lm_head`). TRL's main branch has neither
+    (its SFTTrainer takes the loss from the model's own forward). Detected on the objects themselves, not from a
+    version number, so any TRL that has them gets the speed-up and any other trains on TRL's own path."""
+    import inspect
+
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput  # noqa: F401
+    except ImportError:
+        return False
+    # TRL's patched forward wraps the model's signature (functools.wraps); its own parameters are the wrapper's
+    return "fused_lm_head" in inspect.signature(model.forward, follow_wrapped=False).parameters
+
+
 def use_compact_lm_head(model) -> bool:
     """On CPU (and MPS) score only the assistant tokens, with the model's own LM head and torch's cross-entropy.
 
@@ -213,6 +231,8 @@ def use_compact_lm_head(model) -> bool:
     import functools
     import types
 
+    if not trl_has_fused_lm_head(model):
+        return False
     from trl.trainer.utils import FusedCausalLMOutput
 
     text_config = model.config.get_text_config()
@@ -286,10 +306,21 @@ def build_trainer(model_id: str, train: list[Messages], val: list[Messages], out
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, peft_config=_lora_config(cfg) if s.lora or s.qlora else None,
                          callbacks=callbacks)
-    if device == "cpu" or device.startswith("mps"):  # CUDA: TRL's Triton kernel is already compact
-        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        info["lm_head"] = "compact (assistant tokens only)" if use_compact_lm_head(base) else "TRL fused"
+    info["lm_head"] = _choose_lm_head(trainer.model, device)
+    print(f"sft: LM head: {info['lm_head']}")
     return trainer, info
+
+
+def _choose_lm_head(model, device: str) -> str:
+    """Apply the compact CPU head where it can run; returns which LM head path this run takes (for the log)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not trl_has_fused_lm_head(base):
+        return "TRL standard (this TRL has no fused-LM-head internals for the compact CPU head)"
+    if not (device == "cpu" or device.startswith("mps")):  # CUDA: TRL's Triton kernel is already compact
+        return "TRL fused (its GPU kernel scores the assistant tokens only)"
+    if use_compact_lm_head(base):
+        return COMPACT_LM_HEAD
+    return "TRL fused (the compact head does not apply: the model transforms its logits or routes experts)"
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -393,15 +424,17 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
     s = cfg.sft
     out = Path(out)
     model_id = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not resume:  # the same rule as pretrain: a user's checkpoints go only when asked
+        raise InputError(f"{out} already holds checkpoints of a run (latest {ckpt.name}); pass --resume to continue "
+                         "it, choose another --out, or pass --overwrite to delete them and start over")
     loaded = load_chat_data(data, on_error=cfg.data.on_error)
     train, val = split_conversations(loaded.conversations, s.val_fraction)
     identity = {"parent_model": model_id, "data": _data_identity(data, loaded)}
     print(f"sft: {len(train)} train / {len(val)} validation conversations ({loaded.format}; skipped {loaded.skipped}"
           + (f": {dict(loaded.problems)}" if loaded.problems else "") + f") from {data}")
 
-    ckpt = None
     if resume:
-        ckpt = latest_checkpoint(out)
         prev = json.loads((out / RUN_FILENAME).read_text()) if (out / RUN_FILENAME).is_file() else None
         if ckpt is None:
             print(f"sft: no finished checkpoint under {out / 'checkpoints'}; starting from the beginning")
@@ -410,7 +443,9 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
                              f"({prev['data']['path']} @ {prev['parent_model']}); use the same --data and --model, "
                              "or drop --resume to start over")
     if ckpt is None and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")  # a fresh run must not rotate or resume a previous run's checkpoints
+        # only saves cut off by a kill (no trainer_state.json): nothing to resume, and the Trainer's checkpoint
+        # rotation must not count them
+        shutil.rmtree(out / "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / RUN_FILENAME, identity)
     save_config(cfg, out)
@@ -459,9 +494,9 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
     return metrics
 
 
-def merge_lora(adapter, out, base: str | None = None) -> Path:
+def merge_lora(adapter, out, base: str | None = None, cfg: ProjectConfig | None = None) -> Path:
     """Merge a LoRA adapter into its base model and save a plain HF model dir (tokenizer, chat template,
-    generation config) that loads without peft."""
+    generation config) that loads without peft; `cfg`, when given, is written beside it as gptsmith.yaml."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -481,5 +516,7 @@ def merge_lora(adapter, out, base: str | None = None) -> Path:
     new_lineage = {**lineage, "stage": "merge-lora", "adapter": str(adapter.resolve()), "base": str(base)}
     save_model_dir(merged, tokenizer, out, lineage=new_lineage,
                    generation_config=_generation_config(merged, tokenizer, str(base)))
+    if cfg is not None:
+        save_config(cfg, out)
     print(f"merge-lora: wrote {out}")
     return Path(out)
