@@ -444,8 +444,14 @@ def test_a_time_budget_run_stopped_and_resumed_equals_the_uninterrupted_one(work
     assert_same_weights(weights(tmp_path / "split"), weights(tmp_path / "whole"), tol=1e-6)
     assert lrs_by_step(tmp_path / "split") == pytest.approx(lrs_by_step(tmp_path / "whole"))
 
+    # a new --minutes on resume is a new budget for the whole run: planned again (after 1 + 5 timed steps)
+    monkeypatch.setattr(loop, "plan_time_budget", lambda **kw: 26)
+    longer = pretrain(workdir, tmp_path / "whole", make_cfg(max_steps=200, max_minutes=60, eval_every=5,
+                                                            save_every=5), resume=True)
+    assert longer["step"] == 26 and longer["stop_reason"] == "time budget (60 min)"
 
-# ---------------------------------------------------------------------------------------------- continued pretraining of any causal LM
+
+# ---------------------------------------------------------------------------------------------- init-from any causal LM
 
 def foreign_tokenizer(texts, with_bos: bool):
     """A byte-level BPE with <s>/</s> special tokens and no <|endoftext|>, as many open models have."""

@@ -40,10 +40,10 @@ from gptsmith.train.common import (Dist, LRSchedule, MetricsLog, StopOnSigint, a
 __all__ = ["pretrain", "evaluate", "read_manifest", "TokenShards", "batch_rng", "lm_loss", "sample_text"]
 
 SAMPLE_TOKENS = 48
-# What a resumed run may change: its length and how it reports. Everything else (model shape, data order,
-# optimizer, schedule) is the saved run's, or the resumed run would not continue the same training.
-CHANGEABLE_ON_RESUME = frozenset({"max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-                                  "sample_every", "sample_prompt", "compile", "device", "dtype"})
+# What a resumed run may change: its length, where it runs and how it reports. Everything else (model shape,
+# data order, optimizer, schedule) is the saved run's, or the resumed run would not continue the same training.
+CHANGEABLE_ON_RESUME = frozenset({"max_steps", "max_minutes", "eval_every", "eval_batches", "save_every",
+                                  "keep_checkpoints", "sample_every", "sample_prompt", "compile", "device", "dtype"})
 
 
 def batch_rng(seed: int, step: int, micro: int) -> np.random.Generator:
@@ -335,7 +335,7 @@ def build_run(data_dir: Path, out_dir: Path, cfg: ProjectConfig, dist: Dist, dev
                           pc.eval_batches * pc.batch_size, dist)
     tokens_per_step = pc.batch_size * pc.seq_len * pc.grad_accum * dist.world_size
     run = PretrainRun(cfg, data_dir, out_dir, dist, device, amp_dtype, model, fwd_model, train_model, tokenizer,
-                      int(manifest.get("bos_token_id", separator_id(tokenizer, data_dir))), pc.init_from,
+                      _separator(manifest, tokenizer, data_dir), pc.init_from,
                       optimizer, scaler, train_data, val, new_schedule(pc), None, tokens_per_step,
                       flops_per_token(model, pc.seq_len), peak_flops(device, amp_dtype) if dist.main else float("nan"))
     run.budget_planned = pc.max_minutes is None
@@ -348,6 +348,13 @@ def build_run(data_dir: Path, out_dir: Path, cfg: ProjectConfig, dist: Dist, dev
         run.log = MetricsLog(out_dir, state["metrics"] if state else [], purge_step=run.step + 1)
         announce(run, context)
     return run
+
+
+def _separator(manifest: dict, tokenizer, data_dir: Path) -> int:
+    """The token the shards put before each document (older manifests may lack it: the tokenizer's)."""
+    if manifest.get("bos_token_id") is not None:
+        return int(manifest["bos_token_id"])
+    return separator_id(tokenizer, data_dir)
 
 
 def _wrap(model, pc, dist: Dist, device: torch.device):
@@ -380,10 +387,16 @@ def restore(run: PretrainRun, state: dict, latest: Path) -> None:
 
 
 def apply_resume_changes(run: PretrainRun, changes: dict) -> None:
-    """A new --max-steps on resume: honoured, and said, with the LR schedule re-planned (LRSchedule.with_total)."""
-    if "max_steps" not in changes:
-        return
-    old, new = changes["max_steps"]
+    """A new length on resume is honoured, and said. --max-steps: the LR schedule is re-planned for it
+    (LRSchedule.with_total). --minutes alone: a new budget for the whole run's training time, calibrated
+    again from here; with --max-steps too, the step count wins and the budget only stops the run."""
+    if "max_steps" in changes:
+        _new_max_steps(run, changes["max_steps"][1])
+    elif "max_minutes" in changes:
+        _new_time_budget(run, changes["max_minutes"][1])
+
+
+def _new_max_steps(run: PretrainRun, new: int) -> None:
     if new < run.step:
         raise InputError(f"{run.resumed_from}: the run is already at step {run.step}, so --max-steps {new} cannot "
                          f"be honoured; pass a count of at least {run.step}")
@@ -395,6 +408,16 @@ def apply_resume_changes(run: PretrainRun, changes: dict) -> None:
                 f"its end on step {new}")
     run.say(f"resuming at step {run.step} with max_steps {new} (the run was planned for {before.total_steps}): "
             f"training to step {new}; {how}")
+
+
+def _new_time_budget(run: PretrainRun, minutes: float | None) -> None:
+    # the calibration plans from max_steps down, so the schedule first spans max_steps again
+    run.schedule = run.schedule.with_total(run.step, run.pc.max_steps)
+    run.budget_planned = minutes is None
+    used = run.seconds_before / 60
+    run.say(f"resuming at step {run.step} with " + (f"a time budget of {minutes:g} min for the whole run ({used:.1f} "
+            f"min used): the step count is planned again" if minutes else f"no time budget: training to step "
+            f"{run.pc.max_steps}"))
 
 
 def announce(run: PretrainRun, context: int) -> None:
@@ -536,7 +559,7 @@ def calibrate_time_budget(run: PretrainRun, sigint) -> str | None:
     per_step = (time.perf_counter() - t0) / (run.step - timed_from)
     left = pc.max_minutes * 60 - run.seconds_used()
     total = plan_time_budget(step=run.step, seconds_per_step=per_step, seconds_left=left, max_steps=pc.max_steps)
-    total = int(all_reduce_mean([float(total)], run.dist, run.device)[0])
+    total = max(run.step, int(all_reduce_mean([float(total)], run.dist, run.device)[0]))
     run.schedule = run.schedule.with_total(run.step, total)
     run.budget_planned = True
     run.bar.total = total
