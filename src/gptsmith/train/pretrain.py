@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -379,10 +379,13 @@ def restore(run: PretrainRun, state: dict, latest: Path) -> None:
     set_rng_state(state["rng"])
     run.step = run.start_step = state["step"]
     run.last.update(state.get("last", {}))
-    if state.get("schedule"):
-        run.schedule = LRSchedule(**state["schedule"])
     run.seconds_before = float(state.get("train_seconds", 0.0))
     run.budget_planned = bool(state.get("budget_planned", run.pc.max_minutes is None))
+    if state.get("schedule"):
+        run.schedule = LRSchedule(**state["schedule"])
+    elif state.get("plan"):  # checkpoints of gptsmith before the LRSchedule: {"steps": total, "fixed": planned}
+        run.schedule = replace(run.schedule, total_steps=int(state["plan"]["steps"]))
+        run.budget_planned = bool(state["plan"].get("fixed", True))
     run.resumed_from = latest
 
 
