@@ -72,7 +72,8 @@ def project_config(args):
 
 def batches(work: Path, cfg):
     """Exactly the batches gptsmith's loop draws, step by step."""
-    from gptsmith.train.pretrain import TokenShards, batch_rng, read_manifest
+    from gptsmith.data.shards import TokenShards, read_manifest
+    from gptsmith.train.pretrain import batch_rng
 
     data = TokenShards.open(work, read_manifest(work), "train")
     pc = cfg.pretrain
@@ -103,19 +104,22 @@ def run_gptsmith(work: Path, cfg, args) -> float:
 
     out = Path(tempfile.mkdtemp()) / "model"
     times: list[float] = []
-    # time every optimizer step by wrapping the scheduler's step, which the loop calls once per step
-    orig = torch.optim.lr_scheduler.LambdaLR.step
+    # time every optimizer step by wrapping the loop's one-step function
+    import gptsmith.train.pretrain as loop
+    orig = loop.train_step
 
-    def timed_step(self, *a, **k):
-        r = orig(self, *a, **k)
-        if self.last_epoch > 0:
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
+    def timed_step(run):
+        r = orig(run)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
         return r
 
-    torch.optim.lr_scheduler.LambdaLR.step = timed_step
-    pretrain(work, out, cfg)
+    loop.train_step = timed_step
+    try:
+        pretrain(work, out, cfg)
+    finally:
+        loop.train_step = orig
     return steady_tokens_per_s(times, cfg.pretrain.batch_size * cfg.pretrain.seq_len, args.warmup)
 
 
@@ -292,7 +296,7 @@ def main() -> None:
         work = make_workdir(Path(tmp) / "work", args.vocab_size)
         cfg = project_config(args)
         model = hf_model(work, cfg)
-        fpt = flops_per_token(model.config, args.seq_len)
+        fpt = flops_per_token(model, args.seq_len)
         dev = torch.device(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)

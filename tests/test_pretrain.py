@@ -138,10 +138,38 @@ def test_validation_loss_falls_and_output_is_a_plain_hf_model(workdir, reference
     assert [d.name for _, d in checkpoint_dirs(out / "checkpoints")] == ["step_000020", "step_000030"]  # keep 2
 
 
-def test_bits_per_byte_follow_from_loss(workdir, reference_run):
-    _, metrics = reference_run
-    split = read_manifest(workdir)["splits"]["val"]
-    assert metrics["val_bpb"] == pytest.approx(metrics["val_loss"] / math.log(2) * split["tokens"] / split["bytes"])
+def test_bits_per_byte_are_the_scored_windows_loss_over_their_own_bytes(tmp_path, tokenizer_dir):
+    """Windows of very uneven bytes/token: bpb must be the scored windows' nats over those windows' bytes,
+    not their loss scaled by the whole split's bytes/token."""
+    import shutil
+    from gptsmith.model import build_model, llama_config, resolve_shape
+    from gptsmith.tokenizer import load_tokenizer
+    from gptsmith.train.pretrain import lm_loss
+
+    tok = load_tokenizer(tokenizer_dir)
+    seq_len = 16
+    dense = tok.encode(" return the value of the function" * 8, add_special_tokens=False)[:seq_len - 1]
+    sparse = tok.encode("{[()]}~^`$%#@!" * 8, add_special_tokens=False)[:seq_len - 1]
+    # every document is separator + 15 tokens, so window k's targets are document k's tokens + the next separator
+    docs = [dense, sparse, dense, dense] + [sparse] * 12
+    ids = [t for d in docs for t in [tok.bos_token_id] + d] + [tok.bos_token_id]
+    (tmp_path / "w" / "tokens").mkdir(parents=True)
+    shutil.copytree(tokenizer_dir, tmp_path / "w" / "tokenizer")
+    np.array(ids, dtype=np.uint16).tofile(tmp_path / "w" / "tokens" / "val_00000.bin")
+    doc_bytes = [len(tok.decode(d, clean_up_tokenization_spaces=False).encode("utf-8")) for d in docs]  # ASCII: exact
+    (tmp_path / "w" / "tokens" / "manifest.json").write_text(json.dumps({
+        "format": "gptsmith.tokens.v1", "dtype": "uint16", "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+        "tokenizer": "tokenizer", "splits": {"val": {"files": ["val_00000.bin"], "tokens": len(ids),
+                                                     "documents": len(docs), "bytes": sum(doc_bytes)}}}))
+    model = build_model(llama_config(resolve_shape(make_cfg().model), len(tok), 0, tok.eos_token_id,
+                                     tok.pad_token_id), seed=0)
+
+    res = evaluate(model, tmp_path / "w", seq_len, batches=2, batch_size=2)  # the first 4 windows
+    windows = torch.tensor([ids[k * seq_len:(k + 1) * seq_len + 1] for k in range(4)], dtype=torch.long)
+    with torch.no_grad():
+        nats = lm_loss(model, windows).item() * 4 * seq_len
+    assert res["loss"] == pytest.approx(nats / (4 * seq_len), rel=1e-5)
+    assert res["bpb"] == pytest.approx(nats / math.log(2) / sum(doc_bytes[:4]), rel=1e-5)
 
 
 def test_same_seed_same_result_and_other_seed_differs(workdir, reference_run, tmp_path):
@@ -311,3 +339,257 @@ def test_lr_schedules():
     assert lr_multiplier(90, **wsd) == pytest.approx(0.55)
     assert lr_multiplier(100, **wsd) == pytest.approx(0.1)
     assert lr_multiplier(99, **dict(kw, schedule="constant")) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- resume semantics
+
+def copy_run(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def lrs_by_step(out_dir):
+    return {r["step"]: r["train/lr"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
+            if "train/lr" in r}
+
+
+def test_resume_with_a_larger_max_steps_trains_to_it_and_says_so(workdir, reference_run, tmp_path, capfd):
+    ref_out, _ = reference_run
+    out = copy_run(ref_out, tmp_path / "model")
+    capfd.readouterr()
+    metrics = pretrain(workdir, out, make_cfg(max_steps=40), resume=True)
+    printed = capfd.readouterr().out
+    assert metrics["step"] == 40 and metrics["tokens_seen"] == 40 * 8 * 64
+    assert "max_steps 40 (the run was planned for 30): training to step 40" in printed
+    assert json.loads((out / "gptsmith_lineage.json").read_text())["metrics"]["step"] == 40
+    assert find_latest_checkpoint(out / "checkpoints").name == "step_000040"
+    # the finished run's LR had decayed to its end; the extension continues there instead of jumping back up
+    lrs = lrs_by_step(out)
+    end = PRETRAIN["lr"] * 0.1
+    assert lrs[30] == pytest.approx(end) and all(lrs[s] == pytest.approx(end) for s in lrs if s > 30)
+
+
+def test_resume_with_more_steps_before_the_decay_equals_a_run_planned_that_long(workdir, tmp_path):
+    short = dict(max_steps=4, warmup_steps=5, eval_every=4, save_every=4)
+    pretrain(workdir, tmp_path / "a", make_cfg(**short))
+    extended = pretrain(workdir, tmp_path / "a", make_cfg(**dict(short, max_steps=8)), resume=True)
+    planned = pretrain(workdir, tmp_path / "b", make_cfg(**dict(short, max_steps=8)))
+    assert extended["step"] == planned["step"] == 8
+    assert extended["val_loss"] == pytest.approx(planned["val_loss"], abs=1e-6)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"), tol=1e-6)
+
+
+def test_resume_refuses_fewer_steps_than_done(workdir, reference_run, tmp_path):
+    out = copy_run(reference_run[0], tmp_path / "model")
+    with pytest.raises(InputError, match="already at step 30, so --max-steps 20 cannot be honoured"):
+        pretrain(workdir, out, make_cfg(max_steps=20), resume=True)
+
+
+def test_resume_without_the_original_flags_takes_the_runs_saved_config(workdir, reference_run, tmp_path, capsys):
+    from gptsmith.cli import main
+
+    ref_out, ref = reference_run
+    out = copy_run(ref_out, tmp_path / "model")
+    # the README's resume line: no --preset, no schedule flags (the defaults are another model and schedule)
+    rc = main(["pretrain", "--data", str(workdir), "--out", str(out), "--resume"])
+    assert rc == 0, capsys.readouterr().err
+    lineage = json.loads((out / "gptsmith_lineage.json").read_text())
+    assert lineage["config"]["model"]["preset"] == "test" and lineage["config"]["pretrain"]["seq_len"] == 64
+    assert lineage["metrics"]["step"] == 30
+    assert lineage["metrics"]["val_loss"] == pytest.approx(ref["val_loss"], abs=1e-6)
+
+
+def test_resume_refuses_settings_that_change_the_model_or_the_training(workdir, reference_run, tmp_path):
+    out = copy_run(reference_run[0], tmp_path / "model")
+    tiny = ProjectConfig.model_validate({"model": {"preset": "tiny"}, "pretrain": PRETRAIN})
+    with pytest.raises(InputError, match=r"model preset 'tiny' \(the run's: 'test'\).*another --out"):
+        pretrain(workdir, out, tiny, resume=True)
+    with pytest.raises(InputError, match=r"pretrain.lr 0.01 \(the run's: 0.003\)"):
+        pretrain(workdir, out, make_cfg(lr=0.01), resume=True)
+    # the same shape spelled differently is no conflict
+    same = ProjectConfig.model_validate({"model": {"preset": "test", "n_layer": 2}, "pretrain": PRETRAIN})
+    assert pretrain(workdir, out, same, resume=True)["step"] == 30
+
+
+def test_a_time_budget_run_stopped_and_resumed_equals_the_uninterrupted_one(workdir, tmp_path, monkeypatch):
+    import gptsmith.train.pretrain as loop
+
+    # the calibration's timing decides the step count; fix its result so the test, not the clock, decides
+    monkeypatch.setattr(loop, "plan_time_budget", lambda **kw: 16)
+    cfg = make_cfg(max_steps=200, max_minutes=30, eval_every=5, save_every=5)
+    whole = pretrain(workdir, tmp_path / "whole", cfg)
+    assert whole["step"] == 16 and whole["stop_reason"] == "time budget (30 min)"
+
+    real_checkpoint = loop.checkpoint
+
+    def checkpoint_then_die(run):
+        real_checkpoint(run)
+        if run.step == 10:
+            raise SystemExit("killed right after the step-10 checkpoint")
+
+    monkeypatch.setattr(loop, "checkpoint", checkpoint_then_die)
+    with pytest.raises(SystemExit):
+        pretrain(workdir, tmp_path / "split", cfg)
+    assert not (tmp_path / "split" / "model.safetensors").exists()
+
+    def no_recalibration(**kw):
+        raise AssertionError("a resumed run must reuse the saved plan, not calibrate again")
+
+    monkeypatch.setattr(loop, "checkpoint", real_checkpoint)
+    monkeypatch.setattr(loop, "plan_time_budget", no_recalibration)
+    resumed = pretrain(workdir, tmp_path / "split", cfg, resume=True)
+    assert resumed["step"] == 16
+    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-6)
+    assert_same_weights(weights(tmp_path / "split"), weights(tmp_path / "whole"), tol=1e-6)
+    assert lrs_by_step(tmp_path / "split") == pytest.approx(lrs_by_step(tmp_path / "whole"))
+
+    # a new --minutes on resume is a new budget for the whole run: planned again (after 1 + 5 timed steps)
+    monkeypatch.setattr(loop, "plan_time_budget", lambda **kw: 26)
+    longer = pretrain(workdir, tmp_path / "whole", make_cfg(max_steps=200, max_minutes=60, eval_every=5,
+                                                            save_every=5), resume=True)
+    assert longer["step"] == 26 and longer["stop_reason"] == "time budget (60 min)"
+
+
+# ---------------------------------------------------------------------------------------------- init-from any causal LM
+
+def foreign_tokenizer(texts, with_bos: bool):
+    """A byte-level BPE with <s>/</s> special tokens and no <|endoftext|>, as many open models have."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if with_bos else None, eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_init_from_any_causal_lm_with_its_own_tokenizer(arch, tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from gptsmith.data.pipeline import clean, tokenize
+
+    texts = python_doc_texts(60)
+    # GPT-2 style: eos only, no num_key_value_heads / intermediate_size; Llama style: bos <s> and eos </s>
+    tok = foreign_tokenizer(texts, with_bos=arch == "llama")
+    assert "<|endoftext|>" not in tok.get_vocab()
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                           eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                             max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                                             eos_token_id=tok.eos_token_id))
+    parent = tmp_path / "parent"
+    model.save_pretrained(parent)
+    tok.save_pretrained(parent)
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(texts):
+        (docs / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    cfg = ProjectConfig.model_validate({"data": {"val_fraction": 0.1}, "model": {"preset": "test"},
+                                        "pretrain": {**PRETRAIN, "max_steps": 10, "save_every": 10,
+                                                     "init_from": str(parent)}})
+    clean([str(docs)], tmp_path / "work", cfg)
+    manifest = tokenize(tmp_path / "work", cfg, tokenizer_dir=parent)  # the fix the error message suggests
+    separator = tok.bos_token_id if arch == "llama" else tok.eos_token_id
+    assert manifest["bos_token_id"] == separator
+
+    metrics = pretrain(tmp_path / "work", tmp_path / "out", cfg)
+    assert metrics["step"] == 10 and metrics["val_bpb"] < metrics["val_bpb_before"]
+    assert metrics["mfu"] > 0
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert out.config.model_type == arch  # its architecture is kept, not converted
+    assert json.loads((tmp_path / "out" / "gptsmith_lineage.json").read_text())["parent_model"] == str(parent)
+
+
+def test_flops_per_token_matches_the_llama_formula_and_counts_any_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from gptsmith.config import ModelConfig
+    from gptsmith.model import build_model, flops_per_token, llama_config, resolve_shape
+
+    model = build_model(llama_config(resolve_shape(ModelConfig(preset="test")), 512, 0, 5, 1))
+    c, seq = model.config, 64
+    d, L, kv = c.hidden_size, c.num_hidden_layers, c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    n = L * (2 * d * d + 2 * d * kv + 3 * d * c.intermediate_size) + d * c.vocab_size
+    assert flops_per_token(model, seq) == 6.0 * n + 12.0 * L * d * seq
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4))
+    n = 2 * (64 * 3 * 64 + 64 * 64 + 2 * 64 * 256) + 64 * 512  # c_attn, c_proj, mlp c_fc + c_proj, lm_head
+    assert flops_per_token(gpt2, seq) == 6.0 * n + 12.0 * 2 * 64 * seq
+
+
+# ---------------------------------------------------------------------------------------------- shared pieces
+
+def test_the_token_shard_format_lives_in_one_module():
+    from pathlib import Path
+    import gptsmith
+    import gptsmith.data.shards as shards
+    import gptsmith.train.pretrain as loop
+
+    src = Path(gptsmith.__file__).parent
+    assert sum(f.read_text().count('"gptsmith.tokens.v1"') for f in src.rglob("*.py")) == 1
+    assert loop.TokenShards is shards.TokenShards and loop.read_manifest is shards.read_manifest
+
+
+def test_peak_flops_come_from_the_table_for_the_dtype_that_runs(monkeypatch):
+    from gptsmith.train.common import matmul_kind, peak_flops, table_peak_flops
+
+    monkeypatch.delenv("GPTSMITH_PEAK_FLOPS", raising=False)
+    assert table_peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert table_peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert table_peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12  # not the SXM figure
+    assert table_peak_flops("NVIDIA L40S", "tf32") == 183e12 and table_peak_flops("NVIDIA L4", "tf32") == 60e12
+    assert table_peak_flops("Tesla T4", "bf16") is None  # no bf16 tensor cores: measured instead
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    assert peak_flops(cuda, torch.bfloat16) == 312e12
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert matmul_kind(cuda, None) == "tf32" and peak_flops(cuda, None) == 156e12
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert matmul_kind(cuda, None) == "fp32" and peak_flops(cuda, None) == 19.5e12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert matmul_kind(torch.device("cpu"), None) == "fp32"
+
+
+def test_one_device_rule_for_pretrain_sft_and_the_engine(monkeypatch, tiny_model_dir):
+    import gptsmith.device as device
+    from gptsmith.engine.core import Engine
+    from gptsmith.train.sft import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "mps_available", lambda: True)
+    assert device.select_device("auto") == torch.device("mps") and resolve_device("auto") == "mps"
+    monkeypatch.setattr(device, "mps_available", lambda: False)
+    assert device.select_device("auto") == torch.device("cpu") and resolve_device("auto") == "cpu"
+    with pytest.raises(InputError, match="pretrain.device is 'mps' but Apple MPS is not available"):
+        device.select_device("mps", setting="pretrain.device")
+    with pytest.raises(InputError, match="sft.device is 'cuda' but no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(InputError, match="'mps' but Apple MPS is not available"):
+        Engine.load(tiny_model_dir, device="mps")
+    with pytest.raises(InputError, match="'gpu' is not a device"):
+        device.select_device("gpu")
+
+
+def test_one_loss_plot_for_pretrain_and_sft(monkeypatch, tmp_path):
+    import gptsmith.train.common as common
+    from gptsmith.train.common import MetricsLog
+    from gptsmith.train.sft import save_loss_plot
+
+    drawn = []
+    monkeypatch.setattr(common, "save_loss_plot", lambda path, train, val, **kw: drawn.append((train, val)))
+    save_loss_plot([{"step": 1, "loss": 2.5}, {"step": 1, "eval_loss": 2.7}], tmp_path / "sft.png")
+    log = MetricsLog(tmp_path)
+    log.log(1, **{"train/loss": 3.0, "val/loss": 3.1})
+    log.plot()
+    log.writer.close()
+    assert drawn == [([(1, 2.5)], [(1, 2.7)]), ([(1, 3.0)], [(1, 3.1)])]

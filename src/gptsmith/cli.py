@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="optimizer steps (pretrain.max_steps)")
     p.add_argument("--minutes", type=float, help="stop after this many minutes (pretrain.max_minutes)")
     p.add_argument("--init-from", help="continue pretraining this HF model dir or hub id (pretrain.init_from)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR/checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR/checkpoints "
+                   "with the run's saved model and settings (a new --max-steps/--minutes is honoured)")
     p.add_argument("--overwrite", action="store_true", help="delete DIR/checkpoints of an earlier run and start over")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence (pretrain.seq_len)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (pretrain.batch_size)")

@@ -115,14 +115,19 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False, exclude_e
     return n
 
 
-def flops_per_token(config, seq_len: int) -> float:
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), the PaLM appendix B estimate used for MFU:
-    6 * N (non-embedding matmul params) + 12 * layers * d_model * seq_len (attention scores)."""
-    d, L = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size  # q,o + k,v + gate,up,down
-    n_matmul = L * per_layer + d * config.vocab_size  # lm_head is a matmul even when tied
-    return 6.0 * n_matmul + 12.0 * L * d * seq_len
+    6 * N (matmul parameters: every weight matrix but the embedding tables, plus the lm_head even when it
+    is tied to the input embedding) + 12 * layers * d_model * seq_len (attention scores).
+
+    Counted from the modules, so it holds for any architecture (Llama, GPT-2's Conv1D, ...)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n_matmul = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in tables)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in tables:  # tied: the same matrix is also the output matmul
+        n_matmul += head.weight.numel()
+    return 6.0 * n_matmul + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def default_generation_config(tokenizer) -> GenerationConfig:

@@ -255,8 +255,8 @@ def tokenize(workdir: str | os.PathLike, cfg: ProjectConfig, tokenizer_dir: str 
     """Tokenize WORKDIR/clean/{train,val}.jsonl into packed shards and WORKDIR/tokens/manifest.json."""
     from tokenizers import Tokenizer
 
-    from gptsmith.data.shards import FORMAT, dtype_for, tokenize_split
-    from gptsmith.tokenizer import BOS
+    from gptsmith.data.shards import FORMAT, dtype_for, separator_id, tokenize_split
+    from gptsmith.tokenizer import load_tokenizer
 
     workdir = Path(workdir)
     report = read_json(_require(workdir / "clean" / "report.json", "cleaning report",
@@ -265,9 +265,7 @@ def tokenize(workdir: str | os.PathLike, cfg: ProjectConfig, tokenizer_dir: str 
     tok_json = _require(tok_dir / "tokenizer.json", "tokenizer", "run `gptsmith tokenizer train` first, "
                                                                  "or pass --tokenizer DIR")
     tok = Tokenizer.from_file(str(tok_json))
-    bos_id = tok.token_to_id(BOS)
-    if bos_id is None:
-        raise InputError(f"{tok_json}: has no {BOS} token; train it with `gptsmith tokenizer train`")
+    bos_id = separator_id(load_tokenizer(tok_dir), tok_dir)  # any causal LM's tokenizer: its bos, else eos
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     workers = cfg.data.num_workers or os.cpu_count() or 1
     final = workdir / "tokens"

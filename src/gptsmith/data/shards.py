@@ -1,7 +1,10 @@
-"""Tokenize cleaned JSONL into packed token shards (the `gptsmith.tokens.v1` format, see `tokenize_split`).
+"""The packed token-shard format `gptsmith.tokens.v1`: its writer (`tokenize_split`), its reader
+(`TokenShards`) and the manifest check (`read_manifest`), so the format is defined in this one module.
 
-Each document is written as [bos] + tokens, back to back, as a flat little-endian uint16/uint32 array with no
-header, so `np.memmap(path, dtype, mode="r")` reads a shard. Worker processes each load the tokenizer once
+WORKDIR/tokens/manifest.json lists each split's shard files, token/document/byte counts, the dtype, the
+vocabulary size and the document separator (`bos_token_id`). Each document is written as [separator] +
+tokens, back to back, as a flat little-endian uint16/uint32 array with no header, so
+`np.memmap(path, dtype, mode="r")` reads a shard. Worker processes each load the tokenizer once
 and encode chunks of raw JSONL lines; the parent writes results in input order, so the shards are the same
 for any number of workers.
 """
@@ -13,10 +16,18 @@ import multiprocessing as mp
 import os
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
+
+from gptsmith.errors import InputError
+from gptsmith.files import read_json
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "gptsmith.tokens.v1"
 CHUNK_BYTES = 1 << 20  # ~1 MB of JSONL per task: big enough to amortise IPC, small enough to stream
@@ -130,3 +141,107 @@ def tokenize_split(jsonl: Path, out_dir: Path, split: str, tokenizer_json: Path,
             f.close()
         bar.close()
     return {"files": files, "tokens": tokens, "documents": docs, "bytes": nbytes}
+
+
+def separator_id(tokenizer, where: str | os.PathLike = "tokenizer") -> int:
+    """The token written before every document: the tokenizer's bos (`<|endoftext|>` in ours, `<s>` in
+    Llama's, `<|endoftext|>` in GPT-2's), else its eos, so any causal LM's tokenizer can pack a corpus.
+    `tokenizer` is a transformers tokenizer; `where` names it in the error."""
+    for name in ("bos_token_id", "eos_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None:
+            return int(tid)
+    raise InputError(f"{where}: the tokenizer has neither a bos nor an eos token, so documents cannot be "
+                     f"separated; set bos_token or eos_token in its tokenizer_config.json")
+
+
+# ---------------------------------------------------------------------------------------------- reader
+
+def read_manifest(data_dir: str | Path) -> dict:
+    data_dir = Path(data_dir)
+    path = data_dir / "tokens" / "manifest.json"
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir}: data directory not found; create it with "
+                         f"`gptsmith prepare INPUTS --out {data_dir}`")
+    if not path.is_file():
+        raise InputError(f"{path}: not found, so {data_dir} is not a prepared WORKDIR; run "
+                         f"`gptsmith prepare INPUTS --out {data_dir}` (or `gptsmith data tokenize {data_dir}`)")
+    try:
+        manifest = read_json(path)
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({e}); re-run `gptsmith data tokenize {data_dir}`") from None
+    if manifest.get("format") != FORMAT:
+        raise InputError(f"{path}: field 'format' is {manifest.get('format')!r}, expected '{FORMAT}'; "
+                         f"re-run `gptsmith data tokenize {data_dir}` with this gptsmith version")
+    for key in ("dtype", "vocab_size", "splits"):
+        if key not in manifest:
+            raise InputError(f"{path}: missing field '{key}'; re-run `gptsmith data tokenize {data_dir}`")
+    return manifest
+
+
+@dataclass
+class TokenShards:
+    """One split's shards, memory-mapped: nothing is read until a window is asked for."""
+
+    arrays: list[np.ndarray]
+    tokens: int
+    bytes: int
+    name: str
+    # number of valid window starts per shard and their running sum, for uniform sampling over all shards
+    counts: np.ndarray | None = field(default=None, repr=False)
+    cum: np.ndarray | None = field(default=None, repr=False)
+    indexed_seq_len: int = field(default=0, repr=False)
+
+    @classmethod
+    def open(cls, data_dir: str | Path, manifest: dict, split: str) -> "TokenShards":
+        tok_dir = Path(data_dir) / "tokens"
+        info = manifest["splits"].get(split)
+        if not info or not info.get("files"):
+            raise InputError(f"{tok_dir / 'manifest.json'}: no '{split}' split; re-run `gptsmith prepare` "
+                             f"(data.val_fraction must be > 0 for a validation split)")
+        dtype = np.dtype(manifest["dtype"])
+        arrays = []
+        for name in info["files"]:
+            path = tok_dir / name
+            if not path.is_file():
+                raise InputError(f"{path}: listed in manifest.json but missing; re-run `gptsmith data tokenize`")
+            if path.stat().st_size % dtype.itemsize:
+                raise InputError(f"{path}: size is not a multiple of {dtype.itemsize} bytes ({dtype}); "
+                                 f"the file is truncated; re-run `gptsmith data tokenize`")
+            if path.stat().st_size:
+                arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+        tokens = sum(len(a) for a in arrays)
+        return cls(arrays, tokens, int(info.get("bytes", 0)), split)
+
+    def _index(self, seq_len: int) -> None:
+        if self.counts is None or self.indexed_seq_len != seq_len:
+            self.counts = np.array([max(0, len(a) - seq_len) for a in self.arrays], dtype=np.int64)
+            self.cum = np.cumsum(self.counts)
+            self.indexed_seq_len = seq_len
+        if not len(self.cum) or self.cum[-1] == 0:
+            raise InputError(f"the '{self.name}' split has no shard longer than seq_len + 1 = {seq_len + 1} tokens; "
+                             f"lower --pretrain.seq_len or add data")
+
+    def random_batch(self, seq_len: int, batch_size: int, rng: np.random.Generator) -> "torch.Tensor":
+        """batch_size windows of seq_len + 1 tokens, uniform over every valid start in every shard."""
+        import torch  # here, not at the top: tokenizer worker processes import this module and need no torch
+
+        self._index(seq_len)
+        idx = rng.integers(0, self.cum[-1], size=batch_size)
+        shard = np.searchsorted(self.cum, idx, side="right")
+        start = idx - (self.cum[shard] - self.counts[shard])
+        rows = [self.arrays[s][o:o + seq_len + 1] for s, o in zip(shard, start)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def fixed_windows(self, seq_len: int, n: int) -> list[np.ndarray]:
+        """The first n non-overlapping windows: the same validation tokens every time, for comparable losses."""
+        out = []
+        for a in self.arrays:
+            for start in range(0, len(a) - seq_len, seq_len):
+                if len(out) == n:
+                    return out
+                out.append(a[start:start + seq_len + 1])
+        if not out:
+            raise InputError(f"the '{self.name}' split has fewer than seq_len + 1 = {seq_len + 1} tokens in every "
+                             f"shard; lower --pretrain.seq_len or give more validation data (data.val_fraction)")
+        return out

@@ -152,9 +152,8 @@ class Engine:
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json); pass the directory "
                                     "written by `gptsmith pretrain` or `gptsmith sft`")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        from gptsmith.device import select_device
+        device = select_device(device, setting="device")
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

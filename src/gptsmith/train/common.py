@@ -15,12 +15,13 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gptsmith.device import select_device  # noqa: F401  (the one device rule; trainers import it from here too)
 from gptsmith.files import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
@@ -28,21 +29,6 @@ COMPLETE_MARKER = "complete"
 
 
 # ---------------------------------------------------------------------------------------------- device
-
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' was asked for but CUDA is not available; use --pretrain.device cpu")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
-
 
 def autocast_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
     """The dtype to autocast matmuls to, or None for plain fp32 (the CPU default: bf16 on CPU is slower)."""
@@ -146,6 +132,57 @@ def lr_multiplier(step: int, max_steps: int, warmup_steps: int, schedule: str = 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate of every optimizer step, as a fraction of the peak: a pure function of the step, so
+    a resumed run gets the same LR as the uninterrupted one. It is saved in every checkpoint.
+
+    `rebase_step`/`rebase_multiplier`: set when the length changed after the decay had begun (a resume with
+    a new --max-steps, or the time budget's plan): from that step the decay restarts at the LR the run had
+    there and ends at min_lr_ratio on the new last step, with no jump in the LR."""
+
+    total_steps: int
+    warmup_steps: int
+    kind: str = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    rebase_step: int = 0
+    rebase_multiplier: float | None = None
+
+    def multiplier(self, step: int) -> float:
+        if self.rebase_multiplier is None or step < self.rebase_step:
+            return lr_multiplier(step, self.total_steps, self.warmup_steps, self.kind, self.min_lr_ratio,
+                                 self.decay_fraction)
+        if self.kind == "constant":
+            return 1.0
+        start, top, low = self.rebase_step, self.rebase_multiplier, self.min_lr_ratio
+        if self.kind == "wsd":
+            start = max(start, int(self.total_steps * (1 - self.decay_fraction)))
+            if step < start:
+                return top
+            return top - (top - low) * min(1.0, (step - start) / max(1, self.total_steps - start))
+        progress = min(1.0, (step - start) / max(1, self.total_steps - start))
+        return low + (top - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def decay_started(self, step: int) -> bool:
+        if self.kind == "constant" or step <= self.warmup_steps:
+            return False
+        if self.kind == "wsd" and self.rebase_multiplier is None:
+            return step > max(self.warmup_steps, int(self.total_steps * (1 - self.decay_fraction)))
+        return True
+
+    def with_total(self, step: int, total_steps: int) -> "LRSchedule":
+        """The schedule for a new length, from `step` on. Before the decay has begun this is exactly the
+        schedule a run planned with `total_steps` from the start has; after, the decay restarts from the
+        current LR and reaches its end on the new last step."""
+        if total_steps == self.total_steps:
+            return self
+        planned_anew = replace(self, total_steps=total_steps)
+        if not self.decay_started(step) and not planned_anew.decay_started(step):
+            return planned_anew
+        return replace(self, total_steps=total_steps, rebase_step=step, rebase_multiplier=self.multiplier(step))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices and embeddings only: decaying norms' gains (1-D) just pulls them toward zero."""
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() dedups tied weights
@@ -228,12 +265,50 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 # ---------------------------------------------------------------------------------------------- MFU
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s. fp32 training on these uses TF32: half the figure.
-GPU_PEAK_BF16 = {
-    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "H800": 989e12, "B200": 2250e12,
-    "A100": 312e12, "A800": 312e12, "A10G": 70e12, "A10": 125e12, "A6000": 155e12, "L40S": 362e12,
-    "L40": 181e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+# Dense (no sparsity) peak FLOP/s per GPU and matmul kind, from the vendors' datasheets. TF32 is not always
+# half of bf16 (fp32 with TF32 off is far lower, Volta/Turing have no TF32 or bf16 at all), so each kind has
+# its own figure; a kind a GPU lacks is left out and measured instead. Longer names first: "H100 PCIe"
+# must match before "H100".
+GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "H800": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "GH200": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "B200": {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12, "fp32": 75e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "A800": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    "RTX 6000 Ada": {"bf16": 364e12, "fp16": 364e12, "tf32": 182e12, "fp32": 91.1e12},
+    "A6000": {"bf16": 155e12, "fp16": 155e12, "tf32": 77.4e12, "fp32": 38.7e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "L40": {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+    "4090": {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12},
+    "3090": {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+    "T4": {"fp16": 65e12, "fp32": 8.1e12},
 }
+
+
+def matmul_kind(device: torch.device, dtype: torch.dtype | None) -> str:
+    """The arithmetic the training matmuls actually run in: the autocast dtype, else TF32 where CUDA allows
+    it for fp32 matmuls (setup_backends turns it on), else plain fp32."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return "bf16" if dtype == torch.bfloat16 else "fp16"
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "fp32"
+
+
+def table_peak_flops(device_name: str, kind: str) -> float | None:
+    """The datasheet peak for this GPU name and matmul kind, or None when the table does not know it."""
+    for key, peaks in GPU_PEAK_FLOPS.items():
+        if key in device_name:
+            return peaks.get(kind)
+    return None
 
 
 def _cache_file() -> Path:
@@ -262,17 +337,18 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype | None = None) -> float:
-    """Peak FLOP/s to measure MFU against: GPTSMITH_PEAK_FLOPS if set, a table for known GPUs, else a matmul
-    benchmark cached on disk (delete ~/.cache/gptsmith/peak_flops.json to measure again)."""
+    """Peak FLOP/s to measure MFU against: GPTSMITH_PEAK_FLOPS if set, the table for known GPUs in the kind of
+    matmul that runs (bf16, fp16, tf32, fp32), else a matmul benchmark in that dtype, cached on disk
+    (delete ~/.cache/gptsmith/peak_flops.json to measure again)."""
     if os.environ.get("GPTSMITH_PEAK_FLOPS"):
         return float(os.environ["GPTSMITH_PEAK_FLOPS"])
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_BF16.items():
-            if key in name:
-                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 2
+        known = table_peak_flops(torch.cuda.get_device_name(device), matmul_kind(device, dtype))
+        if known:
+            return known
+    kind = matmul_kind(device, dtype)
     dtype = dtype or torch.float32
-    key = f"{device.type}|{platform.processor() or platform.machine()}|{os.cpu_count()}|" \
+    key = f"{device.type}|{kind}|{platform.processor() or platform.machine()}|{os.cpu_count()}|" \
           f"{torch.get_num_threads()}|{dtype}|{torch.__version__}"
     if device.type == "cuda":
         key += "|" + torch.cuda.get_device_name(device)
@@ -326,29 +402,38 @@ class MetricsLog:
             self.last_plot = time.monotonic()
 
     def plot(self) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        train = [(r["step"], r["train/loss"]) for r in self.records if "train/loss" in r]
-        val = [(r["step"], r["val/loss"]) for r in self.records if "val/loss" in r]
-        if not train and not val:
-            return
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train), label="train", linewidth=1)
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        atomic_write_bytes(self.out_dir / "loss.png", buf.getvalue())
+        save_loss_plot(self.out_dir / "loss.png",
+                       train=[(r["step"], r["train/loss"]) for r in self.records if "train/loss" in r],
+                       val=[(r["step"], r["val/loss"]) for r in self.records if "val/loss" in r])
 
     def close(self) -> None:
         self.flush(plot_every_s=0)
         self.writer.close()
+
+
+def save_loss_plot(path: str | os.PathLike, train: list[tuple[int, float]], val: list[tuple[int, float]],
+                   ylabel: str = "loss (nats/token)", title: str | None = None) -> None:
+    """loss.png of every trainer: train loss as a line, validation loss as dots, written atomically.
+    Nothing is drawn (and no file written) before the first loss."""
+    if not train and not val:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())

@@ -15,7 +15,6 @@ Output (OUT):
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from transformers import TrainerCallback
 from gptsmith.config import ProjectConfig, save_config
 from gptsmith.data.chat_formats import CHATTERBOT, Messages, conversation_hash, load_chat_data, split_conversations
 from gptsmith.errors import InputError
-from gptsmith.files import atomic_write_bytes, atomic_write_json, sha256_file, write_dir
+from gptsmith.files import atomic_write_json, sha256_file, write_dir
 from gptsmith.model import LINEAGE_FILENAME, default_generation_config, read_lineage, save_model_dir
 from gptsmith.tokenizer import ASSISTANT, CHAT_TEMPLATE, END_OF_TURN, PAD, SYSTEM, USER
 
@@ -37,11 +36,8 @@ RUN_FILENAME = "sft_run.json"  # what a resumed run must match (data and base mo
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"sft.device is '{device}' but no CUDA GPU is visible; use --sft.device cpu")
-    return device
+    from gptsmith.device import select_device
+    return str(select_device(device, setting="sft.device"))
 
 
 def _load_base(model_id: str, cfg, device: str):
@@ -374,26 +370,10 @@ def assistant_metrics(model, tokenizer, dataset, batch_size: int = 8) -> dict:
 
 
 def save_loss_plot(log_history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    val = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / assistant token)")
-    ax.set_title("supervised fine-tuning")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    from gptsmith.train.common import save_loss_plot as plot_losses
+    plot_losses(path, train=[(h["step"], h["loss"]) for h in log_history if "loss" in h],
+                val=[(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h],
+                ylabel="loss (nats / assistant token)", title="supervised fine-tuning")
 
 
 def _generation_config(model, tokenizer, model_id: str):
