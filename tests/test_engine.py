@@ -2,6 +2,7 @@
 limits, and the continuous-batching scheduler."""
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 from gptsmith.engine import (BatchScheduler, Engine, IncrementalDecoder, SamplingParams, Sequence, StopMatcher)
 
-GREEDY = SamplingParams(max_new_tokens=40, temperature=0)
+# repetition_penalty=1: plain greedy, comparable with a full recompute and with HF generate
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.0)
 TEXTS = ["def foo(x):\n    return", "The", "Python is a programming language that lets you work quickly",
          "import os\nimport sys\n\nclass A:"]
 
@@ -59,7 +61,8 @@ def test_greedy_kv_cache_matches_full_recompute_and_hf_generate(engine, prompts)
         got = engine.generate([ids], GREEDY)[0]
         assert len(set(got.token_ids)) > 5  # the output is not degenerate
         assert got.token_ids == reference_greedy(engine, ids, GREEDY.max_new_tokens)
-        hf = engine.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
+        hf = engine.model.generate(torch.tensor([ids]), do_sample=False, repetition_penalty=1.0,
+                                   max_new_tokens=GREEDY.max_new_tokens,
                                    eos_token_id=sorted(engine.stop_ids), pad_token_id=1)[0, len(ids):].tolist()
         assert got.token_ids == [t for t in hf if t not in engine.stop_ids]
 
@@ -150,11 +153,10 @@ def test_stop_string_spanning_tokens(engine, prompts):
     # a stop string made of the end of one token's text and the start of the next
     i = next(i for i in range(5, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
     stop = pieces[i][-2:] + pieces[i + 1][:2]
-    got = engine.generate([prompts[0]], SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]))[0]
+    got = engine.generate([prompts[0]], dataclasses.replace(GREEDY, stop=[stop]))[0]
     assert got.finish_reason == "stop"
     assert got.text == full.text[:full.text.find(stop)]
-    streamed = "".join(e.text for e in engine.stream(prompts[0],
-                                                     SamplingParams(max_new_tokens=40, temperature=0, stop=[stop])))
+    streamed = "".join(e.text for e in engine.stream(prompts[0], dataclasses.replace(GREEDY, stop=[stop])))
     assert streamed == got.text
 
 
@@ -180,7 +182,7 @@ def test_seed_reproducible(engine, prompts):
 
 def test_generation_stops_at_max_context(engine):
     ids = [7] * (engine.max_context - 5)
-    got = engine.generate([ids], SamplingParams(max_new_tokens=50, temperature=0))[0]
+    got = engine.generate([ids], SamplingParams(max_new_tokens=50, temperature=0, repetition_penalty=1.0))[0]
     assert got.finish_reason == "length" and len(got.token_ids) == 5
     with pytest.raises(ValueError, match="context"):
         engine.generate([[7] * engine.max_context], GREEDY)
@@ -230,7 +232,7 @@ def test_scheduler_cancel_frees_slot_and_errors_are_per_request(engine, prompts)
     sched = BatchScheduler(engine, max_batch_size=1)
     sched.start()
     try:
-        long = sched.submit(prompts[0], SamplingParams(max_new_tokens=10_000, temperature=0))
+        long = sched.submit(prompts[0], SamplingParams(max_new_tokens=10_000, temperature=0, repetition_penalty=1.0))
         it = long.events(timeout=30)
         next(it)
         bad = sched.submit([], GREEDY)  # an empty prompt is that request's error, not the scheduler's
@@ -286,6 +288,7 @@ def test_weight_edits_after_first_generate_are_used(tiny_model_dir, prompts):
             layer.mlp.up_proj.weight.normal_(0, 0.3)
     got = eng.generate([prompts[0]], GREEDY)[0].token_ids
     assert got != before
-    hf = eng.model.generate(torch.tensor([prompts[0]]), do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
+    hf = eng.model.generate(torch.tensor([prompts[0]]), do_sample=False, repetition_penalty=1.0,
+                            max_new_tokens=GREEDY.max_new_tokens,
                             eos_token_id=sorted(eng.stop_ids), pad_token_id=1)[0, len(prompts[0]):].tolist()
     assert got == [t for t in hf if t not in eng.stop_ids]

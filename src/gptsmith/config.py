@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gptsmith.generation_defaults import DEFAULTS
+
 CONFIG_FILENAME = "gptsmith.yaml"
 
 
@@ -113,11 +115,13 @@ class SFTConfig(Section):
 
 
 class GenerateConfig(Section):
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.8, ge=0, description="0 = greedy")
-    top_k: int = Field(50, ge=0, description="0 = off")
-    top_p: float = Field(0.95, gt=0, le=1)
-    repetition_penalty: float = Field(1.1, gt=0)
+    # Sampling keys left unset (None; max_new_tokens: not in the file or overrides) take the model's
+    # generation_config.json value, else gptsmith's default (gptsmith.generation_defaults).
+    max_new_tokens: int = Field(DEFAULTS.max_new_tokens, ge=1)
+    temperature: float | None = Field(None, ge=0, description="0 = greedy")
+    top_k: int | None = Field(None, ge=0, description="0 = off")
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     seed: int | None = None
 
 
