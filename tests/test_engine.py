@@ -292,3 +292,86 @@ def test_weight_edits_after_first_generate_are_used(tiny_model_dir, prompts):
                             max_new_tokens=GREEDY.max_new_tokens,
                             eos_token_id=sorted(eng.stop_ids), pad_token_id=1)[0, len(prompts[0]):].tolist()
     assert got == [t for t in hf if t not in eng.stop_ids]
+
+
+# ------------------------------------------------------------------------------ sampling defaults in one place
+
+def sampling_values(params) -> dict:
+    from gptsmith.generation_defaults import SAMPLING_FIELDS
+    return {f: getattr(params, f) for f in SAMPLING_FIELDS}
+
+
+def test_sampling_defaults_agree_in_config_engine_and_saved_models(tokenizer_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    from gptsmith.config import GenerateConfig
+    from gptsmith.engine.params import read_generation_config
+    from gptsmith.generation_defaults import DEFAULTS, SAMPLING_FIELDS
+    from gptsmith.model import default_generation_config
+    from gptsmith.tokenizer import load_tokenizer
+
+    expected = {f: getattr(DEFAULTS, f) for f in SAMPLING_FIELDS}
+    assert sampling_values(SamplingParams().resolved()) == expected  # the engine, nothing asked
+    assert sampling_values(SamplingParams.from_config(GenerateConfig()).resolved()) == expected  # the config
+    default_generation_config(load_tokenizer(tokenizer_dir)).save_pretrained(tmp_path)  # every saved model
+    assert read_generation_config(tmp_path)[0] == expected
+    hf = GenerationConfig.from_pretrained(tmp_path)  # ... and what other tools (HF generate) read from it
+    assert hf.do_sample and {f: getattr(hf, f) for f in SAMPLING_FIELDS} == expected
+
+
+@pytest.fixture()
+def varied_model_dir(tiny_model_dir, tmp_path):
+    eng = load_varied_engine(tiny_model_dir)
+    out = tmp_path / "varied"
+    eng.model.save_pretrained(out)
+    eng.tokenizer.save_pretrained(out)
+    return out
+
+
+def write_generation_config(model_dir, **values) -> None:
+    import json
+    (model_dir / "generation_config.json").write_text(json.dumps(values))
+
+
+def test_engine_and_generate_cli_honour_generation_config_json(varied_model_dir, capsys):
+    from gptsmith.cli import main
+    from gptsmith.config import load_config
+
+    eng = Engine.load(varied_model_dir, device="cpu")
+    ids = eng.encode(TEXTS[2])
+    plain = eng.generate([ids], GREEDY)[0].token_ids  # greedy, no penalty
+    cut = next(i for i in range(2, len(plain)) if plain[i] not in plain[:i])  # a token whose first use ends it
+    eos = eng.tokenizer.eos_token_id
+    write_generation_config(varied_model_dir, do_sample=False, repetition_penalty=1.0, top_k=7, max_new_tokens=30,
+                            eos_token_id=[eos, plain[cut]])
+
+    eng = Engine.load(varied_model_dir, device="cpu")
+    got = eng.generate([ids], SamplingParams())[0]  # greedy, and the extra eos id stops it
+    assert got.token_ids == plain[:cut] and got.finish_reason == "stop"
+    unset = eng.resolve(SamplingParams())
+    assert (unset.temperature, unset.top_k, unset.repetition_penalty, unset.max_new_tokens) == (0, 7, 1.0, 30)
+    # what a request or the config sets wins, even when it is gptsmith's default value
+    asked = eng.resolve(SamplingParams.from_config(load_config(None, {"generate.temperature": 0.8,
+                                                                       "generate.max_new_tokens": 256}).generate))
+    assert (asked.temperature, asked.max_new_tokens, asked.top_k) == (0.8, 256, 7)
+
+    assert main(["generate", "--model", str(varied_model_dir), "--prompt", TEXTS[2], "--device", "cpu"]) in (0, None)
+    assert capsys.readouterr().out == eng.tokenizer.decode(plain[:cut]) + "\n"
+    write_generation_config(varied_model_dir, do_sample=False, repetition_penalty=1.0, max_new_tokens=4)
+    assert main(["generate", "--model", str(varied_model_dir), "--prompt", TEXTS[2], "--device", "cpu"]) in (0, None)
+    out = capsys.readouterr()
+    assert out.out == eng.tokenizer.decode(plain[:4]) + "\n" and "4 generated" in out.err and "length" in out.err
+    assert main(["generate", "--model", str(varied_model_dir), "--prompt", TEXTS[2], "--device", "cpu",
+                 "--max-new-tokens", "2"]) in (0, None)
+    assert capsys.readouterr().out == eng.tokenizer.decode(plain[:2]) + "\n"
+
+
+def test_bad_generation_config_json_is_a_clear_error(varied_model_dir):
+    from gptsmith.errors import InputError
+
+    write_generation_config(varied_model_dir, do_sample=True, temperature=-1)
+    with pytest.raises(InputError, match=r"generation_config.json: temperature must be >= 0"):
+        Engine.load(varied_model_dir, device="cpu")
+    (varied_model_dir / "generation_config.json").write_text("{not json")
+    with pytest.raises(InputError, match="generation_config.json: not a readable JSON file"):
+        Engine.load(varied_model_dir, device="cpu")
