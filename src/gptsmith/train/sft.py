@@ -1,8 +1,8 @@
 """Supervised fine-tuning on conversations, loss on the assistant's tokens only: full, LoRA or QLoRA.
 
-TRL's SFTTrainer does the work: labels from assistant masks (which tokenizer.encode_chat computes from the
-`{% generation %}` markers in the template, keeping message text text), packing, PEFT wrapping, evaluation, TensorBoard logging,
-checkpoints and exact resume (model, optimizer, scheduler, RNG, data position). What is ours is the glue a user
+TRL's SFTTrainer does the work: labels from assistant masks (tokenizer.encode_chat computes them from the
+`{% generation %}` markers in the template, keeping message text text), packing, PEFT wrapping, evaluation,
+TensorBoard logging, checkpoints and exact resume (model, optimizer, scheduler, RNG, data position). What is ours is the glue a user
 would otherwise write by hand: reading any conversation format, giving a model without a chat template one,
 CPU-sane defaults, an exact assistant-token val loss and bits-per-byte, a loss plot, lineage, atomic output.
 
