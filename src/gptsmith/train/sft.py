@@ -2,9 +2,10 @@
 
 TRL's SFTTrainer does the work: labels from assistant masks (tokenizer.encode_chat computes them from the
 `{% generation %}` markers in the template, keeping message text text), packing, PEFT wrapping, evaluation,
-TensorBoard logging, checkpoints and exact resume (model, optimizer, scheduler, RNG, data position). What is ours is the glue a user
-would otherwise write by hand: reading any conversation format, giving a model without a chat template one,
-CPU-sane defaults, an exact assistant-token val loss and bits-per-byte, a loss plot, lineage, atomic output.
+TensorBoard logging, checkpoints and exact resume (model, optimizer, scheduler, RNG, data position). What is ours
+is the glue a user would otherwise write by hand: reading any conversation format, giving a model without a chat
+template one, CPU-sane defaults, an exact assistant-token val loss and bits-per-byte, a loss plot, lineage,
+atomic output.
 
 Output (OUT):
   full fine-tune: a standard HF model dir (config.json, model.safetensors, tokenizer, chat template, generation config)
