@@ -115,14 +115,19 @@ class SFTConfig(Section):
 
 
 class GenerateConfig(Section):
-    # Sampling keys left unset (None; max_new_tokens: not in the file or overrides) take the model's
-    # generation_config.json value, else gptsmith's default (gptsmith.generation_defaults).
-    max_new_tokens: int = Field(DEFAULTS.max_new_tokens, ge=1)
-    temperature: float | None = Field(None, ge=0, description="0 = greedy")
-    top_k: int | None = Field(None, ge=0, description="0 = off")
-    top_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
+    # A key left unset (null; max_new_tokens: absent from the file and the overrides) takes the model's
+    # generation_config.json value, else gptsmith's default (gptsmith.generation_defaults): SamplingParams.from_config.
+    max_new_tokens: int = Field(DEFAULTS.max_new_tokens, ge=1, description="longest answer in tokens; when not set, "
+                                "the model's generation_config.json value, else this")
+    temperature: float | None = Field(None, ge=0, description="0 = greedy; null = the model's generation_config.json, "
+                                      f"else {DEFAULTS.temperature}")
+    top_k: int | None = Field(None, ge=0, description="sample from the k likeliest tokens, 0 = off; null = the "
+                              f"model's generation_config.json, else {DEFAULTS.top_k}")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass, 1 = off; null = the model's "
+                                f"generation_config.json, else {DEFAULTS.top_p}")
+    repetition_penalty: float | None = Field(None, gt=0, description="> 1 discourages repeats, 1 = off; null = the "
+                                             f"model's generation_config.json, else {DEFAULTS.repetition_penalty}")
+    seed: int | None = Field(None, description="random seed for reproducible samples; null = a fresh one each time")
 
 
 class ServeConfig(Section):
