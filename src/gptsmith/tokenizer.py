@@ -221,6 +221,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
     pattern = _control_pattern(controls)
     if pattern is None or not pattern.search(text):  # the common case: one piece, the tokenizer's own ids
         return list(tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"])
+    _require_fast(tokenizer)
     pieces, pos = [], 0
     for m in pattern.finditer(text):
         if m.start() > pos:
@@ -230,6 +231,12 @@ def encode_text(tokenizer, text: str) -> list[int]:
     if pos < len(text):
         pieces.append((pos, text[pos:], False))
     return _encode_pieces(tokenizer, pieces, None, controls).input_ids
+
+
+def _require_fast(tokenizer) -> None:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ValueError(f"{type(tokenizer).__name__} is a slow (Python) tokenizer; encoding user text safely needs a "
+                         "fast one: load the tokenizer with use_fast=True (a directory with tokenizer.json)")
 
 
 def _mark(value, pattern: re.Pattern | None, open_: str, close: str):
@@ -266,8 +273,7 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     from transformers.utils.chat_template_utils import render_jinja_template
 
     _check_messages(messages)
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer; gptsmith needs a fast one (tokenizer.json)")
+    _require_fast(tokenizer)
     template = tokenizer.get_chat_template(chat_template)
     controls = control_tokens(tokenizer, template)
     pattern = _control_pattern(controls)
