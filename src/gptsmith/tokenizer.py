@@ -222,15 +222,20 @@ def encode_text(tokenizer, text: str) -> list[int]:
     if pattern is None or not pattern.search(text):  # the common case: one piece, the tokenizer's own ids
         return list(tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"])
     _require_fast(tokenizer)
+    return _encode_pieces(tokenizer, _split(text, pattern, 0), None, controls).input_ids
+
+
+def _split(text: str, pattern: re.Pattern, group: int) -> list[tuple[int, str, bool]]:
+    """(start, text, as_text) pieces: each match's `group` as plain text, the text between as it is."""
     pieces, pos = [], 0
     for m in pattern.finditer(text):
         if m.start() > pos:
             pieces.append((pos, text[pos:m.start()], False))
-        pieces.append((m.start(), m.group(), True))
+        pieces.append((m.start(group), m.group(group), True))
         pos = m.end()
     if pos < len(text):
         pieces.append((pos, text[pos:], False))
-    return _encode_pieces(tokenizer, pieces, None, controls).input_ids
+    return pieces
 
 
 def _require_fast(tokenizer) -> None:
@@ -284,14 +289,7 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
         [marked], chat_template=template, return_assistant_tokens_mask=assistant_mask,
         add_generation_prompt=add_generation_prompt, **{**tokenizer.special_tokens_map, **template_kwargs})
     rendered, spans = rendered[0], (spans[0] if spans else [])
-    pieces, pos = [], 0
-    for m in re.finditer(re.escape(open_) + "(.*?)" + re.escape(close), rendered, flags=re.S):
-        if m.start() > pos:
-            pieces.append((pos, rendered[pos:m.start()], False))
-        pieces.append((m.start(1), m.group(1), True))
-        pos = m.end()
-    if pos < len(rendered):
-        pieces.append((pos, rendered[pos:], False))
+    pieces = _split(rendered, re.compile(re.escape(open_) + "(.*?)" + re.escape(close), flags=re.S), 1)
     if any(nonce in text for _, text, as_text in pieces if not as_text):
         raise ValueError("the chat template cut a message inside a special-token string; gptsmith cannot tell the "
                          "template's tokens from the message's. Remove the special-token strings from the message")
