@@ -354,9 +354,6 @@ def test_engine_and_generate_cli_honour_generation_config_json(varied_model_dir,
     asked = eng.resolve(SamplingParams.from_config(load_config(None, {"generate.temperature": 0.8,
                                                                        "generate.max_new_tokens": 256}).generate))
     assert (asked.temperature, asked.max_new_tokens, asked.top_k) == (0.8, 256, 7)
-    write_generation_config(varied_model_dir, temperature=0, top_p=0.5)  # no do_sample: only these keys count
-    unset = Engine.load(varied_model_dir, device="cpu").resolve(SamplingParams())
-    assert (unset.temperature, unset.top_p, unset.top_k, unset.max_new_tokens) == (0, 0.5, 50, 256)
 
     assert main(["generate", "--model", str(varied_model_dir), "--prompt", TEXTS[2], "--device", "cpu"]) in (0, None)
     assert capsys.readouterr().out == eng.tokenizer.decode(plain[:cut]) + "\n"
@@ -367,6 +364,9 @@ def test_engine_and_generate_cli_honour_generation_config_json(varied_model_dir,
     assert main(["generate", "--model", str(varied_model_dir), "--prompt", TEXTS[2], "--device", "cpu",
                  "--max-new-tokens", "2"]) in (0, None)
     assert capsys.readouterr().out == eng.tokenizer.decode(plain[:2]) + "\n"
+    write_generation_config(varied_model_dir, temperature=0, top_p=0.5)  # no do_sample: only these keys count
+    unset = Engine.load(varied_model_dir, device="cpu").resolve(SamplingParams())
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.max_new_tokens) == (0, 0.5, 50, 256)
 
 
 def test_bad_generation_config_json_is_a_clear_error(varied_model_dir):
