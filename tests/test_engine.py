@@ -2,6 +2,7 @@
 limits, and the continuous-batching scheduler."""
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 from gptsmith.engine import (BatchScheduler, Engine, IncrementalDecoder, SamplingParams, Sequence, StopMatcher)
 
-GREEDY = SamplingParams(max_new_tokens=40, temperature=0)
+# repetition_penalty=1: plain greedy, comparable with a full recompute and with HF generate
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.0)
 TEXTS = ["def foo(x):\n    return", "The", "Python is a programming language that lets you work quickly",
          "import os\nimport sys\n\nclass A:"]
 
@@ -59,7 +61,8 @@ def test_greedy_kv_cache_matches_full_recompute_and_hf_generate(engine, prompts)
         got = engine.generate([ids], GREEDY)[0]
         assert len(set(got.token_ids)) > 5  # the output is not degenerate
         assert got.token_ids == reference_greedy(engine, ids, GREEDY.max_new_tokens)
-        hf = engine.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
+        hf = engine.model.generate(torch.tensor([ids]), do_sample=False, repetition_penalty=1.0,
+                                   max_new_tokens=GREEDY.max_new_tokens,
                                    eos_token_id=sorted(engine.stop_ids), pad_token_id=1)[0, len(ids):].tolist()
         assert got.token_ids == [t for t in hf if t not in engine.stop_ids]
 
@@ -150,11 +153,10 @@ def test_stop_string_spanning_tokens(engine, prompts):
     # a stop string made of the end of one token's text and the start of the next
     i = next(i for i in range(5, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
     stop = pieces[i][-2:] + pieces[i + 1][:2]
-    got = engine.generate([prompts[0]], SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]))[0]
+    got = engine.generate([prompts[0]], dataclasses.replace(GREEDY, stop=[stop]))[0]
     assert got.finish_reason == "stop"
     assert got.text == full.text[:full.text.find(stop)]
-    streamed = "".join(e.text for e in engine.stream(prompts[0],
-                                                     SamplingParams(max_new_tokens=40, temperature=0, stop=[stop])))
+    streamed = "".join(e.text for e in engine.stream(prompts[0], dataclasses.replace(GREEDY, stop=[stop])))
     assert streamed == got.text
 
 
@@ -180,7 +182,7 @@ def test_seed_reproducible(engine, prompts):
 
 def test_generation_stops_at_max_context(engine):
     ids = [7] * (engine.max_context - 5)
-    got = engine.generate([ids], SamplingParams(max_new_tokens=50, temperature=0))[0]
+    got = engine.generate([ids], SamplingParams(max_new_tokens=50, temperature=0, repetition_penalty=1.0))[0]
     assert got.finish_reason == "length" and len(got.token_ids) == 5
     with pytest.raises(ValueError, match="context"):
         engine.generate([[7] * engine.max_context], GREEDY)
@@ -230,7 +232,7 @@ def test_scheduler_cancel_frees_slot_and_errors_are_per_request(engine, prompts)
     sched = BatchScheduler(engine, max_batch_size=1)
     sched.start()
     try:
-        long = sched.submit(prompts[0], SamplingParams(max_new_tokens=10_000, temperature=0))
+        long = sched.submit(prompts[0], SamplingParams(max_new_tokens=10_000, temperature=0, repetition_penalty=1.0))
         it = long.events(timeout=30)
         next(it)
         bad = sched.submit([], GREEDY)  # an empty prompt is that request's error, not the scheduler's
@@ -286,6 +288,93 @@ def test_weight_edits_after_first_generate_are_used(tiny_model_dir, prompts):
             layer.mlp.up_proj.weight.normal_(0, 0.3)
     got = eng.generate([prompts[0]], GREEDY)[0].token_ids
     assert got != before
-    hf = eng.model.generate(torch.tensor([prompts[0]]), do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
+    hf = eng.model.generate(torch.tensor([prompts[0]]), do_sample=False, repetition_penalty=1.0,
+                            max_new_tokens=GREEDY.max_new_tokens,
                             eos_token_id=sorted(eng.stop_ids), pad_token_id=1)[0, len(prompts[0]):].tolist()
     assert got == [t for t in hf if t not in eng.stop_ids]
+
+
+# ------------------------------------------------------------------------------ sampling defaults in one place
+
+def sampling_values(params) -> dict:
+    from gptsmith.generation_defaults import SAMPLING_FIELDS
+    return {f: getattr(params, f) for f in SAMPLING_FIELDS}
+
+
+def test_sampling_defaults_agree_in_config_engine_and_saved_models(tokenizer_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    from gptsmith.config import GenerateConfig
+    from gptsmith.engine.params import read_generation_config
+    from gptsmith.generation_defaults import DEFAULTS, SAMPLING_FIELDS
+    from gptsmith.model import default_generation_config
+    from gptsmith.tokenizer import load_tokenizer
+
+    expected = {f: getattr(DEFAULTS, f) for f in SAMPLING_FIELDS}
+    assert sampling_values(SamplingParams().resolved()) == expected  # the engine, nothing asked
+    assert sampling_values(SamplingParams.from_config(GenerateConfig()).resolved()) == expected  # the config
+    default_generation_config(load_tokenizer(tokenizer_dir)).save_pretrained(tmp_path)  # every saved model
+    assert read_generation_config(tmp_path)[0] == expected
+    hf = GenerationConfig.from_pretrained(tmp_path)  # ... and what other tools (HF generate) read from it
+    assert hf.do_sample and {f: getattr(hf, f) for f in SAMPLING_FIELDS} == expected
+
+
+@pytest.fixture()
+def varied_model_dir(tiny_model_dir, tmp_path):
+    eng = load_varied_engine(tiny_model_dir)
+    out = tmp_path / "varied"
+    eng.model.save_pretrained(out)
+    eng.tokenizer.save_pretrained(out)
+    return out
+
+
+def write_generation_config(model_dir, **values) -> None:
+    import json
+    (model_dir / "generation_config.json").write_text(json.dumps(values))
+
+
+def test_engine_and_generate_cli_honour_generation_config_json(varied_model_dir, capsys):
+    from gptsmith.cli import main
+    from gptsmith.config import load_config
+
+    eng = Engine.load(varied_model_dir, device="cpu")
+    ids = eng.encode(TEXTS[2])
+    plain = eng.generate([ids], GREEDY)[0].token_ids  # greedy, no penalty
+    cut = next(i for i in range(2, len(plain)) if plain[i] not in plain[:i])  # a token whose first use ends it
+    eos = eng.tokenizer.eos_token_id
+    write_generation_config(varied_model_dir, do_sample=False, repetition_penalty=1.0, top_k=7, max_new_tokens=30,
+                            eos_token_id=[eos, plain[cut]])
+
+    eng = Engine.load(varied_model_dir, device="cpu")
+    got = eng.generate([ids], SamplingParams())[0]  # greedy, and the extra eos id stops it
+    assert got.token_ids == plain[:cut] and got.finish_reason == "stop"
+    unset = eng.resolve(SamplingParams())
+    assert (unset.temperature, unset.top_k, unset.repetition_penalty, unset.max_new_tokens) == (0, 7, 1.0, 30)
+    # what a request or the config sets wins, even when it is gptsmith's default value
+    asked = eng.resolve(SamplingParams.from_config(load_config(None, {"generate.temperature": 0.8,
+                                                                       "generate.max_new_tokens": 256}).generate))
+    assert (asked.temperature, asked.max_new_tokens, asked.top_k) == (0.8, 256, 7)
+
+    assert main(["generate", "--model", str(varied_model_dir), "--prompt", TEXTS[2], "--device", "cpu"]) in (0, None)
+    assert capsys.readouterr().out == eng.tokenizer.decode(plain[:cut]) + "\n"
+    write_generation_config(varied_model_dir, do_sample=False, repetition_penalty=1.0, max_new_tokens=4)
+    assert main(["generate", "--model", str(varied_model_dir), "--prompt", TEXTS[2], "--device", "cpu"]) in (0, None)
+    out = capsys.readouterr()
+    assert out.out == eng.tokenizer.decode(plain[:4]) + "\n" and "4 generated" in out.err and "length" in out.err
+    assert main(["generate", "--model", str(varied_model_dir), "--prompt", TEXTS[2], "--device", "cpu",
+                 "--max-new-tokens", "2"]) in (0, None)
+    assert capsys.readouterr().out == eng.tokenizer.decode(plain[:2]) + "\n"
+    write_generation_config(varied_model_dir, temperature=0, top_p=0.5)  # no do_sample: only these keys count
+    unset = Engine.load(varied_model_dir, device="cpu").resolve(SamplingParams())
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.max_new_tokens) == (0, 0.5, 50, 256)
+
+
+def test_bad_generation_config_json_is_a_clear_error(varied_model_dir):
+    from gptsmith.errors import InputError
+
+    write_generation_config(varied_model_dir, do_sample=True, temperature=-1)
+    with pytest.raises(InputError, match=r"generation_config.json: temperature must be >= 0"):
+        Engine.load(varied_model_dir, device="cpu")
+    (varied_model_dir / "generation_config.json").write_text("{not json")
+    with pytest.raises(InputError, match="generation_config.json: not a readable JSON file"):
+        Engine.load(varied_model_dir, device="cpu")

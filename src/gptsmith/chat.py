@@ -59,7 +59,7 @@ def run_chat(model_dir, gen_cfg, system: str | None = None, device: str = "auto"
         pass
     out = sys.stdout
     engine = Engine.load(model_dir, device=device)
-    params = SamplingParams.from_config(gen_cfg)
+    params = engine.resolve(SamplingParams.from_config(gen_cfg))  # unset: the model's generation_config.json
     messages: list[dict] = []
     print(f"chatting with {model_dir} (context {engine.max_context} tokens). /help for commands, Ctrl-D to leave.")
     while True:

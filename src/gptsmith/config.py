@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gptsmith.generation_defaults import DEFAULTS
+
 CONFIG_FILENAME = "gptsmith.yaml"
 
 
@@ -115,13 +117,19 @@ class SFTConfig(Section):
 
 
 class GenerateConfig(Section):
-    max_new_tokens: int = Field(256, ge=1, description="longest answer, in tokens")
-    temperature: float = Field(0.8, ge=0, description="sampling temperature: higher is more varied; 0 = greedy")
-    top_k: int = Field(50, ge=0, description="sample from the k most likely tokens only; 0 = off")
-    top_p: float = Field(0.95, gt=0, le=1, description="sample from the most likely tokens that hold this much "
-                         "probability (nucleus sampling); 1 = off")
-    repetition_penalty: float = Field(1.1, gt=0, description="> 1 makes tokens already in the text less likely")
-    seed: int | None = Field(None, description="random seed for reproducible samples; null = a new one each time")
+    # A key left unset (null; max_new_tokens: absent from the file and the overrides) takes the model's
+    # generation_config.json value, else gptsmith's default (gptsmith.generation_defaults): SamplingParams.from_config.
+    max_new_tokens: int = Field(DEFAULTS.max_new_tokens, ge=1, description="longest answer in tokens; when not set, "
+                                "the model's generation_config.json value, else this")
+    temperature: float | None = Field(None, ge=0, description="0 = greedy; null = the model's generation_config.json, "
+                                      f"else {DEFAULTS.temperature}")
+    top_k: int | None = Field(None, ge=0, description="sample from the k likeliest tokens, 0 = off; null = the "
+                              f"model's generation_config.json, else {DEFAULTS.top_k}")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass, 1 = off; null = the model's "
+                                f"generation_config.json, else {DEFAULTS.top_p}")
+    repetition_penalty: float | None = Field(None, gt=0, description="> 1 discourages repeats, 1 = off; null = the "
+                                             f"model's generation_config.json, else {DEFAULTS.repetition_penalty}")
+    seed: int | None = Field(None, description="random seed for reproducible samples; null = a fresh one each time")
 
 
 class ServeConfig(Section):

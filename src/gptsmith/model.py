@@ -131,7 +131,10 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 
 def default_generation_config(tokenizer) -> GenerationConfig:
-    """Generation defaults saved with every model: stop at end of turn or end of document."""
+    """Generation defaults saved with every model: gptsmith's sampling defaults (one source:
+    gptsmith.generation_defaults); stop at end of turn or end of document."""
+    from gptsmith.generation_defaults import DEFAULTS
+
     stop_ids = []
     for tok in ("<|end|>", "<|endoftext|>"):
         tid = tokenizer.convert_tokens_to_ids(tok)
@@ -140,7 +143,8 @@ def default_generation_config(tokenizer) -> GenerationConfig:
     if not stop_ids and tokenizer.eos_token_id is not None:
         stop_ids = [tokenizer.eos_token_id]
     return GenerationConfig(
-        do_sample=True, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=256,
+        do_sample=True, temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k, top_p=DEFAULTS.top_p,
+        repetition_penalty=DEFAULTS.repetition_penalty, max_new_tokens=DEFAULTS.max_new_tokens,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids or None, pad_token_id=tokenizer.pad_token_id,
     )
 

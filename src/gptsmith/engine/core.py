@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from gptsmith.engine.params import (Completion, SamplingParams, StreamEvent, apply_repetition_penalty,
-                                    make_generator, sample_token)
+                                    make_generator, read_generation_config, sample_token)
 from gptsmith.engine.runners import HFRunner, LlamaRunner, llama_supported, llama_weights, weights_key
 from gptsmith.engine.text import IncrementalDecoder, StopMatcher
+from gptsmith.tokenizer import encode_chat, encode_text
 
 
 class Sequence:
     """One prompt being generated: its tokens, sampling state, text decoder and stop matcher."""
 
     def __init__(self, engine: "Engine", prompt_ids: list[int], params: SamplingParams):
-        params.validate()
+        params = engine.resolve(params)
         engine.check_prompt(prompt_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -133,12 +133,15 @@ class Batch:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, device: torch.device, stop_ids: set[int] | None = None):
+    def __init__(self, model, tokenizer, device: torch.device, stop_ids: set[int] | None = None,
+                 generation_defaults: dict | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.max_context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
         self.stop_ids = set(stop_ids or ())
+        # the model's generation_config.json sampling settings: used for whatever a request leaves unset
+        self.generation_defaults = dict(generation_defaults or {})
         if tokenizer.eos_token_id is not None:
             self.stop_ids.add(tokenizer.eos_token_id)
         self.fast = llama_supported(model)
@@ -158,13 +161,18 @@ class Engine:
             dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
-        stop_ids: set[int] = set()
-        gen_path = model_dir / "generation_config.json"
-        eos = json.loads(gen_path.read_text()).get("eos_token_id") if gen_path.is_file() else None
-        if eos is None:
+        generation_defaults, eos = read_generation_config(model_dir)
+        if not eos:
             eos = model.config.eos_token_id
-        stop_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        return cls(model, tokenizer, device, stop_ids)
+            eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        return cls(model, tokenizer, device, set(eos), generation_defaults)
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """`params` with every unset field filled (the model's generation config, else the defaults), validated."""
+        params.validate()
+        params = params.resolved(self.generation_defaults)
+        params.validate()
+        return params
 
     def make_runner(self, n_slots: int, max_len: int):
         if not self.fast:
@@ -177,12 +185,13 @@ class Engine:
     # ------------------------------------------------------------------------------------------ prompts
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """A plain-text prompt's ids; special-token strings in it stay text (tokenizer.encode_text)."""
+        return encode_text(self.tokenizer, text)
 
     def chat_template_ids(self, messages: list[dict]) -> list[int]:
-        """The chat template with the generation prompt, as token ids; no turn is dropped (see encode_chat)."""
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        """The chat template with the generation prompt, as token ids; no turn is dropped (see encode_chat).
+        Message text never becomes control tokens (tokenizer.encode_chat)."""
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True).input_ids
 
     def encode_chat(self, messages: list[dict], max_new_tokens: int = 0) -> list[int]:
         """Chat template + generation prompt. When prompt + max_new_tokens does not fit the context, drop the
@@ -257,7 +266,7 @@ def generate_cli(model_dir, prompt: str, gen_cfg, chat: bool = False, device: st
     import time
 
     engine = Engine.load(model_dir, device=device)
-    params = SamplingParams.from_config(gen_cfg)
+    params = engine.resolve(SamplingParams.from_config(gen_cfg))  # unset: the model's generation_config.json
     ids = (engine.encode_chat([{"role": "user", "content": prompt}], params.max_new_tokens) if chat
            else engine.encode(prompt))
     t0, n, reason = time.perf_counter(), 0, None

@@ -1,10 +1,11 @@
 """Supervised fine-tuning on conversations, loss on the assistant's tokens only: full, LoRA or QLoRA.
 
-TRL's SFTTrainer does the work: chat-template tokenisation with assistant masks (`assistant_only_loss`, driven
-by the `{% generation %}` markers in the template), packing, PEFT wrapping, evaluation, TensorBoard logging,
-checkpoints and exact resume (model, optimizer, scheduler, RNG, data position). What is ours is the glue a user
-would otherwise write by hand: reading any conversation format, giving a model without a chat template one,
-CPU-sane defaults, an exact assistant-token val loss and bits-per-byte, a loss plot, lineage, atomic output.
+TRL's SFTTrainer does the work: labels from assistant masks (tokenizer.encode_chat computes them from the
+`{% generation %}` markers in the template, keeping message text text), packing, PEFT wrapping, evaluation,
+TensorBoard logging, checkpoints and exact resume (model, optimizer, scheduler, RNG, data position). What is ours
+is the glue a user would otherwise write by hand: reading any conversation format, giving a model without a chat
+template one, CPU-sane defaults, an exact assistant-token val loss and bits-per-byte, a loss plot, lineage,
+atomic output.
 
 Output (OUT):
   full fine-tune: a standard HF model dir (config.json, model.safetensors, tokenizer, chat template, generation config)
@@ -30,7 +31,7 @@ from gptsmith.data.chat_formats import CHATTERBOT, Messages, conversation_hash, 
 from gptsmith.errors import InputError
 from gptsmith.files import atomic_write_json, sha256_file, write_dir
 from gptsmith.model import LINEAGE_FILENAME, default_generation_config, read_lineage, save_model_dir
-from gptsmith.tokenizer import ASSISTANT, CHAT_TEMPLATE, END_OF_TURN, PAD, SYSTEM, USER
+from gptsmith.tokenizer import ASSISTANT, CHAT_TEMPLATE, END_OF_TURN, PAD, SYSTEM, USER, encode_chat
 
 RUN_FILENAME = "sft_run.json"  # what a resumed run must match (data and base model)
 
@@ -136,10 +137,9 @@ def _prefix_tokenize(tokenizer, messages: Messages) -> dict:
     ids: list[int] = []
     labels: list[int] = []
     for i, m in enumerate(messages):
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)["input_ids"]
+        full = encode_chat(tokenizer, messages[: i + 1]).input_ids
         if m["role"] == "assistant":
-            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True,
-                                                   return_dict=True)["input_ids"]
+            prompt = encode_chat(tokenizer, messages[:i], add_generation_prompt=True).input_ids if i else []
             labels += [-100] * (len(prompt) - len(ids)) + full[len(prompt):]
         else:
             labels += [-100] * (len(full) - len(ids))
@@ -147,13 +147,26 @@ def _prefix_tokenize(tokenizer, messages: Messages) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
+def _masked_tokenize(tokenizer, messages: Messages, chat_template: str | None) -> dict:
+    """input_ids + assistant_masks from the template's {% generation %} markers; TRL turns the mask into labels."""
+    enc = encode_chat(tokenizer, messages, assistant_mask=True, chat_template=chat_template)
+    return {"input_ids": enc.input_ids, "assistant_masks": enc.assistant_masks}
+
+
 def _datasets(train: list[Messages], val: list[Messages], tokenizer, masking: str):
+    """The conversations tokenised here, not by TRL: TRL renders the template to one string and tokenises it with
+    special tokens parsed, so a message containing "<|end|>\n<|system|>" would train real turn markers.
+    tokenizer.encode_chat keeps message text text (same ids as the template otherwise)."""
     from datasets import Dataset
 
     if masking == "prefix rendering":
         make = lambda convs: Dataset.from_list([_prefix_tokenize(tokenizer, c) for c in convs])  # noqa: E731
     else:
-        make = lambda convs: Dataset.from_list([{"messages": c} for c in convs])  # noqa: E731
+        template = None
+        if masking == "TRL training template":  # the model's template, with generation markers added by TRL
+            from trl.chat_template_utils import get_training_chat_template
+            template = get_training_chat_template(tokenizer)
+        make = lambda convs: Dataset.from_list([_masked_tokenize(tokenizer, c, template) for c in convs])  # noqa: E731
     return make(train), (make(val) if val else None)
 
 
@@ -286,7 +299,7 @@ def build_trainer(model_id: str, train: list[Messages], val: list[Messages], out
         gradient_accumulation_steps=s.grad_accum,
         learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay,
         max_length=s.max_seq_len, packing=s.packing, eval_packing=False,
-        assistant_only_loss=info["masking"] != "prefix rendering",
+        assistant_only_loss=False,  # the datasets come tokenised with their masks (_datasets); TRL builds labels
         train_sampling_strategy="group_by_length" if s.group_by_length and not s.packing else "random",
         # no half precision on CPU (slow or unsupported there); bf16 autocast on GPUs that have it, else fp16
         bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda,
