@@ -142,6 +142,12 @@ class ServeConfig(Section):
     torch_threads: int = Field(0, ge=0, description="CPU threads for the local model's math; 0 = auto: all cores "
                                "but one, which the HTTP event loop needs")
     cors_origins: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list, description="host names the server answers to besides "
+                                     "localhost, 127.0.0.1 and [::1] (a reverse proxy's, a LAN name); '*' = any "
+                                     "(turns off the DNS-rebinding check)")
+    session_hours: float = Field(168.0, gt=0, description="how long a browser login (the session cookie) lasts")
+    auth_failures_per_minute: int = Field(10, ge=0, description="failed logins/API keys allowed per client IP a "
+                                          "minute before it gets 429; 0 = no limit")
 
 
 class ProjectConfig(Section):
