@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -24,6 +25,7 @@ import pytest
 from serve_helpers import free_port, running
 
 from gptsmith.config import load_config
+from gptsmith.errors import InputError
 from gptsmith.serve.app import create_app
 from gptsmith.serve.feedback import build_examples
 from gptsmith.serve.store import Store
@@ -283,3 +285,23 @@ def test_server_on_postgresql(pg_server, tiny_model_dir):
         assert msgs[-1]["content"] == answer and msgs[-1]["finish_reason"] in ("stop", "length")
     finally:
         store.close()
+
+
+def test_plain_postgresql_url_uses_psycopg(pg_server):
+    """The README's `--db postgresql://user@host/db` form: SQLAlchemy would pick psycopg2, which is not installed."""
+    url = pg_server().replace("postgresql+psycopg://", "postgresql://")
+    s = Store(url)
+    try:
+        c = s.create_conversation(title="plain url")
+        assert s.get_conversation(c["id"])["title"] == "plain url"
+        assert s.engine.dialect.driver == "psycopg"
+    finally:
+        s.close()
+
+
+def test_bad_or_driverless_database_urls_say_what_to_do(monkeypatch):
+    with pytest.raises(InputError, match="not a database URL"):
+        Store("gptsmith.db")
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the `postgres` extra were not installed
+    with pytest.raises(InputError, match=r"gptsmith\[postgres\]"):
+        Store("postgresql://nobody@127.0.0.1:1/none")

@@ -16,7 +16,11 @@ from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, bindparam,
                         create_engine, delete, event, func, or_, select)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from gptsmith.errors import InputError
 
 
 def utcnow() -> datetime:
@@ -98,12 +102,30 @@ class Feedback(Base):
     message: Mapped[Message] = relationship(back_populates="feedback")
 
 
+def database_url(db_url: str) -> URL:
+    """The URL with its driver: a plain postgresql:// URL means psycopg 3 (the `postgres` extra), not
+    SQLAlchemy's default psycopg2, which gptsmith does not install."""
+    try:
+        url = make_url(db_url)
+    except ArgumentError as e:
+        raise InputError(f"serve.db: '{db_url}' is not a database URL ({e}); use e.g. sqlite:///gptsmith.db or "
+                         "postgresql://user@host/dbname") from None
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
 def make_engine(db_url: str):
     """SQLite gets WAL (readers never block the writer) and a busy timeout (writers wait instead of failing)."""
+    url = database_url(db_url)
     kwargs: dict[str, Any] = {}
-    if db_url.startswith("sqlite"):
+    if url.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-    engine = create_engine(db_url, **kwargs)
+    try:
+        engine = create_engine(url, **kwargs)
+    except ImportError as e:
+        extra = " (pip install 'gptsmith[postgres]')" if url.get_backend_name() == "postgresql" else ""
+        raise InputError(f"serve.db: the database driver for '{url.drivername}' is not installed{extra}: {e}") from None
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
