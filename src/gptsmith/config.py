@@ -141,7 +141,8 @@ class ServeConfig(Section):
                                      "under load. 0 = one chunk per token")
     torch_threads: int = Field(0, ge=0, description="CPU threads for the local model's math; 0 = auto: all cores "
                                "but one, which the HTTP event loop needs")
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list, description="origins (https://app.example) whose pages "
+                                    "may call this server from the browser, writes included; empty = none")
     allowed_hosts: list[str] = Field(default_factory=list, description="host names the server answers to besides "
                                      "localhost, 127.0.0.1 and [::1] (a reverse proxy's, a LAN name); '*' = any "
                                      "(turns off the DNS-rebinding check)")
