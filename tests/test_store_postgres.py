@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def pg_server():
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
         if as_user[:1] == ["su"]:
-            cmd = (" ".join(cmd),)
+            cmd = (shlex.join(cmd),)
         return subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120, cwd=root)
 
     r = run(f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "gptsmith", "-E", "UTF8", "--locale=C",

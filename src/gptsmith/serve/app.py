@@ -382,8 +382,7 @@ def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend
             await backend.close()
             store.close()
 
-    app = FastAPI(title="gptsmith", version="1", lifespan=lifespan, strict_content_type=False,
-                  docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="gptsmith", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = srv
     auth = app.state.auth = Auth(sc.api_key, sc.session_hours, sc.auth_failures_per_minute)
     app.add_middleware(Guard, auth=auth, max_body_bytes=sc.max_body_bytes,
