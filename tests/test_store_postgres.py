@@ -96,6 +96,12 @@ def pg_server():
             conn.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql+psycopg://gptsmith@127.0.0.1:{port}/{name}"
 
+    def restart() -> None:
+        r = run(f"{bindir}/pg_ctl", "-D", data, "-o", opts, "-l", os.path.join(root, "log"), "-m", "fast", "-w",
+                "-t", "60", "restart")
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    new_database.restart = restart
     try:
         yield new_database
     finally:
@@ -286,6 +292,29 @@ def test_server_on_postgresql(pg_server, tiny_model_dir):
         assert msgs[-1]["content"] == answer and msgs[-1]["finish_reason"] in ("stop", "length")
     finally:
         store.close()
+
+
+def test_ui_api_flows_on_postgresql(pg_server, tiny_model_dir):
+    """test_serve_store's whole UI flow (branches, edits, feedback, search, delete) against PostgreSQL."""
+    import test_serve_store
+
+    db = pg_server()
+    app = create_app(load_config(None, {"serve.db": db, "serve.rate_limit_per_minute": 0}), tiny_model_dir)
+    with running(app) as url:
+        test_serve_store.test_conversation_flow((url, db))
+        test_serve_store.test_long_conversation_drops_oldest_turns((url, db))
+
+
+def test_store_survives_a_database_restart(pg_server):
+    """Pooled connections die with the server; the store must not fail the next request because of them."""
+    s = Store(pg_server())
+    try:
+        c = s.create_conversation(title="before")
+        pg_server.restart()
+        assert s.get_conversation(c["id"])["title"] == "before"
+        s.add_message(c["id"], "user", "after")
+    finally:
+        s.close()
 
 
 def test_plain_postgresql_url_uses_psycopg(pg_server):

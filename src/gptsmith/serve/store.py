@@ -121,6 +121,8 @@ def make_engine(db_url: str):
     kwargs: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:  # a database server restarted under us leaves dead pooled connections: test each before use
+        kwargs["pool_pre_ping"] = True
     try:
         engine = create_engine(url, **kwargs)
     except ImportError as e:
