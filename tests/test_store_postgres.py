@@ -23,13 +23,14 @@ from datetime import timezone
 
 import httpx
 import pytest
+from sqlalchemy import event
 from serve_helpers import free_port, running
 
 from gptsmith.config import load_config
 from gptsmith.errors import InputError
 from gptsmith.serve.app import create_app
 from gptsmith.serve.feedback import build_examples
-from gptsmith.serve.store import Store
+from gptsmith.serve.store import Feedback, Store
 
 
 def _pg_bindir() -> str | None:
@@ -242,7 +243,17 @@ def test_concurrent_writers(store):
         except Exception as e:  # collected: an exception in a thread would otherwise be lost
             errors.append(e)
 
+    together = threading.Barrier(8)
+
+    def rate(i: int):  # a double click, or two tabs: feedback on one message at once
+        try:
+            together.wait(timeout=30)
+            store.set_feedback(q["id"], rating=1 if i % 2 else -1, comment=f"c{i}")
+        except Exception as e:
+            errors.append(e)
+
     threads = [threading.Thread(target=answer, args=(i,)) for i in range(24)]
+    threads += [threading.Thread(target=rate, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -250,6 +261,43 @@ def test_concurrent_writers(store):
     assert errors == []
     msgs = store.get_conversation(c["id"], all_messages=True)["messages"]
     assert sorted(m["content"] for m in msgs if m["role"] == "assistant") == sorted(f"done {i}" for i in range(24))
+    assert msgs[0]["feedback"]["comment"] in {f"c{i}" for i in range(8)}
+
+
+def test_first_feedback_from_two_writers_at_once(store):
+    """Both writers read "no feedback yet" before either inserts (forced here, not left to timing); the loser
+    must update the winner's row, not fail on the one-row-per-message constraint."""
+    c = store.create_conversation()
+    m = store.add_message(c["id"], "assistant", "a")
+    both_read = threading.Barrier(2)
+
+    def after_the_other_read(mapper, connection, target):
+        try:
+            both_read.wait(timeout=10)
+        except threading.BrokenBarrierError:  # SQLite: the store's write lock queues writers, so no race
+            pass
+
+    results, errors = [], []
+
+    def rate(value: int):
+        try:
+            results.append(store.set_feedback(m["id"], rating=value))
+        except Exception as e:
+            errors.append(e)
+
+    if store.engine.dialect.name != "sqlite":
+        event.listen(Feedback, "before_insert", after_the_other_read)
+    try:
+        threads = [threading.Thread(target=rate, args=(v,)) for v in (1, -1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        if event.contains(Feedback, "before_insert", after_the_other_read):
+            event.remove(Feedback, "before_insert", after_the_other_read)
+    assert errors == [] and len(results) == 2
+    assert store.get_message(m["id"])["feedback"]["rating"] in (1, -1)
 
 
 def test_feedback_export_reads_the_store(store):

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, bindparam,
                         create_engine, delete, event, func, or_, select)
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from gptsmith.errors import InputError
@@ -334,6 +334,12 @@ class Store:
         """Upsert: only the fields given change; rating 0 clears the thumb, "" clears a comment/correction."""
         if not 0 < msg_id <= MAX_ROW_ID:
             return None
+        try:
+            return self._set_feedback(msg_id, fields)
+        except IntegrityError:  # another writer created this row meanwhile (PostgreSQL's writers do not queue
+            return self._set_feedback(msg_id, fields)  # like SQLite's): update theirs
+
+    def _set_feedback(self, msg_id: int, fields: dict) -> dict | None:
         with self._writing(), self.Session.begin() as s:
             m = s.get(Message, msg_id)
             if m is None:
