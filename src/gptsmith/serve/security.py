@@ -7,7 +7,8 @@ middleware (it never buffers a response, so streams pass straight through). Thre
    and can read and delete every stored conversation.
 2. Origin (CSRF): a POST/PUT/PATCH/DELETE sent by a browser from another origin (its Origin header, or
    `Sec-Fetch-Site: cross-site`) is refused with 403 unless that origin is in `serve.cors_origins`. The
-   server's own pages (Origin's host = the Host header) and clients that send no Origin (curl, SDKs) pass.
+   server's own pages (`Sec-Fetch-Site: same-origin`, or Origin's host = the Host header) and clients that send
+   no Origin (curl, SDKs) pass.
 3. Content type (CSRF by "simple" requests): a body sent to a JSON route must say `Content-Type:
    application/json` (or `...+json`); else 415. A browser can post text/plain or an untyped Blob cross-origin
    without a CORS preflight, but not application/json. /login and /logout take HTML forms.
@@ -57,7 +58,8 @@ class RequestShield:
                  cors_origins: list[str] | tuple[str, ...] = ()):
         self.app = app
         self.any_host = "*" in allowed_hosts
-        self.allowed_hosts = {h.strip().lower() for h in allowed_hosts}  # names, or name:port
+        # names, or name:port; an origin written by mistake (https://chat.example.com) counts as its host
+        self.allowed_hosts = {(urlsplit(h).netloc if "://" in h else h).strip().lower() for h in allowed_hosts}
         self.any_origin = "*" in cors_origins
         self.cors_origins = {o.rstrip("/").lower() for o in cors_origins}
 
@@ -92,9 +94,12 @@ class RequestShield:
     def _check_origin(self, scope, headers: dict[bytes, str]) -> APIError | None:
         if scope["method"] not in WRITES:
             return None  # reads: the browser's same-origin policy keeps their answers from other sites
-        origin = headers.get(b"origin")
+        origin, fetch_site = headers.get(b"origin"), headers.get(b"sec-fetch-site", "").lower()
+        if fetch_site == "same-origin":
+            # set by the browser alone (pages cannot forge it), and still right behind a proxy that rewrites Host
+            return None
         if origin is None:
-            if headers.get(b"sec-fetch-site", "").lower() == "cross-site":
+            if fetch_site == "cross-site":
                 return _cross_origin("another site (Sec-Fetch-Site: cross-site)")
             return None  # not a browser's cross-origin request: curl, SDKs, same-origin navigation
         origin = origin.strip().rstrip("/").lower()
