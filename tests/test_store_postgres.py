@@ -366,7 +366,8 @@ def test_store_survives_a_database_restart(pg_server):
 
 
 def test_plain_postgresql_url_uses_psycopg(pg_server):
-    """The README's `--db postgresql://user@host/db` form: SQLAlchemy would pick psycopg2, which is not installed."""
+    """The README's `--db postgresql://user@host/db` form: SQLAlchemy before 2.1 reads it as psycopg2, which
+    gptsmith does not install; the store always uses psycopg 3."""
     url = pg_server().replace("postgresql+psycopg://", "postgresql://")
     s = Store(url)
     try:
