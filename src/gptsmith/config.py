@@ -152,8 +152,14 @@ class ServeConfig(Section):
                                      "under load. 0 = one chunk per token")
     torch_threads: int = Field(0, ge=0, description="CPU threads for the local model's math; 0 = auto: all cores "
                                "but one, which the HTTP event loop needs")
-    cors_origins: list[str] = Field(default_factory=list, description="other web origins allowed to call the API "
-                                    "from a browser, e.g. [\"https://app.example\"]")
+    cors_origins: list[str] = Field(default_factory=list, description="origins (https://app.example) whose pages "
+                                    "may call this server from the browser, writes included; empty = none")
+    allowed_hosts: list[str] = Field(default_factory=list, description="host names the server answers to besides "
+                                     "localhost, 127.0.0.1 and [::1] (a reverse proxy's, a LAN name); '*' = any "
+                                     "(turns off the DNS-rebinding check)")
+    session_hours: float = Field(168.0, gt=0, description="how long a browser login (the session cookie) lasts")
+    auth_failures_per_minute: int = Field(10, ge=0, description="failed logins/API keys allowed per client IP a "
+                                          "minute before it gets 429; 0 = no limit")
 
 
 class ProjectConfig(Section):

@@ -19,21 +19,21 @@ import uuid
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptsmith.config import ProjectConfig
-from gptsmith.serve.auth import COOKIE, Guard, key_ok
+from gptsmith.serve.auth import Auth, Guard
 from gptsmith.serve.backends import Backend, ExternalBackend, GenParams, LocalBackend, Prompt, model_version
 from gptsmith.serve.schemas import (APIError, ChatCompletion, ChatCompletionRequest, CompletionRequest,
                                     ConversationCreate, ConversationPatch, ErrorResponse, FeedbackIn, ModelCard,
                                     ModelList, SamplingFields, SendMessage, TextCompletion, UISettings)
+from gptsmith.serve.security import RequestShield
 from gptsmith.serve.store import Store
 
 log = logging.getLogger("gptsmith.serve")
@@ -382,14 +382,15 @@ def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend
             await backend.close()
             store.close()
 
-    app = FastAPI(title="gptsmith", version="1", lifespan=lifespan, strict_content_type=False,
-                  docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="gptsmith", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = srv
-    app.add_middleware(Guard, api_key=sc.api_key, max_body_bytes=sc.max_body_bytes,
+    auth = app.state.auth = Auth(sc.api_key, sc.session_hours, sc.auth_failures_per_minute)
+    app.add_middleware(Guard, auth=auth, max_body_bytes=sc.max_body_bytes,
                        rate_limit_per_minute=sc.rate_limit_per_minute)
-    if sc.cors_origins:  # added last = outermost, so preflight requests are answered before the key check
+    if sc.cors_origins:  # added after Guard = outside it, so preflight requests are answered before the key check
         app.add_middleware(CORSMiddleware, allow_origins=sc.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=True)
+    app.add_middleware(RequestShield, allowed_hosts=sc.allowed_hosts, cors_origins=sc.cors_origins)  # outermost
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -603,28 +604,11 @@ def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request):
-        raw = (await request.body()).decode("utf-8", "replace")
-        if request.headers.get("content-type", "").startswith("application/json"):
-            try:
-                key = str(json.loads(raw).get("key", ""))
-            except (ValueError, AttributeError):
-                key = ""
-        else:
-            key = (parse_qs(raw).get("key") or [""])[0]
-        if not sc.api_key:
-            return RedirectResponse("/", status_code=303)
-        if not key_ok(key, sc.api_key):
-            return RedirectResponse("/login?error=1", status_code=303)
-        resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(COOKIE, key, httponly=True, samesite="strict", max_age=30 * 24 * 3600,
-                        secure=request.url.scheme == "https")
-        return resp
+        return await auth.login(request)
 
     @app.post("/logout", include_in_schema=False)
-    async def logout():
-        resp = RedirectResponse("/login", status_code=303)
-        resp.delete_cookie(COOKIE)
-        return resp
+    async def logout(request: Request):
+        return auth.logout(request)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

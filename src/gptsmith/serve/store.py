@@ -14,9 +14,13 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text, bindparam, create_engine, delete,
-                        event, func, or_, select)
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, bindparam,
+                        create_engine, delete, event, func, or_, select)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from gptsmith.errors import InputError
 
 
 def utcnow() -> datetime:
@@ -27,11 +31,34 @@ class Base(DeclarativeBase):
     pass
 
 
+# 64-bit row ids on every backend (SQLite's INTEGER PRIMARY KEY already is; PostgreSQL's INTEGER is 32-bit)
+RowId = BigInteger().with_variant(Integer, "sqlite")
+MAX_ROW_ID = 2**63 - 1
+
+
+class _NoNul:
+    """PostgreSQL's text types cannot hold NUL (U+0000) and refuse the whole write; a model or a user can
+    produce one, so every backend stores U+FFFD in its place."""
+
+    def process_bind_param(self, value, dialect):
+        return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+class StoredText(_NoNul, TypeDecorator):
+    impl = Text
+    cache_ok = True
+
+
+class StoredString(_NoNul, TypeDecorator):
+    impl = String
+    cache_ok = True
+
+
 class Conversation(Base):
     __tablename__ = "conversations"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
-    title: Mapped[str] = mapped_column(String(200), default="")
-    system_prompt: Mapped[str] = mapped_column(Text, default="")
+    title: Mapped[str] = mapped_column(StoredString(200), default="")
+    system_prompt: Mapped[str] = mapped_column(StoredText, default="")
     settings: Mapped[dict] = mapped_column(JSON, default=dict)  # the UI's sampling settings for this chat
     source: Mapped[str] = mapped_column(String(20), default="ui")  # ui | api
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -42,12 +69,12 @@ class Conversation(Base):
 
 class Message(Base):
     __tablename__ = "messages"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
-    parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
-    regeneration_of_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"))
+    parent_id: Mapped[int | None] = mapped_column(RowId, ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    regeneration_of_id: Mapped[int | None] = mapped_column(RowId, ForeignKey("messages.id", ondelete="SET NULL"))
     role: Mapped[str] = mapped_column(String(20))
-    content: Mapped[str] = mapped_column(Text, default="")
+    content: Mapped[str] = mapped_column(StoredText, default="")
     model_name: Mapped[str | None] = mapped_column(String(200))
     model_version: Mapped[str | None] = mapped_column(String(200))
     sampling: Mapped[dict | None] = mapped_column(JSON)
@@ -65,22 +92,42 @@ class Message(Base):
 class Feedback(Base):
     """One row per rated message; the UI updates it in place (the latest opinion is the one that counts)."""
     __tablename__ = "feedback"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(RowId, ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
     rating: Mapped[int | None] = mapped_column(Integer)  # +1 / -1 / None
-    comment: Mapped[str | None] = mapped_column(Text)
-    correction: Mapped[str | None] = mapped_column(Text)  # "a better answer" written by the user
+    comment: Mapped[str | None] = mapped_column(StoredText)
+    correction: Mapped[str | None] = mapped_column(StoredText)  # "a better answer" written by the user
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     message: Mapped[Message] = relationship(back_populates="feedback")
 
 
+def database_url(db_url: str) -> URL:
+    """The URL with its driver: a plain postgresql:// URL means psycopg 3 (the `postgres` extra), not
+    SQLAlchemy's default psycopg2, which gptsmith does not install."""
+    try:
+        url = make_url(db_url)
+    except ArgumentError as e:
+        raise InputError(f"serve.db: '{db_url}' is not a database URL ({e}); use e.g. sqlite:///gptsmith.db or "
+                         "postgresql://user@host/dbname") from None
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
 def make_engine(db_url: str):
     """SQLite gets WAL (readers never block the writer) and a busy timeout (writers wait instead of failing)."""
+    url = database_url(db_url)
     kwargs: dict[str, Any] = {}
-    if db_url.startswith("sqlite"):
+    if url.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-    engine = create_engine(db_url, **kwargs)
+    else:  # a database server restarted under us leaves dead pooled connections: test each before use
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = create_engine(url, **kwargs)
+    except ImportError as e:
+        extra = " (pip install 'gptsmith[postgres]')" if url.get_backend_name() == "postgresql" else ""
+        raise InputError(f"serve.db: the database driver for '{url.drivername}' is not installed{extra}: {e}") from None
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -93,13 +140,21 @@ def make_engine(db_url: str):
     return engine
 
 
+def iso_utc(t: datetime | None) -> str | None:
+    """UTC with its offset on every backend: SQLite hands back naive datetimes, PostgreSQL aware ones in the
+    session's time zone."""
+    if t is None:
+        return None
+    return (t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)).isoformat()
+
+
 def message_dict(m: Message, with_feedback: bool = True) -> dict:
     d = {"id": m.id, "conversation_id": m.conversation_id, "parent_id": m.parent_id,
          "regeneration_of_id": m.regeneration_of_id, "role": m.role, "content": m.content,
          "model_name": m.model_name, "model_version": m.model_version, "sampling": m.sampling,
          "latency_s": m.latency_s, "ttft_s": m.ttft_s, "prompt_tokens": m.prompt_tokens,
          "completion_tokens": m.completion_tokens, "finish_reason": m.finish_reason,
-         "created_at": m.created_at.isoformat() if m.created_at else None}
+         "created_at": iso_utc(m.created_at)}
     if with_feedback:
         fb = m.feedback
         d["feedback"] = None if fb is None else {"rating": fb.rating, "comment": fb.comment,
@@ -109,7 +164,7 @@ def message_dict(m: Message, with_feedback: bool = True) -> dict:
 
 def conversation_dict(c: Conversation) -> dict:
     return {"id": c.id, "title": c.title, "system_prompt": c.system_prompt, "settings": c.settings or {},
-            "source": c.source, "created_at": c.created_at.isoformat(), "updated_at": c.updated_at.isoformat()}
+            "source": c.source, "created_at": iso_utc(c.created_at), "updated_at": iso_utc(c.updated_at)}
 
 
 def branch(messages: list[Message], leaf_id: int | None = None) -> list[Message]:
@@ -167,7 +222,7 @@ class Store:
             if source:
                 stmt = stmt.where(Conversation.source == source)
             if query:
-                like = f"%{query.lower()}%"
+                like = f"%{query.lower()}%".replace("\x00", "\ufffd")  # as StoredText wrote it
                 hits = select(Message.conversation_id).where(func.lower(Message.content).like(like))
                 stmt = stmt.where(or_(func.lower(Conversation.title).like(like), Conversation.id.in_(hits)))
             return [conversation_dict(c) for c in s.scalars(stmt)]
@@ -217,6 +272,8 @@ class Store:
 
     # messages ------------------------------------------------------------------------------------------
     def get_message(self, msg_id: int) -> dict | None:
+        if not 0 < msg_id <= MAX_ROW_ID:  # no such row; the database would refuse the number itself
+            return None
         with self.Session() as s:
             m = s.get(Message, msg_id)
             return None if m is None else message_dict(m)
@@ -275,6 +332,14 @@ class Store:
     # feedback ------------------------------------------------------------------------------------------
     def set_feedback(self, msg_id: int, **fields) -> dict | None:
         """Upsert: only the fields given change; rating 0 clears the thumb, "" clears a comment/correction."""
+        if not 0 < msg_id <= MAX_ROW_ID:
+            return None
+        try:
+            return self._set_feedback(msg_id, fields)
+        except IntegrityError:  # another writer created this row meanwhile (PostgreSQL's writers do not queue
+            return self._set_feedback(msg_id, fields)  # like SQLite's): update theirs
+
+    def _set_feedback(self, msg_id: int, fields: dict) -> dict | None:
         with self._writing(), self.Session.begin() as s:
             m = s.get(Message, msg_id)
             if m is None:
