@@ -125,11 +125,12 @@ def branch(messages: list[Message], leaf_id: int | None = None) -> list[Message]
     return path[::-1]
 
 
-def history(conv: Conversation, path: list[Message]) -> list[dict]:
-    """OpenAI-style messages for a branch, with the conversation's system prompt first (if it has one)."""
+def history(conv: Conversation, path: list[Message], system_prompt: str | None = None) -> list[dict]:
+    """OpenAI-style messages for a branch, with the system prompt (default: the conversation's) first."""
+    system_prompt = conv.system_prompt if system_prompt is None else system_prompt
     msgs = [{"role": m.role, "content": m.content} for m in path]
-    if conv.system_prompt and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": conv.system_prompt})
+    if system_prompt and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
     return msgs
 
 
@@ -221,13 +222,14 @@ class Store:
             m = s.get(Message, msg_id)
             return None if m is None else message_dict(m)
 
-    def context_for(self, conv_id: str, parent_id: int | None) -> list[dict]:
-        """The history a new answer to `parent_id` sees: system prompt + the branch ending at parent_id."""
+    def context_for(self, conv_id: str, parent_id: int | None, system_prompt: str | None = None) -> list[dict]:
+        """The history a new answer to `parent_id` sees: system prompt (default: the conversation's) + the branch
+        ending at parent_id."""
         with self.Session() as s:
             c = s.get(Conversation, conv_id)
             msgs = list(s.scalars(select(Message).where(Message.conversation_id == conv_id)))
             path = branch(msgs, parent_id) if parent_id is not None else []
-            return history(c, path)
+            return history(c, path, system_prompt)
 
     def leaf_id(self, conv_id: str) -> int | None:
         with self.Session() as s:
@@ -256,8 +258,11 @@ class Store:
         return parent
 
     def update_message(self, msg_id: int, **fields) -> None:
+        """LookupError when the message is gone (its conversation was deleted, e.g. from another tab)."""
         with self._writing(), self.Session.begin() as s:
             m = s.get(Message, msg_id)
+            if m is None:
+                raise LookupError(f"message {msg_id} no longer exists (its conversation was deleted)")
             for k, v in fields.items():
                 setattr(m, k, v)
 

@@ -1,0 +1,18 @@
+"""The server's routes, one router per concern: openai.py (/v1, what API clients use), ui.py (the web UI's page
+and its /api), auth.py (login and logout). Routes parse requests and shape replies; the serving logic they share
+is the Server (serve/server.py) that every route gets through the `ServerDep` dependency."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gptsmith.serve.server import Server
+
+
+def get_server(request: Request) -> Server:
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(get_server)]
