@@ -75,7 +75,8 @@ class Completion:
 
     def usage(self, results: list[dict]) -> Usage:
         """`results` in job order; the prompt counts once per target."""
-        pt = sum(t.prompt.n_tokens if t.prompt.n_tokens is not None else (results[i * self.body.n]["prompt_tokens"] or 0)
+        n = self.body.n
+        pt = sum(t.prompt.n_tokens if t.prompt.n_tokens is not None else (results[i * n]["prompt_tokens"] or 0)
                  for i, t in enumerate(self.targets))
         ct = sum(r["completion_tokens"] or 0 for r in results)
         return Usage(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
