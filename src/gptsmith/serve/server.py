@@ -22,7 +22,7 @@ from fastapi import Request
 from gptsmith.config import ProjectConfig
 from gptsmith.serve.backends import Backend, Chunk, GenParams, Prompt
 from gptsmith.serve.schemas import APIError, SamplingFields
-from gptsmith.serve.store import Store
+from gptsmith.serve.store import MessageGone, Store
 
 log = logging.getLogger("gptsmith.serve")
 
@@ -57,7 +57,7 @@ def internal_error(request_id: str) -> APIError:
 def as_api_error(e: Exception, request_id: str) -> APIError:
     if isinstance(e, APIError):
         return e
-    if isinstance(e, LookupError):  # the store lost the answer's row: its conversation was deleted meanwhile
+    if isinstance(e, MessageGone):  # the answer's conversation was deleted while it streamed
         return APIError(409, f"{e}; the answer was not saved.", code="conversation_deleted")
     log.error("request %s failed", request_id, exc_info=e)
     return internal_error(request_id)
@@ -126,7 +126,7 @@ class Server:
         def save():
             try:
                 self.store.update_message(msg_id, **fields)
-            except LookupError as e:
+            except MessageGone as e:
                 log.info("%s; nothing to save", e)
             except Exception:
                 log.exception("could not save the end of answer %s", msg_id)

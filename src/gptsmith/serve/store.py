@@ -19,6 +19,10 @@ from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 
+class MessageGone(LookupError):
+    """The message to update no longer exists: its conversation was deleted (e.g. from another tab)."""
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -258,11 +262,11 @@ class Store:
         return parent
 
     def update_message(self, msg_id: int, **fields) -> None:
-        """LookupError when the message is gone (its conversation was deleted, e.g. from another tab)."""
+        """MessageGone when the message no longer exists."""
         with self._writing(), self.Session.begin() as s:
             m = s.get(Message, msg_id)
             if m is None:
-                raise LookupError(f"message {msg_id} no longer exists (its conversation was deleted)")
+                raise MessageGone(f"message {msg_id} no longer exists (its conversation was deleted)")
             for k, v in fields.items():
                 setattr(m, k, v)
 
