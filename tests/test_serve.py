@@ -387,3 +387,14 @@ def test_stream_interval_merges_tokens_into_fewer_chunks(tiny_model_dir, tmp_pat
         # about one chunk per token; fewer only when the client falls behind and queued tokens merge (a loaded
         # 2-core CI machine), never as few as a long interval gives
         assert len(pieces) > 3 and len(pieces) <= n
+
+
+def test_route_table_lists_the_routes_of_every_router(server):
+    """routes.route_table flattens the included routers (FastAPI nests them in app.routes): what a check over
+    every route (auth, content type) walks."""
+    from gptsmith.serve.routes import route_table
+
+    table = {(method, r.path) for r in route_table(server["app"]) for method in (getattr(r, "methods", None) or ["*"])}
+    assert {("POST", "/v1/chat/completions"), ("GET", "/api/conversations"), ("POST", "/login"), ("POST", "/logout"),
+            ("POST", "/api/messages/{msg_id}/feedback"), ("GET", "/"), ("*", "/static")} <= table
+    assert len(table) >= 20

@@ -16,3 +16,20 @@ def get_server(request: Request) -> Server:
 
 
 ServerDep = Annotated[Server, Depends(get_server)]
+
+
+def route_table(app) -> list:
+    """Every route the app answers, flat. Recent FastAPI keeps each included router as one nested entry of
+    `app.routes`; this walks into them, so a check over all routes (auth on every route) misses none."""
+    flat: list = []
+
+    def walk(routes) -> None:
+        for route in routes:
+            inner = getattr(route, "original_router", None)
+            if inner is not None:
+                walk(inner.routes)
+            else:
+                flat.append(route)
+
+    walk(app.routes)
+    return flat
