@@ -62,3 +62,119 @@ def long_context_model(out_dir, tokenizer_dir, max_seq_len: int = 2048):
                        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     save_model_dir(build_model(cfg, seed=0), tok, out_dir)
     return out_dir
+
+
+class DecodeGate:
+    """Lets the engine run `free_steps` decode steps, then holds every further step until `release()`.
+
+    With the gate installed an answer cannot end on its own (not by length, not by speed), so a test that
+    disconnects, stops or kills mid-answer decides when generation may go on, on a slow or a fast machine.
+    The first token of a request comes from its prefill, before any decode step."""
+
+    def __init__(self, free_steps: int):
+        self.free_steps, self.steps = free_steps, 0
+        self._open = threading.Event()
+
+    def install(self, monkeypatch=None) -> DecodeGate:
+        from gptsmith.engine.core import Batch
+
+        original, gate = Batch.step, self
+
+        def step(batch):
+            if gate.steps >= gate.free_steps:
+                gate._open.wait()
+            gate.steps += 1
+            return original(batch)
+
+        if monkeypatch is not None:
+            monkeypatch.setattr(Batch, "step", step)
+        else:  # a server subprocess that the test kills
+            Batch.step = step
+        return self
+
+    def release(self) -> None:
+        self._open.set()
+
+
+def record_requests(scheduler, monkeypatch) -> list:
+    """The engine requests `scheduler` gets from now on, to check how each one ended."""
+    seen, submit = [], scheduler.submit
+
+    def recording(*args, **kwargs):
+        seen.append(submit(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(scheduler, "submit", recording)
+    return seen
+
+
+def wait_for(fn, timeout: float = 30.0, what: str = "condition"):
+    """Poll `fn` until it returns something true. The timeout only bounds a failing test: a passing one never
+    depends on it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+def serve_process(model_dir, port: int, db_url: str, *options: str, hold_after_steps: int | None = None):
+    """`gptsmith serve` in a subprocess (to be killed with SIGKILL), optionally with a DecodeGate that is never
+    released: answers stream `hold_after_steps` decode steps and then wait forever."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys\n"
+    if hold_after_steps is not None:
+        code += (f"sys.path.insert(0, {str(Path(__file__).parent)!r})\nimport serve_helpers\n"
+                 f"serve_helpers.DecodeGate({hold_after_steps}).install()\n")
+    code += "from gptsmith.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(model_dir), "--port", str(port),
+                             "--db", db_url, *options], env=os.environ | {"GPTSMITH_API_KEY": ""},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class ScriptedBackend:
+    """A backend that answers every prompt with `pieces`, then waits until `release()` to finish (or to raise
+    `then_raise`): the test decides when an answer ends."""
+
+    name, version, max_context = "scripted", "scripted@1", 10_000
+
+    def __init__(self, pieces=("Hello", " there"), then_raise: Exception | None = None):
+        self.pieces, self.then_raise = list(pieces), then_raise
+        self.released = threading.Event()
+        self.opened = threading.Event()
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None:
+        self.released.set()
+
+    async def prepare(self, prompt, max_tokens, default_max_tokens, fit):
+        from gptsmith.serve.backends import Prompt
+
+        return Prompt(prompt.messages, prompt.text, [1, 2, 3], 3), max_tokens or default_max_tokens
+
+    async def open(self, prompt, params):
+        self.opened.set()
+        return self._events()
+
+    async def _events(self):
+        import asyncio
+
+        from gptsmith.serve.backends import Chunk
+
+        for piece in self.pieces:
+            yield Chunk(piece)
+        while not self.released.is_set():
+            await asyncio.sleep(0.01)
+        if self.then_raise is not None:
+            raise self.then_raise
+        yield Chunk("", "stop", 3, len(self.pieces))

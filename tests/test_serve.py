@@ -200,36 +200,124 @@ def test_32_concurrent_streams_are_batched_and_stored(server):
     assert len(answers) == 32 and all(a["finish_reason"] in ("stop", "length") for a in answers)
 
 
-def test_client_disconnect_cancels_generation(tokenizer_dir, tmp_path):
-    from serve_helpers import long_context_model
+def test_client_disconnect_cancels_generation(tokenizer_dir, tmp_path, monkeypatch):
+    from serve_helpers import DecodeGate, long_context_model, record_requests, wait_for
 
     model = long_context_model(tmp_path / "long", tokenizer_dir, 1024)
     db = f"sqlite:///{tmp_path / 'store.db'}"
     app = create_app(load_config(None, {"serve.db": db, "serve.store_flush_seconds": 0.05}), model)
     scheduler = app.state.server.backend.scheduler
+    requests = record_requests(scheduler, monkeypatch)
+    gate = DecodeGate(free_steps=10).install(monkeypatch)  # the answer cannot end before the test says so
     body = {"model": "long", "messages": MSG, "max_tokens": 900, "temperature": 0, "stream": True}
     with running(app) as url:
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
-            for i, _ in enumerate(r.iter_lines()):
-                if i > 10:
-                    break  # leaving the block closes the connection mid-answer
-        deadline = time.monotonic() + 20
-        while scheduler.num_active and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert scheduler.num_active == 0, "generation went on after the client left"
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                        break  # text arrived; leaving the block closes the connection mid-answer
+            (req,) = requests
+            wait_for(lambda: req.cancelled, what="the engine request cancelled after the client left")
+        finally:
+            gate.release()
+        wait_for(lambda: req.finish_reason, what="the engine request ended")
+        wait_for(lambda: scheduler.num_active == 0, what="the engine idle")
         store = Store(db)
         try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+            def answer():
                 (conv,) = store.list_conversations()
-                answer = store.get_conversation(conv["id"])["messages"][-1]
-                if answer["finish_reason"]:
-                    break
-                time.sleep(0.05)
+                a = store.get_conversation(conv["id"])["messages"][-1]
+                return a["finish_reason"] and a
+            stored = wait_for(answer, what="the answer's end stored")
         finally:
             store.close()
-    assert answer["finish_reason"] == "cancelled"
-    assert answer["content"] and answer["completion_tokens"] < 900
+    assert req.finish_reason == "cancelled" and req.completion_tokens < 900
+    assert stored["finish_reason"] == "cancelled"
+    assert stored["content"] and stored["completion_tokens"] < 900
+
+
+def test_omitted_max_tokens_is_capped_by_the_limit(server):
+    """serve.max_tokens_limit (64 here) binds a request that leaves max_tokens out, not only one that sets it."""
+    marker = f"no-max-tokens-{time.time_ns()}"
+    r = httpx.post(server["url"] + "/v1/chat/completions", timeout=60, json={
+        "model": server["model"], "messages": [{"role": "user", "content": marker}], "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 64
+    store = Store(server["db"])
+    try:
+        (conv,) = store.list_conversations(marker)
+        answer = store.get_conversation(conv["id"])["messages"][-1]
+    finally:
+        store.close()
+    assert answer["sampling"]["max_tokens"] == 64
+
+
+def test_out_of_range_integers_are_400_naming_the_field(server):
+    url, model = server["url"], server["model"]
+    good = {"model": model, "messages": MSG, "max_tokens": 2}
+    for stream in (False, True):  # streaming too: refused before the 200, not an error event after it
+        for field, value in (("seed", 2**64), ("seed", -(2**63) - 1), ("max_tokens", 2**70), ("n", 2**70)):
+            r = httpx.post(url + "/v1/chat/completions", timeout=30, json=good | {field: value, "stream": stream})
+            assert _error(r, 400)["param"] == field
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json=good | {"seed": 2**63 - 1, "n": 2})
+    assert r.status_code == 200  # the edge of the range works, n > 1 (seed + 1) too
+    err = _error(httpx.post(f"{url}/api/messages/{2**70}/feedback", json={"rating": 1}), 400)
+    assert err["param"] == "msg_id"
+    conv = httpx.post(url + "/api/conversations", json={}).json()
+    for field in ("parent_id", "edit_of", "regenerate_of"):
+        r = httpx.post(f"{url}/api/conversations/{conv['id']}/messages", json={"content": "hi", field: 2**70})
+        assert _error(r, 400)["param"] == field
+    r = httpx.post(f"{url}/api/conversations/{conv['id']}/messages", json={"content": "hi",
+                                                                           "settings": {"max_tokens": 2**70}})
+    assert _error(r, 400)["param"] == "settings.max_tokens"
+
+
+def test_booleans_are_strict_and_images_are_refused(server):
+    url = server["url"] + "/v1/chat/completions"
+    good = {"model": server["model"], "messages": MSG, "max_tokens": 2}
+    assert _error(httpx.post(url, json=good | {"stream": "yes"}), 400)["param"] == "stream"
+    r = httpx.post(url, json=good | {"stream": True, "stream_options": {"include_usage": 1}})
+    assert _error(r, 400)["param"] == "stream_options.include_usage"
+    parts = [{"type": "text", "text": "What is in this picture?"},
+             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    err = _error(httpx.post(url, json=good | {"messages": [{"role": "user", "content": parts}]}), 400)
+    assert err["param"] == "messages[0].content[1].type" and "text only" in err["message"]
+    r = httpx.post(url, timeout=60, json=good | {"messages": [{"role": "user", "content": parts[:1]}]})
+    assert r.status_code == 200  # text parts are fine
+
+
+def test_failures_end_the_stream_and_hide_internals(tmp_path):
+    """An unforeseen exception is a 500 (or a stream's error event) with a request id and without its text, which
+    goes to the log; the stream still ends, with [DONE], and the answer is stored as failed."""
+    from serve_helpers import ScriptedBackend
+
+    backend = ScriptedBackend(["Hi"], then_raise=RuntimeError("secret detail /home/me/.key"))
+    backend.release()
+    db = f"sqlite:///{tmp_path / 'fail.db'}"
+    app = create_app(load_config(None, {"serve.db": db}), backend=backend)
+    body = {"model": "scripted", "messages": MSG}
+    with running(app) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        err = _error(r, 500)
+        assert "secret" not in r.text and "request chatcmpl-" in err["message"] and err["code"] == "internal_error"
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body | {"stream": True}, timeout=30) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and "secret" not in "".join(lines)
+        assert json.loads(lines[-2][6:])["error"]["code"] == "internal_error"
+
+        async def crash(*args, **kwargs):
+            raise RuntimeError("secret detail /home/me/.key")
+
+        backend.prepare = crash
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert _error(r, 500)["code"] == "internal_error" and "secret" not in r.text
+    store = Store(db)
+    try:
+        answers = [m for c in store.list_conversations() for m in store.get_conversation(c["id"])["messages"]
+                   if m["role"] == "assistant"]
+    finally:
+        store.close()
+    assert len(answers) == 2 and all(a["finish_reason"] == "error" and a["content"] == "Hi" for a in answers)
 
 
 def test_rate_limit_and_auth(tiny_model_dir, tmp_path, monkeypatch):
@@ -299,3 +387,14 @@ def test_stream_interval_merges_tokens_into_fewer_chunks(tiny_model_dir, tmp_pat
         # about one chunk per token; fewer only when the client falls behind and queued tokens merge (a loaded
         # 2-core CI machine), never as few as a long interval gives
         assert len(pieces) > 3 and len(pieces) <= n
+
+
+def test_route_table_lists_the_routes_of_every_router(server):
+    """routes.route_table flattens the included routers (FastAPI nests them in app.routes): what a check over
+    every route (auth, content type) walks."""
+    from gptsmith.serve.routes import route_table
+
+    table = {(method, r.path) for r in route_table(server["app"]) for method in (getattr(r, "methods", None) or ["*"])}
+    assert {("POST", "/v1/chat/completions"), ("GET", "/api/conversations"), ("POST", "/login"), ("POST", "/logout"),
+            ("POST", "/api/messages/{msg_id}/feedback"), ("GET", "/"), ("*", "/static")} <= table
+    assert len(table) >= 20

@@ -7,7 +7,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_helpers import running
+from serve_helpers import DecodeGate, record_requests, running, wait_for
 
 from gptsmith.config import load_config
 from gptsmith.serve.app import create_app
@@ -86,29 +86,68 @@ def test_proxy_passes_backend_errors_through(servers):
     assert r.status_code == 200  # still up
 
 
-def test_client_disconnect_stops_the_backend(servers):
+def test_client_disconnect_stops_the_backend(servers, monkeypatch):
+    """front <- client disconnects mid-answer -> front closes its backend stream -> the backend's engine request
+    is cancelled. The backend's engine is held (DecodeGate) so the answer cannot end first on a fast machine."""
     scheduler = servers["back_app"].state.server.backend.scheduler
+    requests = record_requests(scheduler, monkeypatch)
+    gate = DecodeGate(free_steps=6).install(monkeypatch)
     body = {"model": servers["model"], "messages": MSG, "max_tokens": 220, "temperature": 0, "stream": True}
-    with httpx.stream("POST", servers["front"] + "/v1/chat/completions", json=body, timeout=60) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 6:
-                break
-    deadline = time.monotonic() + 20
-    while scheduler.num_active and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert scheduler.num_active == 0
+    try:
+        with httpx.stream("POST", servers["front"] + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break  # text arrived: leave mid-answer
+        (req,) = requests
+        wait_for(lambda: req.cancelled, what="the backend's engine request cancelled")
+    finally:
+        gate.release()
+    wait_for(lambda: req.finish_reason, what="the backend's engine request ended")
+    assert req.finish_reason == "cancelled" and req.completion_tokens < 220
+    wait_for(lambda: scheduler.num_active == 0, what="the backend's engine idle")
     store = Store(servers["back_db"])
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            last = store.list_conversations()[0]
-            answer = store.get_conversation(last["id"])["messages"][-1]
-            if answer["finish_reason"]:
-                break
-            time.sleep(0.05)
+        def answer():
+            a = store.get_conversation(store.list_conversations()[0]["id"])["messages"][-1]
+            return a["finish_reason"] and a
+        stored = wait_for(answer, what="the backend's answer stored")
     finally:
         store.close()
-    assert answer["finish_reason"] == "cancelled" and answer["completion_tokens"] < 220
+    assert stored["finish_reason"] == "cancelled" and stored["completion_tokens"] < 220
+
+
+def test_malformed_backend_stream_ends_with_an_error(tmp_path):
+    """A backend stream line that is not JSON ends the client's stream with an error event and [DONE] (it used
+    to hang), and the answer is stored with what arrived and finish_reason 'error'."""
+    from gptsmith.serve.backends import ExternalBackend
+
+    async def backend_server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "ext", "object": "model"}]})
+        good = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              content=f"data: {json.dumps(good)}\n\ndata: {{not json\n\n".encode())
+
+    backend = ExternalBackend("http://backend.invalid/v1")
+    backend.client = httpx.AsyncClient(base_url=backend.base, transport=httpx.MockTransport(backend_server))
+    db = f"sqlite:///{tmp_path / 'front.db'}"
+    app = create_app(load_config(None, {"serve.db": db, "serve.rate_limit_per_minute": 0}), backend=backend)
+    body = {"model": "ext", "messages": MSG}
+    with running(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body | {"stream": True}, timeout=20) as r:
+            lines = [line for line in r.iter_lines() if line]
+        r2 = httpx.post(url + "/v1/chat/completions", json=body, timeout=20)
+    assert lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][6:])["error"]
+    assert "not a JSON object" in err["message"] and err["type"] == "backend_error"
+    assert "Hi" in "".join(lines[:-2])
+    assert r2.status_code == 502 and "not a JSON object" in r2.json()["error"]["message"]
+    store = Store(db)
+    try:
+        answers = [store.get_conversation(c["id"])["messages"][-1] for c in store.list_conversations()]
+    finally:
+        store.close()
+    assert [(a["content"], a["finish_reason"]) for a in answers] == [("Hi", "error")] * 2
 
 
 def test_unreachable_backend_is_a_clear_startup_error(tmp_path, capsys):

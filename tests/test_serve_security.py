@@ -21,6 +21,7 @@ from starlette.routing import Mount
 from gptsmith.config import load_config
 from gptsmith.serve import limits
 from gptsmith.serve.app import create_app
+from gptsmith.serve.routes import route_table
 from gptsmith.serve.auth import COOKIE, key_ok
 from gptsmith.serve.store import Store
 
@@ -50,7 +51,7 @@ def no_env_key(monkeypatch):
 def json_body_routes(app) -> list[tuple[str, str]]:
     """(method, path) of every route that takes a JSON body, from the app's route table."""
     out = []
-    for r in app.routes:
+    for r in route_table(app):
         if isinstance(r, APIRoute) and r.body_field is not None:
             path = re.sub(r"\{[^}]+\}", "1", r.path)
             out += [(m, path) for m in sorted(r.methods)]
@@ -252,7 +253,7 @@ PUBLIC = {("GET", "/health"), ("GET", "/login"), ("POST", "/login")}  # document
 def route_requests(app) -> list[tuple[str, str, dict]]:
     """One request per (method, route) in the app's route table, mounts (static files) included."""
     out = []
-    for r in app.routes:
+    for r in route_table(app):
         if isinstance(r, Mount):
             files = sorted(os.listdir(r.app.directory)) if getattr(r.app, "directory", None) else [""]
             out.append(("GET", f"{r.path}/{files[0]}", {}))

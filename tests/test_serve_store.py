@@ -1,16 +1,15 @@
 """The web UI's JSON API and the store: conversations, branches (edit/regenerate), feedback, and answers that
 survive a `kill -9` of the server mid-stream."""
 
+import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from serve_helpers import free_port, long_context_model, running, wait_http
+from serve_helpers import (ScriptedBackend, free_port, long_context_model, running, serve_process, wait_for,
+                           wait_http)
 
 from gptsmith.config import load_config
 from gptsmith.serve.app import create_app
@@ -107,39 +106,164 @@ def test_long_conversation_drops_oldest_turns(ui_server):
         assert ev[-1]["message"]["prompt_tokens"] + 32 <= 256
 
 
-def test_kill_9_keeps_question_and_partial_answer(tokenizer_dir, tmp_path):
-    model = long_context_model(tmp_path / "long", tokenizer_dir, 2048)
-    db_path = tmp_path / "kill.db"
-    port = free_port()
-    env = os.environ | {"GPTSMITH_API_KEY": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "gptsmith.cli", "serve", "--model", str(model), "--port",
-                             str(port), "--db", f"sqlite:///{db_path}", "--serve.store_flush_seconds", "0.05"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+def stored_messages(db_url: str) -> list[dict]:
+    """Every message of the only conversation, in id order (read while the server may still be writing)."""
+    store = Store(db_url)
+    try:
+        convs = store.list_conversations()
+        return store.get_conversation(convs[0]["id"], all_messages=True)["messages"] if convs else []
+    finally:
+        store.close()
+
+
+def stream_until(lines, enough) -> str:
+    """Read a /v1 chat stream's lines until `enough(text so far)`; returns that text. The caller keeps `lines`
+    (r.iter_lines()) alive: a dropped line iterator closes the response, i.e. disconnects."""
     received = ""
+    for line in lines:
+        if line.startswith("data: {"):
+            received += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        if enough(received):
+            return received
+    raise AssertionError(f"the stream ended after {received!r}")
+
+
+def kill_9(proc) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def long_model(tokenizer_dir, tmp_path_factory):
+    return long_context_model(tmp_path_factory.mktemp("long") / "long", tokenizer_dir, 2048)
+
+
+def test_kill_9_keeps_question_and_partial_answer(long_model, tmp_path):
+    """The answer is held after 60 decode steps (DecodeGate) and can never finish: whatever the machine's speed,
+    the kill lands mid-answer, once the text the client got is on disk (store_flush_seconds 0.05 later)."""
+    db = f"sqlite:///{tmp_path / 'kill.db'}"
+    port = free_port()
+    proc = serve_process(long_model, port, db, "--serve.store_flush_seconds", "0.05", hold_after_steps=60)
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url)
         body = {"model": "long", "messages": [{"role": "user", "content": "kill me softly"}], "max_tokens": 1500,
                 "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    received += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-                if len(received) > 20:  # kill while the stream is still open and generating
-                    time.sleep(0.3)  # a few store flushes
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-        proc.wait(timeout=10)
+            lines = r.iter_lines()
+            received = stream_until(lines, lambda text: len(text) > 20)
+            wait_for(lambda: (m := stored_messages(db)) and m[-1]["content"].startswith(received),
+                     what="the streamed text on disk")
+            kill_9(proc)  # while the stream is still open and generating
+            lines.close()
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    store = Store(f"sqlite:///{db_path}")
-    try:
-        (conv,) = store.list_conversations()
-        user, answer = store.get_conversation(conv["id"])["messages"]
-    finally:
-        store.close()
+            kill_9(proc)
+    user, answer = stored_messages(db)
     assert user["role"] == "user" and user["content"] == "kill me softly"
     assert answer["role"] == "assistant" and answer["finish_reason"] is None  # it never finished
-    assert len(answer["content"]) >= 20 and answer["content"].startswith(received[:20])
+    assert answer["content"].startswith(received)
+
+
+def test_kill_9_right_after_the_first_piece_keeps_it(long_model, tmp_path):
+    """The first piece of an answer is on disk before the client gets it, whatever store_flush_seconds is (30 s
+    here: no periodic flush happens before the kill)."""
+    db = f"sqlite:///{tmp_path / 'first.db'}"
+    port = free_port()
+    proc = serve_process(long_model, port, db, "--serve.store_flush_seconds", "30", hold_after_steps=8)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url)
+        body = {"model": "long", "messages": [{"role": "user", "content": "first words"}], "max_tokens": 1500,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            received = stream_until(lines, bool)
+            kill_9(proc)
+            lines.close()
+    finally:
+        if proc.poll() is None:
+            kill_9(proc)
+    _, answer = stored_messages(db)
+    assert answer["finish_reason"] is None
+    assert answer["content"] and received.startswith(answer["content"])
+
+
+@pytest.fixture
+def scripted(tmp_path):
+    """A server whose answers say 'Hello there' and then wait for the test's backend.release()."""
+    backend = ScriptedBackend()
+    db = f"sqlite:///{tmp_path / 'scripted.db'}"
+    app = create_app(load_config(None, {"serve.db": db, "serve.rate_limit_per_minute": 0}), backend=backend)
+    with running(app) as url:
+        try:
+            yield url, db, backend, app
+        finally:
+            backend.release()
+
+
+def test_conversation_deleted_mid_answer_ends_the_stream(scripted):
+    url, _, backend, _ = scripted
+    conv = httpx.post(url + "/api/conversations", json={}).json()
+    events = []
+    with httpx.stream("POST", f"{url}/api/conversations/{conv['id']}/messages", json={"content": "hi"},
+                      timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if events[-1]["type"] == "delta":  # mid-answer: another tab deletes the conversation
+                    assert httpx.delete(f"{url}/api/conversations/{conv['id']}").status_code == 200
+                    backend.release()
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "conversation_deleted"
+    assert "deleted" in events[-1]["error"]["message"]
+
+
+def test_rejected_message_is_not_stored(ui_server):
+    """A message the server refuses (here: longer than the model's context) leaves nothing behind, so the next
+    message does not chain onto it (two user turns in a row)."""
+    url, db = ui_server
+    conv = httpx.post(url + "/api/conversations", json={"settings": {"max_tokens": 32}}).json()
+    msgs_url = f"{url}/api/conversations/{conv['id']}/messages"
+    first = stream_events(msgs_url, {"content": "hello"})[-1]["message"]
+    r = httpx.post(msgs_url, json={"content": " ".join(["value"] * 400), "parent_id": first["id"]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(msgs_url, json={"content": "x", "settings": {"max_tokens": 10**9}})
+    assert r.status_code == 400
+    shown = httpx.get(f"{url}/api/conversations/{conv['id']}?all=true").json()["messages"]
+    assert [m["id"] for m in shown] == [first["parent_id"], first["id"]]
+    assert shown[1]["finish_reason"] in ("stop", "length")
+    ev = stream_events(msgs_url, {"content": "again"})  # no parent_id: follows the newest message
+    assert ev[0]["user_message"]["parent_id"] == first["id"]
+
+
+def test_store_writes_never_run_on_the_event_loop(scripted, monkeypatch):
+    """A write on the event loop waits for SQLite's lock with every stream frozen behind it."""
+    url, db, backend, app = scripted
+    store = app.state.server.store
+    on_loop = []
+
+    def watch(name):
+        method = getattr(store, name)
+
+        def watched(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(name)
+            except RuntimeError:  # a worker thread: no event loop here
+                pass
+            return method(*args, **kwargs)
+        monkeypatch.setattr(store, name, watched)
+
+    for name in ("update_message", "update_streaming", "add_message", "add_chain", "create_conversation"):
+        watch(name)
+    conv = httpx.post(url + "/api/conversations", json={}).json()
+    with httpx.stream("POST", f"{url}/api/conversations/{conv['id']}/messages", json={"content": "hi"},
+                      timeout=30) as r:
+        for line in r.iter_lines():
+            if '"delta"' in line:
+                break  # the client leaves mid-answer: the answer is saved as cancelled
+    wait_for(lambda: stored_messages(db)[-1]["finish_reason"] == "cancelled", what="the cancelled answer saved")
+    backend.release()
+    ev = stream_events(f"{url}/api/conversations/{conv['id']}/messages", {"content": "and now?"})
+    assert ev[-1]["type"] == "done" and ev[-1]["message"]["content"] == "Hello there"
+    assert on_loop == []

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_helpers import long_context_model, running
+from serve_helpers import DecodeGate, long_context_model, running
 
 from gptsmith.config import load_config
 from gptsmith.serve.app import create_app
@@ -50,7 +50,7 @@ def wait_for(fn, timeout: float = 15.0):
     raise AssertionError("condition not met in time")
 
 
-def test_chat_in_browser(browser, tokenizer_dir, tmp_path):
+def test_chat_in_browser(browser, tokenizer_dir, tmp_path, monkeypatch):
     model = long_context_model(tmp_path / "long", tokenizer_dir, 2048)
     db = f"sqlite:///{tmp_path / 'ui.db'}"
     app = create_app(load_config(None, {"serve.db": db, "serve.rate_limit_per_minute": 0}), model)
@@ -96,15 +96,19 @@ def test_chat_in_browser(browser, tokenizer_dir, tmp_path):
         assert last_answer(store)["regeneration_of_id"] is not None
 
         # stop a long answer mid-stream: the partial answer is kept, marked stopped
-        page.fill("#temperature", "0")  # greedy: this random model then never emits end-of-turn
+        page.fill("#temperature", "0")
         page.fill("#max-tokens", "1500")
         page.dispatch_event("#max-tokens", "change")
-        page.fill("#input", "Now write a very long answer")
-        page.click("#send")
-        page.wait_for_selector(".msg.assistant.streaming")
-        assert wait_for(lambda: last_answer(store)["content"])  # streaming, and already partly stored
-        page.click("#stop")
-        page.wait_for_selector(".msg.assistant .finish:has-text('stopped')")
+        gate = DecodeGate(free_steps=20).install(monkeypatch)  # the answer cannot end before the stop click
+        try:
+            page.fill("#input", "Now write a very long answer")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant.streaming")
+            assert wait_for(lambda: last_answer(store)["content"])  # streaming, and already partly stored
+            page.click("#stop")
+            page.wait_for_selector(".msg.assistant .finish:has-text('stopped')")
+        finally:
+            gate.release()
         stopped = wait_for(lambda: (a := last_answer(store))["finish_reason"] and a)
         assert stopped["finish_reason"] == "cancelled"
         assert 0 < stopped["completion_tokens"] < 1500 and stopped["content"]
@@ -158,3 +162,36 @@ def test_login_page(browser, tiny_model_dir, tmp_path):
         assert page.url.rstrip("/") == url
         assert page.is_visible("#logout-form")
         page.close()
+
+
+def test_refused_message_is_not_kept(browser, tiny_model_dir, tmp_path):
+    """A message the server refuses (longer than the model's context) is shown as an error, given back in the
+    input box, and not stored; the next message follows the last answer, not the refused question."""
+    db = f"sqlite:///{tmp_path / 'refused.db'}"
+    app = create_app(load_config(None, {"serve.db": db, "serve.rate_limit_per_minute": 0}), tiny_model_dir)
+    store = Store(db)
+    with running(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector(f"#model:has-text('{tiny_model_dir.name}')")
+        page.click("#settings-toggle")
+        page.fill("#max-tokens", "8")
+        page.fill("#input", "Hello")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".msg.assistant:not(.streaming) .actions .thumb-up")
+        too_long = " ".join(["value"] * 400)
+        page.fill("#input", too_long)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#error:visible")
+        assert "context" in page.inner_text("#error")
+        assert page.input_value("#input") == too_long
+        page.fill("#input", "Shorter now")
+        page.keyboard.press("Enter")
+        wait_for(lambda: page.locator(".msg.assistant:not(.streaming) .actions .thumb-up").count() == 2)
+        page.close()
+    conv = store.list_conversations(source="ui")[0]
+    msgs = store.get_conversation(conv["id"], all_messages=True)["messages"]
+    store.close()
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in msgs if m["role"] == "user"] == ["Hello", "Shorter now"]
+    assert all(m["parent_id"] == prev["id"] for prev, m in zip(msgs, msgs[1:]))

@@ -238,7 +238,12 @@ class ExternalBackend:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                obj = json.loads(data)
+                try:
+                    obj = json.loads(data)
+                except ValueError:
+                    obj = None
+                if not isinstance(obj, dict):
+                    raise APIError(502, f"backend sent a stream line that is not a JSON object: {data[:200]!r}")
                 if obj.get("error"):
                     raise APIError(502, f"backend error: {obj['error'].get('message', obj['error'])}")
                 usage = obj.get("usage") or usage

@@ -6,9 +6,16 @@ a known field with a wrong type is a 400 in OpenAI's error shape.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_serializer
+
+INT64_MAX = 2**63 - 1
+# Every integer a client sends is bounded here, so an out-of-range value is a 400 naming the field, never a 500
+# from SQLite ("Python int too large") or torch ("Overflow when unpacking long long").
+DbId = Annotated[int, Field(ge=1, le=INT64_MAX)]
+Seed = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
+TokenCount = Annotated[int, Field(ge=1, le=2**31 - 1)]
 
 
 class APIError(Exception):
@@ -45,24 +52,29 @@ class ChatMessage(Lenient):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text or "" for p in self.content if p.type == "text")
-        return self.content or ""
+    def text(self, where: str) -> str:
+        """The message's text; `where` (e.g. "messages[2]") names it in the error for a non-text part."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for j, part in enumerate(self.content):
+            if part.type != "text":
+                raise APIError(400, f"{where}.content[{j}] is a '{part.type}' part, but this model reads text only; "
+                                    "send text parts.", f"{where}.content[{j}].type", "unsupported_content")
+        return "".join(p.text or "" for p in self.content)
 
 
 class StreamOptions(Lenient):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(Lenient):
-    n: int = Field(1, ge=1, description="choices to generate")
+    n: int = Field(1, ge=1, le=1024, description="choices to generate")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: TokenCount | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: Seed | None = None
+    stream: StrictBool = False  # OpenAI's booleans are JSON booleans: "yes" is an error, not true
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -74,7 +86,12 @@ class SamplingFields(Lenient):
 class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: TokenCount | None = None
+
+    def chat(self) -> list[dict]:
+        """The messages as the engine's chat template takes them ("developer" is OpenAI's newer "system")."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(f"messages[{i}]")}
+                for i, m in enumerate(self.messages)]
 
 
 class CompletionRequest(SamplingFields):
@@ -130,6 +147,43 @@ class TextCompletion(BaseModel):
     usage: Usage
 
 
+class ChunkDelta(BaseModel):
+    """What a chat stream chunk adds: the role (first chunk), some text, or nothing (the finishing chunk)."""
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):  # OpenAI sends {} or {"content": ...}, never explicit nulls here
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None  # sent (null until the last chunk) only with stream_options.include_usage
+
+
+class TextCompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -158,7 +212,7 @@ class ErrorResponse(BaseModel):
 class UISettings(Lenient):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: TokenCount | None = None
 
 
 class ConversationCreate(Lenient):
@@ -177,9 +231,9 @@ class SendMessage(Lenient):
     """One of: a new user message (content [+ parent_id]), an edit (edit_of + content), a regeneration
     (regenerate_of)."""
     content: str | None = None
-    parent_id: int | None = Field(None, description="message the new one follows; default: the newest one")
-    edit_of: int | None = Field(None, description="user message to replace with `content` (a new branch)")
-    regenerate_of: int | None = Field(None, description="assistant message to answer again")
+    parent_id: DbId | None = Field(None, description="message the new one follows; default: the newest one")
+    edit_of: DbId | None = Field(None, description="user message to replace with `content` (a new branch)")
+    regenerate_of: DbId | None = Field(None, description="assistant message to answer again")
     settings: UISettings | None = None
     system_prompt: str | None = None
 

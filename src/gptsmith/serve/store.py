@@ -23,6 +23,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from gptsmith.errors import InputError
 
 
+class MessageGone(LookupError):
+    """The message to update no longer exists: its conversation was deleted (e.g. from another tab)."""
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -180,11 +184,12 @@ def branch(messages: list[Message], leaf_id: int | None = None) -> list[Message]
     return path[::-1]
 
 
-def history(conv: Conversation, path: list[Message]) -> list[dict]:
-    """OpenAI-style messages for a branch, with the conversation's system prompt first (if it has one)."""
+def history(conv: Conversation, path: list[Message], system_prompt: str | None = None) -> list[dict]:
+    """OpenAI-style messages for a branch, with the system prompt (default: the conversation's) first."""
+    system_prompt = conv.system_prompt if system_prompt is None else system_prompt
     msgs = [{"role": m.role, "content": m.content} for m in path]
-    if conv.system_prompt and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": conv.system_prompt})
+    if system_prompt and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
     return msgs
 
 
@@ -278,13 +283,14 @@ class Store:
             m = s.get(Message, msg_id)
             return None if m is None else message_dict(m)
 
-    def context_for(self, conv_id: str, parent_id: int | None) -> list[dict]:
-        """The history a new answer to `parent_id` sees: system prompt + the branch ending at parent_id."""
+    def context_for(self, conv_id: str, parent_id: int | None, system_prompt: str | None = None) -> list[dict]:
+        """The history a new answer to `parent_id` sees: system prompt (default: the conversation's) + the branch
+        ending at parent_id."""
         with self.Session() as s:
             c = s.get(Conversation, conv_id)
             msgs = list(s.scalars(select(Message).where(Message.conversation_id == conv_id)))
             path = branch(msgs, parent_id) if parent_id is not None else []
-            return history(c, path)
+            return history(c, path, system_prompt)
 
     def leaf_id(self, conv_id: str) -> int | None:
         with self.Session() as s:
@@ -313,8 +319,11 @@ class Store:
         return parent
 
     def update_message(self, msg_id: int, **fields) -> None:
+        """MessageGone when the message no longer exists."""
         with self._writing(), self.Session.begin() as s:
             m = s.get(Message, msg_id)
+            if m is None:
+                raise MessageGone(f"message {msg_id} no longer exists (its conversation was deleted)")
             for k, v in fields.items():
                 setattr(m, k, v)
 

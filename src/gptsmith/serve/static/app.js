@@ -229,6 +229,8 @@ async function send(body, pendingUser) {
     }
   } catch (e) {
     if (e.name !== "AbortError") showError(e.message);
+    // refused before it started (a 4xx): nothing was stored, so give the text back to fix and resend
+    if (!answer.dataset.id && body.content && !body.edit_of && !$("#input").value) $("#input").value = body.content;
   } finally {
     state.controller = null;
     setStreaming(false);
@@ -250,8 +252,12 @@ function stop() {
 }
 
 function lastMessageId() {
+  // the message a new one follows: the newest shown, unless that is a question without an answer (one the
+  // server refused): then the new one goes beside it, never two user turns in a row
   const msgs = (state.conv && state.conv.messages) || [];
-  return msgs.length ? msgs[msgs.length - 1].id : null;
+  const last = msgs[msgs.length - 1];
+  if (!last) return null;
+  return last.role === "user" ? last.parent_id : last.id;
 }
 
 function startEdit(div, m) {

@@ -1,0 +1,244 @@
+"""The serving logic every route shares: request checks, sampling parameters, and the one generation loop that
+turns a prompt into a stored, streamed answer. The routes (serve/routes/) only parse requests and shape replies.
+
+When is an answer on disk? Its row is created (empty) before generation starts. Its first piece of text is
+written before that piece is handed to the client; after that, the text on disk lags what the client was sent
+by at most `serve.store_flush_seconds` (one batched write for all streaming answers per period, on a worker
+thread), and the final text and counts are written when the answer ends, however it ends. So a server killed
+with SIGKILL keeps the question, at least the first piece of every answer a client saw, and all but the last
+`store_flush_seconds` of the rest. Every store write runs on a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from gptsmith.config import ProjectConfig
+from gptsmith.serve.backends import Backend, Chunk, GenParams, Prompt
+from gptsmith.serve.schemas import APIError, SamplingFields
+from gptsmith.serve.store import MessageGone, Store
+
+log = logging.getLogger("gptsmith.serve")
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def drain(queue: asyncio.Queue, wait: float = 0.5) -> list:
+    """Everything queued now (waiting up to `wait` s for the first item): under load many pieces arrive between
+    two turns of the event loop, and sending them in one write costs one syscall instead of one per token."""
+    if queue.empty():  # a timeout scope is one timer handle; wait_for would cost a task per call
+        try:
+            async with asyncio.timeout(wait):
+                items = [await queue.get()]
+        except TimeoutError:
+            return []
+    else:
+        items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def internal_error(request_id: str) -> APIError:
+    """What a client sees of a failure we did not foresee: no exception text (it can leak paths and data), an
+    id to find the traceback in the server's log."""
+    return APIError(500, f"Internal server error (request {request_id}); the server's log has the details.",
+                    code="internal_error", type="server_error")
+
+
+def as_api_error(e: Exception, request_id: str) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, MessageGone):  # the answer's conversation was deleted while it streamed
+        return APIError(409, f"{e}; the answer was not saved.", code="conversation_deleted")
+    log.error("request %s failed", request_id, exc_info=e)
+    return internal_error(request_id)
+
+
+@dataclass
+class Answer:
+    """One answer as it streams: its text and the numbers stored with it."""
+    t0: float
+    prompt_tokens: int | None
+    pieces: list[str] = field(default_factory=list)
+    ttft_s: float | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    def add(self, ch: Chunk) -> None:
+        if ch.text:
+            if self.ttft_s is None:
+                self.ttft_s = round(time.monotonic() - self.t0, 4)
+            self.pieces.append(ch.text)
+        if ch.prompt_tokens is not None:
+            self.prompt_tokens = ch.prompt_tokens
+        if ch.completion_tokens is not None:
+            self.completion_tokens = ch.completion_tokens
+        if ch.finish_reason:
+            self.finish_reason = ch.finish_reason
+
+    def fields(self) -> dict:
+        return {"content": "".join(self.pieces), "ttft_s": self.ttft_s, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "latency_s": round(time.monotonic() - self.t0, 4)}
+
+
+class Server:
+    """What the routes share: config, backend, store, and the one generation loop they all use."""
+
+    def __init__(self, cfg: ProjectConfig, backend: Backend, store: Store):
+        self.cfg, self.sc, self.backend, self.store = cfg, cfg.serve, backend, store
+        self._unsaved: dict[int, list[str]] = {}  # message id -> its streaming pieces, not yet in the store
+        self._flusher: asyncio.Task | None = None
+        self._final_writes: set[asyncio.Future] = set()  # final saves of cancelled answers, still running
+
+    # ---------------------------------------------------------------------------------------- store writes
+    async def _flush_loop(self) -> None:
+        """Every `store_flush_seconds`, save the text of ALL streaming answers in one transaction on a worker
+        thread: one round trip per period instead of one ORM session per answer per period, which at 16
+        streams took the GIL from the decoding thread for ~15% of a core."""
+        while True:
+            await asyncio.sleep(self.sc.store_flush_seconds)
+            if self._unsaved:
+                contents = {mid: "".join(pieces) for mid, pieces in self._unsaved.items()}
+                self._unsaved.clear()
+                try:
+                    await asyncio.to_thread(self.store.update_streaming, contents)
+                except Exception:  # a busy or broken store must not kill the flusher; the final save still runs
+                    log.exception("store flush failed")
+
+    def _mark_unsaved(self, msg_id: int, pieces: list[str]) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        self._unsaved[msg_id] = pieces
+
+    async def _save_final_quietly(self, msg_id: int, fields: dict) -> None:
+        """The last save of an answer that failed or was cancelled. On a worker thread like every write, and
+        shielded: a second cancellation (server shutdown) must not lose the partial answer; close() waits."""
+        def save():
+            try:
+                self.store.update_message(msg_id, **fields)
+            except MessageGone as e:
+                log.info("%s; nothing to save", e)
+            except Exception:
+                log.exception("could not save the end of answer %s", msg_id)
+
+        write = asyncio.ensure_future(asyncio.to_thread(save))
+        self._final_writes.add(write)
+        write.add_done_callback(self._final_writes.discard)
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            pass  # the write goes on in its thread
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self._final_writes:
+            await asyncio.gather(*self._final_writes, return_exceptions=True)
+
+    # ---------------------------------------------------------------------------------------- checks
+    def check_model(self, model: str) -> None:
+        if model != self.backend.name:
+            raise APIError(404, f"The model '{model}' does not exist on this server; it serves "
+                                f"'{self.backend.name}' (see GET /v1/models).", "model", "model_not_found")
+
+    def check_request(self, body: SamplingFields, max_tokens: int | None, n_messages: int = 0,
+                      n_prompts: int = 1) -> None:
+        sc = self.sc
+        if n_messages > sc.max_messages:
+            raise APIError(400, f"{n_messages} messages is more than this server accepts ({sc.max_messages}, "
+                                "serve.max_messages); send fewer.", "messages", "too_many_messages")
+        if body.n * n_prompts > sc.max_n:
+            raise APIError(400, f"n={body.n} x {n_prompts} prompt(s) asks for {body.n * n_prompts} choices; this "
+                                f"server allows at most {sc.max_n} per request (serve.max_n).", "n")
+        if max_tokens is not None and max_tokens > sc.max_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} is more than this server allows ({sc.max_tokens_limit}, "
+                                "serve.max_tokens_limit); ask for fewer.", "max_tokens", "max_tokens_too_large")
+        if len(body.stop_list()) > 4:
+            raise APIError(400, f"stop has {len(body.stop_list())} strings; at most 4 are allowed.", "stop")
+
+    @property
+    def default_max_tokens(self) -> int:
+        """An answer's length when the client does not say: the configured default, never over the limit a
+        client could ask for (the backend cuts it further to the context that remains)."""
+        return min(self.cfg.generate.max_new_tokens, self.sc.max_tokens_limit)
+
+    async def prepare(self, prompt: Prompt, max_tokens: int | None, fit: bool) -> tuple[Prompt, int | None]:
+        return await self.backend.prepare(prompt, max_tokens, self.default_max_tokens, fit=fit)
+
+    def params(self, temperature: float | None, top_p: float | None, max_tokens: int | None,
+               stop: list[str] | None = None, seed: int | None = None) -> GenParams:
+        g = self.cfg.generate  # the server's defaults for whatever the client leaves out
+        return GenParams(max_tokens=max_tokens, temperature=g.temperature if temperature is None else temperature,
+                         top_p=g.top_p if top_p is None else top_p, stop=stop or [],
+                         seed=g.seed if seed is None else seed)
+
+    # ---------------------------------------------------------------------------------------- generation
+    async def new_answer(self, conv_id: str, parent_id: int | None, prompt: Prompt, params: GenParams,
+                         regeneration_of: int | None = None) -> dict:
+        return await asyncio.to_thread(
+            self.store.add_message, conv_id, "assistant", "", parent_id, regeneration_of_id=regeneration_of,
+            model_name=self.backend.name, model_version=self.backend.version,
+            sampling={"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
+                      "stop": params.stop, "seed": params.seed}, prompt_tokens=prompt.n_tokens)
+
+    async def run_choice(self, prompt: Prompt, params: GenParams, msg_id: int, t0: float, emit=None,
+                         request_id: str = "") -> dict:
+        """Generate one answer into stored message `msg_id`, calling `emit(text)` for every piece; returns the
+        stored fields. Whatever the end (finished, cancelled by a client gone or the stop button, failed), the
+        text is saved with its finish reason; any failure comes out as an APIError."""
+        answer = Answer(t0, prompt.n_tokens)
+        try:
+            await self._generate(prompt, params, msg_id, answer, emit)
+            answer.finish_reason = answer.finish_reason or "stop"
+            result = answer.fields()
+            self._unsaved.pop(msg_id, None)
+            await asyncio.to_thread(self.store.update_message, msg_id, **result)
+            return result
+        except BaseException as e:
+            self._unsaved.pop(msg_id, None)
+            answer.finish_reason = "error" if isinstance(e, Exception) else "cancelled"
+            await self._save_final_quietly(msg_id, answer.fields())
+            if isinstance(e, Exception) and not isinstance(e, APIError):
+                raise as_api_error(e, request_id or f"answer {msg_id}") from e
+            raise
+
+    async def _generate(self, prompt: Prompt, params: GenParams, msg_id: int, answer: Answer, emit) -> None:
+        stream = await self.backend.open(prompt, params)
+        async with aclosing(stream):
+            async for ch in stream:
+                first = ch.text and not answer.pieces
+                answer.add(ch)
+                if not ch.text:
+                    continue
+                if first or self.sc.store_flush_seconds <= 0:
+                    # the first piece reaches the disk before the client (see the module's docstring)
+                    await asyncio.to_thread(self.store.update_streaming, {msg_id: "".join(answer.pieces)})
+                else:
+                    self._mark_unsaved(msg_id, answer.pieces)
+                if emit is not None:
+                    emit(ch.text)
+
+    async def wait_all(self, request: Request, tasks: list[asyncio.Task]) -> None:
+        """Wait for the tasks; cancel them all when one fails or when the client disconnects."""
+        try:
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=0.5, return_when=asyncio.FIRST_EXCEPTION)
+                for t in done:
+                    if t.exception() is not None:
+                        raise t.exception()
+                if pending and await request.is_disconnected():
+                    raise ClientGone()
+        finally:
+            for t in tasks:
+                t.cancel()
