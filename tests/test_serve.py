@@ -398,3 +398,29 @@ def test_route_table_lists_the_routes_of_every_router(server):
     assert {("POST", "/v1/chat/completions"), ("GET", "/api/conversations"), ("POST", "/login"), ("POST", "/logout"),
             ("POST", "/api/messages/{msg_id}/feedback"), ("GET", "/"), ("*", "/static")} <= table
     assert len(table) >= 20
+
+
+def test_defaults_shown_and_stored_are_the_models_own(tmp_path, tokenizer_dir):
+    """A request that sets no temperature samples with the model's generation_config.json; the UI shows that
+    value and the store records it (not null)."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from serve_helpers import long_context_model
+
+    from gptsmith.config import load_config
+    from gptsmith.serve.app import create_app
+
+    model = long_context_model(tmp_path / "m", tokenizer_dir, max_seq_len=256)
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(gen | {"do_sample": True, "temperature": 0.3,
+                                                                     "top_p": 0.7}))
+    cfg = load_config(None, {"serve.db": f"sqlite:///{tmp_path / 's.db'}"})
+    with TestClient(create_app(cfg, model), base_url="http://127.0.0.1") as c:
+        assert c.get("/api/info").json()["defaults"] | {"max_tokens": 0} == {"temperature": 0.3, "top_p": 0.7,
+                                                                              "max_tokens": 0}
+        conv = c.post("/api/conversations", json={}).json()["id"]
+        r = c.post(f"/api/conversations/{conv}/messages", json={"content": "hi", "settings": {"max_tokens": 4}})
+        assert r.status_code == 200, r.text
+        answer = [m for m in c.get(f"/api/conversations/{conv}").json()["messages"] if m["role"] == "assistant"][0]
+        assert answer["sampling"]["temperature"] == 0.3 and answer["sampling"]["top_p"] == 0.7

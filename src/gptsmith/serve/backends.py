@@ -25,8 +25,8 @@ log = logging.getLogger("gptsmith.serve")
 @dataclass
 class GenParams:
     max_tokens: int | None
-    temperature: float
-    top_p: float
+    temperature: float | None  # None: the backend decides (an external server applies its own default)
+    top_p: float | None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
@@ -86,6 +86,13 @@ class LocalBackend:
         self.max_context = engine.max_context
         self.top_k, self.repetition_penalty = top_k, repetition_penalty
         self.scheduler = BatchScheduler(engine, max_batch_size=max_batch_size, stream_interval=stream_interval)
+
+    def sampling_defaults(self) -> dict:
+        """What this model samples with when a request sets nothing (its generation_config.json, else DEFAULTS)."""
+        from gptsmith.engine import SamplingParams
+
+        resolved = self.engine.resolve(SamplingParams(top_k=self.top_k, repetition_penalty=self.repetition_penalty))
+        return {"temperature": resolved.temperature, "top_p": resolved.top_p}
 
     async def start(self) -> None:
         self.scheduler.start()
@@ -201,8 +208,8 @@ class ExternalBackend:
         return prompt, max_tokens or default_max_tokens
 
     async def open(self, prompt: Prompt, params: GenParams) -> AsyncIterator[Chunk]:
-        body: dict = {"model": self.name, "stream": True, "stream_options": {"include_usage": True}, "n": 1,
-                      "temperature": params.temperature, "top_p": params.top_p}
+        body: dict = {"model": self.name, "stream": True, "stream_options": {"include_usage": True}, "n": 1}
+        body |= {k: v for k, v in (("temperature", params.temperature), ("top_p", params.top_p)) if v is not None}
         if params.max_tokens:
             body["max_tokens"] = params.max_tokens
         if params.stop:

@@ -99,6 +99,15 @@ class Server:
         self._unsaved: dict[int, list[str]] = {}  # message id -> its streaming pieces, not yet in the store
         self._flusher: asyncio.Task | None = None
         self._final_writes: set[asyncio.Future] = set()  # final saves of cancelled answers, still running
+        self.sampling_defaults = self._sampling_defaults()
+
+    def _sampling_defaults(self) -> dict:
+        """Temperature and top_p for a request that leaves them out: the config's when set, else the model's
+        (its generation_config.json, else gptsmith's defaults: LocalBackend.sampling_defaults); None behind an
+        external backend, which then applies its own. Shown in the UI and stored with every answer."""
+        model = getattr(self.backend, "sampling_defaults", dict)()
+        g = self.cfg.generate
+        return {k: getattr(g, k) if getattr(g, k) is not None else model.get(k) for k in ("temperature", "top_p")}
 
     # ---------------------------------------------------------------------------------------- store writes
     async def _flush_loop(self) -> None:
@@ -177,10 +186,10 @@ class Server:
 
     def params(self, temperature: float | None, top_p: float | None, max_tokens: int | None,
                stop: list[str] | None = None, seed: int | None = None) -> GenParams:
-        g = self.cfg.generate  # the server's defaults for whatever the client leaves out
-        return GenParams(max_tokens=max_tokens, temperature=g.temperature if temperature is None else temperature,
-                         top_p=g.top_p if top_p is None else top_p, stop=stop or [],
-                         seed=g.seed if seed is None else seed)
+        d = self.sampling_defaults  # the server's defaults for whatever the client leaves out
+        return GenParams(max_tokens=max_tokens, temperature=d["temperature"] if temperature is None else temperature,
+                         top_p=d["top_p"] if top_p is None else top_p, stop=stop or [],
+                         seed=self.cfg.generate.seed if seed is None else seed)
 
     # ---------------------------------------------------------------------------------------- generation
     async def new_answer(self, conv_id: str, parent_id: int | None, prompt: Prompt, params: GenParams,

@@ -29,10 +29,10 @@ async def index():
 
 @router.get("/api/info")
 async def info(srv: ServerDep):
-    g, sc = srv.cfg.generate, srv.sc
+    sc = srv.sc
     return {"model": srv.backend.name, "version": srv.backend.version, "max_context": srv.backend.max_context,
             "max_tokens_limit": sc.max_tokens_limit, "auth": bool(sc.api_key),
-            "defaults": {"temperature": g.temperature, "top_p": g.top_p, "max_tokens": srv.default_max_tokens}}
+            "defaults": srv.sampling_defaults | {"max_tokens": srv.default_max_tokens}}
 
 
 @router.get("/api/conversations")
