@@ -378,3 +378,15 @@ def test_bad_generation_config_json_is_a_clear_error(varied_model_dir):
     (varied_model_dir / "generation_config.json").write_text("{not json")
     with pytest.raises(InputError, match="generation_config.json: not a readable JSON file"):
         Engine.load(varied_model_dir, device="cpu")
+
+
+def test_generated_nul_byte_is_replacement_character(tokenizer_dir):
+    """A byte-level model can emit byte 0; streamed text (and so the store and the client) gets U+FFFD."""
+    from gptsmith.engine.text import IncrementalDecoder
+    from gptsmith.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    ids = tok.encode("a\x00b", add_special_tokens=False)
+    dec = IncrementalDecoder(tok)
+    text = "".join(dec.push(i) for i in ids) + dec.flush()
+    assert text == "a\ufffdb"

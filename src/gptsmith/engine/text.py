@@ -15,9 +15,12 @@ class IncrementalDecoder:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: no Python overhead per call
         if backend is not None:
-            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+            decode = lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)  # noqa: E731
         else:
-            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)  # noqa: E731
+        # A byte-level model can generate the byte 0; no terminal, JSON consumer or database (PostgreSQL) wants a
+        # NUL, so it becomes U+FFFD here, once, and a client, the terminal and the store all see the same text.
+        self._decode = lambda ids: decode(ids).replace("\x00", "\ufffd")
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
