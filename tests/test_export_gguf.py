@@ -43,10 +43,11 @@ needs_llama_cpp = pytest.mark.skipif(
 
 
 @contextmanager
-def llama_server(gguf_path: Path, threads: int = 1, ctx: int = 512, kv_type: str = "f16"):
+def llama_server(gguf_path: Path, threads: int = 1, ctx: int = 512, kv_type: str = "f16", flash_attn: str = "off"):
     """llama.cpp's own server on `gguf_path`, listening on a UNIX socket (no port to race for); yields an
-    httpx client. Ready when /health answers 200, i.e. when llama.cpp has loaded the model. kv_type: the
-    KV cache's type (llama.cpp's default is f16)."""
+    httpx client (its `.server_pid` is the server's pid). Ready when /health answers 200, i.e. when llama.cpp has
+    loaded the model. kv_type: the KV cache's type (llama.cpp's default f16); flash attention (llama.cpp's
+    default "auto") is off unless asked for, since on CPU it computes attention in f16."""
     import httpx
 
     sock = gguf_path.with_suffix(".sock")
@@ -54,9 +55,10 @@ def llama_server(gguf_path: Path, threads: int = 1, ctx: int = 512, kv_type: str
     log = open(gguf_path.with_suffix(".log"), "w")
     proc = subprocess.Popen([str(llama_server_path()), "-m", str(gguf_path), "--host", str(sock), "-t", str(threads),
                              "-tb", str(threads), "-c", str(ctx), "-np", "1", "--no-webui", "-ctk", kv_type, "-ctv", kv_type,
-                             "-fa", "off"],
+                             "-fa", flash_attn],
                             stdout=log, stderr=subprocess.STDOUT)
     client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://llama", timeout=120)
+    client.server_pid = proc.pid
     try:
         deadline = time.monotonic() + 120  # a bound for a hung start only: readiness is /health's answer
         while True:
