@@ -5,7 +5,6 @@ generates the same greedy tokens as our engine."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -54,10 +53,9 @@ def llama_server(gguf_path: Path, threads: int = 1, ctx: int = 512, kv_type: str
     sock = gguf_path.with_suffix(".sock")
     sock.unlink(missing_ok=True)  # left by an earlier server on a file of the same name
     log = open(gguf_path.with_suffix(".log"), "w")
-    proc = subprocess.Popen([str(llama_server_path()), "-m", str(gguf_path), "--host", str(sock), "-t", str(threads),
-                             "-tb", str(threads), "-c", str(ctx), "-np", "1", "--no-webui", "-ctk", kv_type, "-ctv", kv_type,
-                             "-fa", flash_attn],
-                            stdout=log, stderr=subprocess.STDOUT)
+    cmd = [str(llama_server_path()), "-m", str(gguf_path), "--host", str(sock), "-t", str(threads), "-tb", str(threads),
+           "-c", str(ctx), "-np", "1", "--no-webui", "-ctk", kv_type, "-ctv", kv_type, "-fa", flash_attn]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://llama", timeout=120)
     client.server_pid = proc.pid
     try:

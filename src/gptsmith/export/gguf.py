@@ -312,8 +312,9 @@ def write_metadata(writer, shape: LlamaShape, vocab: Vocab, tokenizer, dtype: st
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
-    for add, tid in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
-                     (writer.add_pad_token_id, tokenizer.pad_token_id), (writer.add_unk_token_id, tokenizer.unk_token_id)):
+    special_ids = {writer.add_bos_token_id: tokenizer.bos_token_id, writer.add_eos_token_id: tokenizer.eos_token_id,
+                   writer.add_pad_token_id: tokenizer.pad_token_id, writer.add_unk_token_id: tokenizer.unk_token_id}
+    for add, tid in special_ids.items():
         if tid is not None:
             add(tid)
     add_bos, add_eos = adds_special(tokenizer)
