@@ -12,14 +12,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-
-from gptsmith.errors import InputError  # noqa: E402
-from gptsmith.export.gguf import export_gguf, permute_qk, unpermute_qk  # noqa: E402
+from gptsmith.errors import InputError
+from gptsmith.export.gguf import export_gguf, permute_qk, unpermute_qk
 
 # Text that exercises every branch of the split regex: contractions in both cases, letters after punctuation,
 # digit runs longer than 3, punctuation runs with newlines, runs of blank lines and trailing spaces, non-ASCII.
