@@ -249,15 +249,34 @@ def test_refuses_an_architecture_it_does_not_map(tiny_model_dir, tmp_path):
         export_gguf(tmp_path, tmp_path / "x.gguf")
 
 
-def test_refuses_a_pre_tokenizer_llama_cpp_would_split_differently(tiny_model_dir, tmp_path):
-    """GPT-2's split regex with our ByteLevel setup: not one the exporter maps, so no file that would
-    tokenize wrongly is written."""
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2_split(tj):
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = GPT2_SPLIT
+
+
+def byte_level_only(tj):
+    tj["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+def with_normalizer(tj):
+    tj["normalizer"] = {"type": "NFKC"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (gpt2_split, r"tokenizer\.json: pre_tokenizer splits with .*matches no pre-tokenizer"),
+    (byte_level_only, r"tokenizer\.json: pre_tokenizer is .*ByteLevel.*matches no pre-tokenizer"),
+    (with_normalizer, r"tokenizer\.json: the tokenizer has a normalizer \(NFKC\)"),
+])
+def test_refuses_a_tokenizer_llama_cpp_would_tokenize_differently(tiny_model_dir, tmp_path, edit, message):
+    """A split regex, pre-tokenizer or normalizer the exporter does not map to one built into llama.cpp: refused
+    with the reason, and no file that would tokenize wrongly is written."""
     model = copy_model(tiny_model_dir, tmp_path / "other")
     tj = json.loads((model / "tokenizer.json").read_text())
-    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = \
-        r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    edit(tj)
     (model / "tokenizer.json").write_text(json.dumps(tj))
-    with pytest.raises(InputError, match=r"tokenizer\.json: pre_tokenizer splits with .*matches no pre-tokenizer"):
+    with pytest.raises(InputError, match=message):
         export_gguf(model, tmp_path / "x.gguf")
     assert list(tmp_path.glob("*.gguf*")) == []  # nor a temp file left behind
 

@@ -173,8 +173,9 @@ def map_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
     regex = split_regex(tokenizer_json.get("pre_tokenizer"))
     pre = PRE_TOKENIZERS.get((regex, bool(model.get("ignore_merges"))))
     if pre is None:
+        what = f"splits with {regex!r}" if regex else f"is {json.dumps(tokenizer_json.get('pre_tokenizer'))[:300]}"
         raise InputError(
-            f"{path}: pre_tokenizer splits with {regex!r}, which matches no pre-tokenizer built into llama.cpp "
+            f"{path}: pre_tokenizer {what}, which matches no pre-tokenizer built into llama.cpp "
             "that GGUF export maps (the GPT-4/cl100k or Llama 3 split, then ByteLevel); a GGUF would tokenize "
             "text differently from this tokenizer, so none was written")
     return pre
