@@ -161,6 +161,14 @@ def cmd_quickstart(args) -> None:
     quickstart(args.out, cfg, minutes=args.minutes, smoke=args.smoke)
 
 
+def cmd_export_gguf(args) -> None:
+    from gptsmith.export import export_gguf
+    _config(args, {})  # no config key applies, but a bad --config file or override must not pass silently
+    r = export_gguf(args.model, args.out, dtype=args.dtype)
+    print(f"wrote {r.path} ({r.dtype}, {r.n_tensors} tensors, {r.n_bytes / 2**20:.1f} MiB, "
+          f"pre-tokenizer '{r.pre_tokenizer}'): llama.cpp loads it, e.g. `llama-cli -m {r.path}`")
+
+
 def cmd_config_show(args) -> None:
     from gptsmith.config import to_yaml
     print(to_yaml(_config(args, {})), end="")
@@ -318,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=8.0, help="total training time budget in minutes")
     p.add_argument("--preset", help="model size (model.preset)")
     p.add_argument("--smoke", action="store_true", help="a tiny run in well under a minute, to check the install")
+
+    exp = sub.add_parser("export", help="Write the model in other tools' formats: gguf (llama.cpp).")
+    exp_sub = exp.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
+    p = add("gguf", "Write a Llama model directory as one GGUF file for llama.cpp, Ollama, LM Studio.",
+            cmd_export_gguf, exp_sub)
+    p.add_argument("--model", type=Path, required=True, help="model directory (pretrain/sft output)")
+    p.add_argument("--out", type=Path, required=True, help="GGUF file to write")
+    p.add_argument("--dtype", choices=["f16", "q8_0", "f32"], default="f16",
+                   help="weight type of the matrices (norms stay f32)")
 
     cfg = sub.add_parser("config", help="Show the effective config.")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="STEP", required=True)
