@@ -83,7 +83,7 @@ def chunk_document(doc: Document, max_tokens: int = 256, overlap_tokens: int = 3
     packer.close(carry=False)
     chunks = []
     for heading, pieces in packer.groups:
-        for part in _fit(pieces, count, max_tokens):
+        for part in _fit(_trim_blank(pieces), count, max_tokens) if _trim_blank(pieces) else []:
             text = _text(part)
             chunks.append(Chunk(text=text, source=doc.source, heading=" > ".join(heading), start=part[0].line,
                                 end=part[-1].line, unit=doc.unit, n_tokens=count(text)))
@@ -146,11 +146,8 @@ class _Packer:
         self.groups: list[tuple[tuple[str, ...], list[_Piece]]] = []
         self.pieces: list[_Piece] = []
         self.fresh = 0  # pieces added since the carried-over overlap: a chunk of overlap alone is not kept
+        self.used = 0  # tokens in self.pieces
         self.heading: tuple[str, ...] = ()
-
-    @property
-    def used(self) -> int:
-        return sum(p.tokens for p in self.pieces)
 
     def add_block(self, block: Block, pieces: list[_Piece]) -> None:
         if self._starts_new_section(block):
@@ -178,13 +175,14 @@ class _Packer:
     def _add(self, pieces: list[_Piece]) -> None:
         self.pieces += pieces
         self.fresh += len(pieces)
+        self.used += sum(p.tokens for p in pieces)
 
     def close(self, carry: bool, room: int = 0) -> None:
         """Finish the current chunk; with `carry`, start the next with its tail (within the overlap and `room`)."""
         if self.fresh:
             self.groups.append((self.heading, self.pieces))
         tail = self._tail(min(self.overlap_tokens, room)) if carry and self.fresh else []
-        self.pieces, self.fresh = tail, 0
+        self.pieces, self.fresh, self.used = tail, 0, sum(p.tokens for p in tail)
 
     def _tail(self, budget: int) -> list[_Piece]:
         tail, used = [], 0
@@ -194,6 +192,12 @@ class _Packer:
             tail.insert(0, piece)
             used += piece.tokens
         return tail
+
+
+def _trim_blank(pieces: list[_Piece]) -> list[_Piece]:
+    """Drop blank lines (kept inside code blocks) at the chunk's ends, so start and end are lines with text."""
+    filled = [i for i, p in enumerate(pieces) if p.text.strip()]
+    return pieces[filled[0]: filled[-1] + 1] if filled else []
 
 
 def _fit(pieces: list[_Piece], count: Callable[[str], int], max_tokens: int) -> list[list[_Piece]]:

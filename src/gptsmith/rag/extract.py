@@ -284,9 +284,10 @@ _HTML_DROPPED = {"script", "style", "noscript", "template", "head", "svg", "ifra
 def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
     from bs4 import BeautifulSoup
 
-    soup = BeautifulSoup(text, "html.parser")  # html.parser records every tag's source line
+    soup = BeautifulSoup(text, "html.parser")  # html.parser records where every tag starts
+    source = text.split("\n")
     blocks, stack, path_now = [], [], ()
-    for name, lines in _html_leaves(soup):
+    for name, lines in _html_leaves(soup, source):
         if name in _HTML_HEADINGS:
             title = " ".join(t for _, t in lines)
             path_now = _under(stack, _HTML_HEADINGS[name], title)
@@ -297,23 +298,38 @@ def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
     return blocks
 
 
-def _html_leaves(node):
+def _html_leaves(node, source: list[str]):
     """Yield (tag name, numbered lines) for each leaf block in document order; loose text in a container is a
     paragraph of its own."""
     from bs4 import NavigableString, Tag
 
     for child in node.children:
         if isinstance(child, Tag) and child.name in _HTML_LEAVES:
-            lines = _html_lines(child, keep_space=child.name == "pre")
+            lines = _html_lines(child, source, keep_space=child.name == "pre")
             if lines:
                 yield child.name, lines
         elif isinstance(child, Tag) and child.name not in _HTML_DROPPED:
-            yield from _html_leaves(child)
+            yield from _html_leaves(child, source)
         elif type(child) is NavigableString and child.strip():
-            yield "", _merge_parts([(_line_of(child), str(child))], keep_space=False)
+            yield "", _merge_parts([(_line_of(child, source), str(child))], keep_space=False)
 
 
-def _line_of(string) -> int:
+def _text_line(tag, source: list[str]) -> int:
+    """The line where a tag's content begins: where its start tag ends, since attributes may span lines."""
+    number, column, quote = tag.sourceline or 1, tag.sourcepos or 0, ""
+    for number in range(number, len(source) + 1):
+        for char in source[number - 1][column:]:
+            if quote:
+                quote = "" if char == quote else quote
+            elif char in "\"'":
+                quote = char
+            elif char == ">":
+                return number
+        column = 0
+    return tag.sourceline or 1
+
+
+def _line_of(string, source: list[str]) -> int:
     """The source line a loose string starts on: the closest tag before it, plus the newlines of the text
     between that tag and the string."""
     from bs4 import Tag
@@ -322,24 +338,33 @@ def _line_of(string) -> int:
     while element is not None and not isinstance(element, Tag):
         count += str(element).count("\n")
         element = element.previous_element
-    return (getattr(element, "sourceline", None) or 1) + count
+    return (_text_line(element, source) if element is not None and element.sourceline else 1) + count
 
 
-def _html_lines(tag, keep_space: bool) -> list[tuple[int, str]]:
-    """The text of a tag, line by line, each with its source line: every tag inside resets the line to its own
-    start, and the newlines in the text move it on. Text inside script/style is skipped (its newlines counted)."""
+_HTML_CELLS = {"td", "th"}
+_HTML_INLINE_BREAKS = {"br", "p", "div", "li", "dt", "dd"}  # inside a leaf block: a space, so words do not merge
+
+
+def _html_lines(tag, source: list[str], keep_space: bool) -> list[tuple[int, str]]:
+    """The text of a tag, line by line, each with its source line: every tag inside resets the line to where its
+    start tag ends, and the newlines in the text move it on. Script/style text is skipped (its newlines counted).
+    Cells of a table row on one line are joined with " | "."""
     from bs4 import NavigableString, Tag
 
     parts: list[tuple[int, str]] = []
-    line = tag.sourceline or 1
+    filled: set[int] = set()  # lines that already hold some text
+    line = _text_line(tag, source)
     for element in tag.descendants:
         if isinstance(element, Tag):
-            line = element.sourceline or line
+            line = _text_line(element, source) if element.sourceline else line
+            if line in filled and element.name in _HTML_CELLS | _HTML_INLINE_BREAKS:
+                parts.append((line, " | " if element.name in _HTML_CELLS else " "))
         elif isinstance(element, NavigableString):
-            wanted = type(element) is NavigableString and element.parent.name not in _HTML_DROPPED
-            if wanted:  # not a comment, CDATA or doctype, nor script
-                parts.append((line, str(element)))
-            line += str(element).count("\n")
+            pieces = str(element).split("\n")
+            if type(element) is NavigableString and element.parent.name not in _HTML_DROPPED:
+                parts.append((line, str(element)))  # not a comment, CDATA or doctype, nor script
+                filled.update(line + i for i, piece in enumerate(pieces) if piece.strip())
+            line += len(pieces) - 1
     return _merge_parts(parts, keep_space)
 
 
