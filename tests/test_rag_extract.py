@@ -236,8 +236,10 @@ def _make_pdf(path: Path) -> Path:
     pdf = FPDF()
     pdf.set_title("Fruit Book")
     pdf.set_font("Helvetica", size=12)
-    for text in PDF_PAGES:
+    for number, text in enumerate(PDF_PAGES, start=1):
         pdf.add_page()
+        if number > 1:  # bookmarks: "Bananas" on page 2, its child "Cherries" on page 3
+            pdf.start_section(["Bananas", "Cherries"][number - 2], level=number - 2)
         pdf.multi_cell(0, 8, text + "\nA second line on this page.")
     pdf.output(str(path))
     return path
@@ -246,10 +248,11 @@ def _make_pdf(path: Path) -> Path:
 def test_pdf_pages_are_the_unit(tmp_path):
     path = _make_pdf(tmp_path / "fruit.pdf")
     chunks = chunk_file(path)
-    assert [(c.start, c.end, c.unit, c.heading) for c in chunks] == [(n, n, "page", "Fruit Book") for n in (1, 2, 3)]
+    headings = ["Fruit Book", "Fruit Book > Bananas", "Fruit Book > Bananas > Cherries"]
+    assert [(c.start, c.end, c.unit, c.heading) for c in chunks] == [(n, n, "page", headings[n - 1]) for n in (1, 2, 3)]
     for chunk, text in zip(chunks, PDF_PAGES):
         assert text in chunk.text and "A second line on this page." in chunk.text
-    assert chunks[1].citation().endswith("fruit.pdf p. 2 (Fruit Book)")
+    assert chunks[1].citation().endswith("fruit.pdf p. 2 (Fruit Book > Bananas)")
     from pypdf import PdfReader
 
     _assert_cited(chunks, [page.extract_text() for page in PdfReader(path).pages])
@@ -412,3 +415,10 @@ def test_approx_tokens_counts_words_and_punctuation():
     assert approx_tokens("Hello, world!") == 4
     assert approx_tokens("internationalization") == 4  # long words count as several subword pieces
     assert approx_tokens("") == 0
+
+
+def test_html_in_its_declared_charset(tmp_path):
+    path = tmp_path / "old.htm"
+    path.write_bytes('<html><head><meta charset="iso-8859-1"></head><body><p>café crème</p></body></html>'
+                     .encode("latin-1"))
+    assert [c.text for c in chunk_file(path)] == ["café crème"]

@@ -16,6 +16,8 @@ Formats and what "a line" means in each:
 - .html/.htm: BeautifulSoup with Python's own html.parser, which records the line of every tag; the text of each
   h1-h6, p, li, pre, tr, dt/dd... is kept with the source line each piece of text sits on. script/style are dropped.
 - .pdf: pypdf's text layer, page by page; the unit is the page (a scanned PDF without a text layer is an error).
+  The heading path is the document title (metadata) and the last bookmark (outline entry) starting on or before
+  the page.
 - .docx: python-docx; "line" n is the n-th paragraph of the body (a table row counts as one), headings from the
   Title / Heading N styles.
 - .py: module, class and function docstrings and comments (pragmas such as `# noqa` left out), under the
@@ -99,7 +101,7 @@ def extract(path: str | Path, *, jsonl_field: str = "text") -> Document:
     elif suffix == ".docx":
         doc.blocks = _docx_blocks(path, data)
     else:
-        text = _decode(path, data, doc.warnings)
+        text = _decode(path, data, doc.warnings, html=suffix in (".html", ".htm"))
         doc.blocks = _TEXT_PARSERS[suffix](path, text, jsonl_field)
     doc.blocks = [b for b in doc.blocks if any(t.strip() for _, t in b.lines)]
     if not doc.blocks:
@@ -122,10 +124,26 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def _decode(path: Path, data: bytes, warnings: list[str]) -> str:
-    """UTF-8 (a BOM is dropped); a few bad bytes become U+FFFD with a warning, a binary file is an error.
-    Line ends become "\n"; lines are counted at "\n" only, as editors and Python do (not at form feeds)."""
-    return _decode_utf8(path, data, warnings).replace("\r\n", "\n").replace("\r", "\n")
+def _decode(path: Path, data: bytes, warnings: list[str], html: bool = False) -> str:
+    """UTF-8 (a BOM is dropped), or for HTML the charset its <meta> declares; a few bad bytes become U+FFFD with a
+    warning, a binary file is an error. Line ends become "\n"; lines are counted at "\n" only, as editors and
+    Python do (not at form feeds)."""
+    declared = _declared_charset(data) if html else None
+    text = data.decode(declared, errors="replace") if declared else _decode_utf8(path, data, warnings)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _declared_charset(data: bytes) -> str | None:
+    """The <meta charset> of an HTML page when it names a known encoding other than UTF-8."""
+    import codecs
+
+    from bs4.dammit import EncodingDetector
+
+    name = EncodingDetector.find_declared_encoding(data, is_html=True)
+    try:
+        return None if not name or codecs.lookup(name).name == "utf-8" else name
+    except LookupError:
+        return None
 
 
 def _decode_utf8(path: Path, data: bytes, warnings: list[str]) -> str:
@@ -394,7 +412,7 @@ def _pdf_blocks(path: Path, data: bytes) -> list[Block]:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
             raise ExtractError(path, "the PDF is encrypted with a password; decrypt it first")
-        title = ((reader.metadata or {}).get("/Title") or "").strip() if reader.metadata else ""
+        title = str((reader.metadata or {}).get("/Title") or "").strip()
         pages = [page.extract_text() or "" for page in reader.pages]
     except ExtractError:
         raise
@@ -402,15 +420,45 @@ def _pdf_blocks(path: Path, data: bytes) -> list[Block]:
         raise ExtractError(path, f"cannot read the PDF ({type(e).__name__}: {e}); is the file complete?") from e
     if not any(p.strip() for p in pages):
         raise ExtractError(path, "the PDF has no text layer (a scan?); run OCR on it first")
-    heading = (str(title),) if title else ()
+    outline, root = _pdf_outline(reader), (title,) if title else ()
     blocks = []
     for number, page_text in enumerate(pages, start=1):
-        page_lines = [(number, line.rstrip()) for line in page_text.splitlines()]
-        page_blocks = _paragraphs(page_lines, heading)
+        heading = root + _page_heading(outline, number)
+        page_blocks = _paragraphs([(number, line.rstrip()) for line in page_text.splitlines()], heading)
         if page_blocks:  # each page begins a new chunk, so a citation's page range stays small
             page_blocks[0] = Block(page_blocks[0].kind, heading, page_blocks[0].lines, starts_section=True)
         blocks += page_blocks
     return blocks
+
+
+def _pdf_outline(reader) -> list[tuple[int, tuple[str, ...]]]:
+    """(first page, heading path) of each bookmark, in page order; [] when the PDF has none or a broken one."""
+
+    def walk(items, path):
+        parent = None
+        for item in items:
+            if isinstance(item, list):  # the children of the bookmark just before
+                yield from walk(item, path + (parent,) if parent else path)
+                continue
+            parent = str(item.title).strip()
+            page = reader.get_destination_page_number(item)
+            if page is not None and page >= 0:
+                yield page + 1, path + (parent,)
+
+    try:
+        return sorted(walk(reader.outline, ()), key=lambda entry: entry[0])
+    except Exception:  # noqa: BLE001 - bookmarks only add headings; the text is still worth indexing
+        return []
+
+
+def _page_heading(outline: list[tuple[int, tuple[str, ...]]], page: int) -> tuple[str, ...]:
+    """The heading path of the last bookmark that starts on or before `page`."""
+    heading = ()
+    for first, path in outline:
+        if first > page:
+            break
+        heading = path
+    return heading
 
 
 _DOCX_LEVEL = re.compile(r"heading (\d)", re.I)
