@@ -422,3 +422,15 @@ def test_html_in_its_declared_charset(tmp_path):
     path.write_bytes('<html><head><meta charset="iso-8859-1"></head><body><p>café crème</p></body></html>'
                      .encode("latin-1"))
     assert [c.text for c in chunk_file(path)] == ["café crème"]
+
+
+def test_overlap_between_long_one_line_paragraphs(tmp_path):
+    """Plain text often holds a whole paragraph on one line: the overlap carries its last sentence."""
+    paragraphs = [" ".join(f"Paragraph {p} sentence {i} is here." for i in range(5)) for p in range(3)]  # 45 tokens each
+    path = _write(tmp_path / "prose.txt", "\n\n".join(paragraphs) + "\n")
+    chunks = chunk_file(path, max_tokens=60, overlap_tokens=12)
+    assert len(chunks) == 3
+    for n, (before, after) in enumerate(zip(chunks, chunks[1:])):
+        assert after.text.startswith(f"Paragraph {n} sentence 4 is here.\n\nParagraph {n + 1} sentence 0")
+        assert before.text.endswith(f"Paragraph {n} sentence 4 is here.")
+    _assert_cited(chunks, (tmp_path / "prose.txt").read_text().splitlines())

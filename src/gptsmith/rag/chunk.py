@@ -79,7 +79,7 @@ def chunk_document(doc: Document, max_tokens: int = 256, overlap_tokens: int = 3
     count = count_tokens or approx_tokens
     packer = _Packer(max_tokens, overlap_tokens)
     for block in doc.blocks:
-        packer.add_block(block, _block_pieces(block, count, max_tokens))
+        packer.add_block(block, _block_pieces(block, count, max_tokens, overlap_tokens))
     packer.close(carry=False)
     chunks = []
     for heading, pieces in packer.groups:
@@ -90,19 +90,22 @@ def chunk_document(doc: Document, max_tokens: int = 256, overlap_tokens: int = 3
     return chunks
 
 
-def _block_pieces(block: Block, count: Callable[[str], int], max_tokens: int) -> list[_Piece]:
-    """A block's lines as pieces; a line over the budget is cut at sentences, a sentence over it at words."""
+def _block_pieces(block: Block, count: Callable[[str], int], max_tokens: int, overlap_tokens: int) -> list[_Piece]:
+    """A block's lines as pieces. A prose line longer than the overlap is cut at its sentences (so the overlap
+    can carry the last sentence or two of a long line); a code or table line only when it exceeds the budget;
+    a sentence longer than the budget at its words."""
+    split_at = max_tokens if block.kind in ("code", "table") or not overlap_tokens else overlap_tokens
     pieces = []
     for i, (line, text) in enumerate(block.lines):
         sep = "\n\n" if i == 0 else "\n"
-        for j, part in enumerate(_split_line(text, count, max_tokens)):
+        for j, part in enumerate(_split_line(text, count, max_tokens, split_at)):
             sep = sep if j == 0 else ""
             pieces.append(_Piece(line, part, sep, count(sep + part), block.kind == "heading"))
     return pieces
 
 
-def _split_line(text: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
-    if count(text) <= max_tokens:
+def _split_line(text: str, count: Callable[[str], int], max_tokens: int, split_at: int) -> list[str]:
+    if count(text) <= split_at:
         return [text]
     parts = []
     for sentence in filter(None, _SENTENCE_END.split(text)):
