@@ -33,24 +33,16 @@ from pathlib import Path
 from gptsmith.rag.extract import Block, Document, extract
 from gptsmith.rag.types import Chunk
 
-_TOKEN = re.compile(r"[^\W\d_]+|\d+|\S")  # a run of letters, a run of digits, or any other visible character
+# One match per estimated token: a CJK character, up to 5 letters (so a run of letters counts 1 + 1 per further
+# 5), up to 2 digits, or any other visible character. Counting matches keeps the loop in C.
+_TOKEN = re.compile(r"[\u2e80-\U0002ffff]|[^\W\d_\u2e80-\U0002ffff]{1,5}|\d{1,2}|\S")
 _SENTENCE_END = re.compile(r"(?<=[.!?]\s)|(?<=[。！？])")  # after ". " (the space stays with the sentence) or "。"
 _WORD_END = re.compile(r"(?<=\s)(?=\S)")
 
 
 def approx_tokens(text: str) -> int:
     """Estimate of a subword tokenizer's count (see the module docstring for how good it is)."""
-    return sum(_approx_one(token) for token in _TOKEN.findall(text))
-
-
-def _approx_one(token: str) -> int:
-    if token[0].isdigit():
-        return (len(token) + 1) // 2
-    if len(token) == 1:
-        return 1
-    if ord(token[0]) >= 0x2E80:  # CJK and beyond: tokenizers give about one token per character
-        return len(token)
-    return 1 + (len(token) - 1) // 5
+    return len(_TOKEN.findall(text))
 
 
 @dataclass(frozen=True)
@@ -169,11 +161,11 @@ class _Packer:
                 self._add([piece])
 
     def _starts_new_section(self, block: Block) -> bool:
-        if not self.fresh:
+        if not self.pieces:
             return False
-        if block.kind == "heading" and all(p.heading for p in self.pieces):
+        if self.fresh and block.kind == "heading" and all(p.heading for p in self.pieces):
             return False  # a title followed by its first sub-heading: keep them together
-        return block.starts_section or block.heading != self.heading
+        return block.starts_section or block.heading != self.heading  # (an overlap never crosses sections)
 
     def _add(self, pieces: list[_Piece]) -> None:
         self.pieces += pieces
