@@ -46,6 +46,9 @@ title: front matter is not text
 ---
 # Guide
 
+<!-- an HTML comment is not text either -->
+<p align="center"><img src="logo.png"></p>
+
 Welcome to the guide. It explains everything.
 
 ## Install
@@ -75,11 +78,11 @@ def test_markdown_headings_code_and_lists(tmp_path):
     assert set(sections) == {"Guide", "Guide > Install", "Guide > Usage"}
     assert "```bash\npip install gptsmith\ngptsmith --help\n```" in sections["Guide > Install"]
     assert "- first item\n- second item" in sections["Guide > Install"]
-    assert "front matter" not in " ".join(sections.values())
+    assert "front matter" not in " ".join(sections.values()) and "<" not in " ".join(sections.values())
     assert all(c.source == path.resolve().as_posix() and c.unit == "line" for c in chunks)
     install = next(c for c in chunks if c.heading == "Guide > Install")
-    assert (install.start, install.end) == (8, 18)
-    assert install.citation().endswith("guide.md:8-18 (Guide > Install)")
+    assert (install.start, install.end) == (11, 21)
+    assert install.citation().endswith("guide.md:11-21 (Guide > Install)")
 
 
 def test_title_stays_with_its_first_section(tmp_path):

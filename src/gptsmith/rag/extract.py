@@ -230,9 +230,15 @@ def _md_blocks(path: Path, text: str, _field: str) -> list[Block]:
                 numbered = [(n, t) for n, t in numbered if t.strip()]
             while numbered and not numbered[-1][1].strip():
                 numbered.pop()
-            if numbered:
+            if numbered and (token.type != "html_block" or _visible(numbered)):
                 blocks.append(Block(kind, path_now, tuple(numbered)))
     return blocks
+
+
+def _visible(numbered: list[tuple[int, str]]) -> bool:
+    """Whether raw HTML in Markdown shows any text (an <img>, a <br> or a comment alone is left out)."""
+    markup = "\n".join(text for _, text in numbered)
+    return bool(re.sub(r"<!--.*?-->|<[^>]*>", "", markup, flags=re.S).strip())
 
 
 _ADORNMENT = re.compile(r"([!-/:-@\[-`{-~])\1{2,}\s*")  # 3+ of one punctuation character: an RST under/overline
