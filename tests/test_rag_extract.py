@@ -218,7 +218,7 @@ def test_jsonl_one_record_per_section_with_a_chosen_field(tmp_path, caplog):
     assert [(c.heading, c.text, c.start, c.end) for c in chunks] == [
         ("Refunds", "Refunds take five days.\nAsk support.", 1, 1), ("line 3", "Shipping is free.", 3, 3)]
     assert "faq.jsonl" in caplog.text and "line 2" in caplog.text
-    with pytest.raises(ExtractError, match=r"faq\.jsonl.*'text'"):
+    with pytest.raises(ExtractError, match=r"faq\.jsonl: no line .* string field 'text'"):
         chunk_file(path)  # the default field "text" is in no record
 
 
@@ -360,6 +360,18 @@ def _scanned_pdf(tmp_path: Path) -> Path:
     return tmp_path / "scan.pdf"
 
 
+def _encrypted_pdf(tmp_path: Path) -> Path:
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=12)
+    pdf.add_page()
+    pdf.cell(0, 8, "secret text")
+    pdf.set_encryption(owner_password="owner", user_password="reader")
+    pdf.output(str(tmp_path / "locked.pdf"))
+    return tmp_path / "locked.pdf"
+
+
 BAD_FILES = {
     "empty": (lambda d: _write(d / "empty.md", ""), "empty"),
     "blank": (lambda d: _write(d / "blank.txt", "\n  \n\t\n"), "empty"),
@@ -368,6 +380,7 @@ BAD_FILES = {
     "corrupt pdf": (_corrupt_pdf, "cannot read the PDF"),
     "not a pdf": (lambda d: _write(d / "fake.pdf", "this is not a PDF"), "cannot read the PDF"),
     "scanned pdf": (_scanned_pdf, "no text layer"),
+    "password pdf": (_encrypted_pdf, "encrypted with a password"),
     "corrupt docx": (lambda d: _write(d / "fake.docx", "plain text pretending"), "cannot read the Word document"),
     "binary": (lambda d: (d / "blob.txt").write_bytes(b"\x00\x01\x02garbage") and d / "blob.txt", "binary"),
     "latin-1 heavy": (lambda d: (d / "l1.txt").write_bytes("é".encode("latin-1") * 50) and d / "l1.txt",

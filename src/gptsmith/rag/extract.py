@@ -648,7 +648,8 @@ def _jsonl_blocks(path: Path, text: str, field_name: str) -> list[Block]:
         log.warning("%s: %d line(s) without a string field %r skipped (first: line %d)",
                     path, len(skipped), field_name, skipped[0])
     if not blocks:
-        raise ExtractError(path, f"no record has a text field {field_name!r} (set the JSONL text field)")
+        raise ExtractError(path, f"no line is a JSON object with a non-empty string field {field_name!r} "
+                                 "(name the field that holds the text)")
     return blocks
 
 
