@@ -108,9 +108,18 @@ Use pip::
 
     gptsmith --help
 
+.. _linux-target:
+
 Linux
 -----
 On Linux it just works.
+
+.. function:: install(name, *, upgrade=False)
+
+   Install *name*; with *upgrade*, replace an older version.
+
+.. a comment the reader never sees
+   on two lines
 
 Windows
 =======
@@ -126,6 +135,9 @@ def test_rst_section_titles_and_literal_blocks(tmp_path):
                               "Reference > Windows"]
     assert "    pip install gptsmith\n\n    gptsmith --help" in sections["Reference > Install"]
     assert "=====" not in " ".join(sections.values())
+    assert sections["Reference > Install > Linux"] == ("Linux\n\nOn Linux it just works.\n\n"
+                                                      ".. function:: install(name, *, upgrade=False)\n"
+                                                      "   Install *name*; with *upgrade*, replace an older version.")
 
 
 HTML = """\
