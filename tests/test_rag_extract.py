@@ -85,6 +85,13 @@ def test_markdown_headings_code_and_lists(tmp_path):
     assert install.citation().endswith("guide.md:11-21 (Guide > Install)")
 
 
+def test_markdown_extension_and_windows_line_ends(tmp_path):
+    path = tmp_path / "NOTES.MARKDOWN"
+    path.write_bytes(b"# Notes\r\n\r\nLine one.\r\nLine two.\r\n")
+    assert [(c.heading, c.text, c.start, c.end) for c in chunk_file(path)] == [
+        ("Notes", "Notes\n\nLine one.\nLine two.", 1, 4)]
+
+
 def test_title_stays_with_its_first_section(tmp_path):
     text = "# Title\n\n## Intro\n\nThe intro text.\n"
     chunks = chunk_file(_write(tmp_path / "t.md", text))
