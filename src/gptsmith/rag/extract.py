@@ -16,11 +16,12 @@ Formats and what "a line" means in each:
 - .txt: paragraphs separated by blank lines.
 - .html/.htm: BeautifulSoup with Python's own html.parser, which records the line of every tag; the text of each
   h1-h6, p, li, pre, tr, dt/dd... is kept with the source line each piece of text sits on. script/style are dropped.
+  (Not html2text: it is GPL-3.0, this project Apache-2.0, and its Markdown output has lost the source lines.)
 - .pdf: pypdf's text layer, page by page; the unit is the page (a scanned PDF without a text layer is an error).
   The heading path is the document title (metadata) and the last bookmark (outline entry) starting on or before
   the page.
 - .docx: python-docx; "line" n is the n-th paragraph of the body (a table row counts as one), headings from the
-  Title / Heading N styles.
+  Title / Heading N styles. Headers, footers, footnotes and comments are not read.
 - .py: module, class and function docstrings and comments (pragmas such as `# noqa` left out), under the
   qualified name (`module.Class.method`) as heading; the def/class line is kept above its docstring.
 - .jsonl: one record per line, its text field ("text" unless told) is one section; the line is the JSONL line.
