@@ -453,6 +453,18 @@ def test_unreadable_permissions(tmp_path):
         chunk_file(path)
 
 
+def test_read_error_is_an_extract_error(tmp_path, monkeypatch):
+    """The same path as a file without read permission, for a test run as root (who may read anything)."""
+    path = _write(tmp_path / "secret.md", "# Secret\n")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ExtractError, match=r"secret\.md: cannot read the file: Permission denied"):
+        chunk_file(path)
+
+
 def test_a_few_bad_bytes_are_replaced_with_a_warning(tmp_path, caplog):
     path = tmp_path / "cafe.txt"
     path.write_bytes("A caf\u00e9 in Paris serves coffee all day long.\n".encode("latin-1"))
