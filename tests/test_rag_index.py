@@ -198,6 +198,19 @@ def test_an_indexed_file_that_becomes_empty_loses_its_chunks(tmp_path, embedder)
     assert report["chunks"] == 1 and [Path(s["path"]).name for s in report["skipped"]] == ["b.md"]
 
 
+def test_quotes_in_paths_and_an_index_inside_the_indexed_folder(tmp_path, embedder):
+    docs = write_docs(tmp_path / "docs", {"o'brien's notes.md": "Notes on 'quoted' things.", "b.md": "Plain."})
+    idx = docs / "idx"  # inside the folder it indexes: its own files are never read
+    assert build_index([str(docs)], idx, RagConfig(), embedder=embedder, progress=False)["files_skipped"] == 0
+    retriever = Retriever.open(idx, embedder=embedder)
+    assert sources(retriever.search("quoted", top_k=1, sources=["o'brien*"])) == ["o'brien's notes.md"]
+    (docs / "o'brien's notes.md").write_text("Changed notes.\n")
+    assert refresh(idx, embedder=embedder)["files_updated"] == 1
+    (docs / "o'brien's notes.md").unlink()
+    report = refresh(idx, embedder=embedder)
+    assert (report["files_deleted"], report["files_skipped"], len(retriever)) == (1, 0, 1)
+
+
 def test_bad_index_arguments_get_clear_errors(tmp_path, embedder):
     with pytest.raises(InputError, match="no file, folder or glob"):
         build_index([str(tmp_path / "missing")], tmp_path / "idx", RagConfig(), embedder=embedder, progress=False)

@@ -37,6 +37,7 @@ TABLE = "chunks"
 FORMAT_VERSION = 1
 WRITE_BATCH_CHUNKS = 512  # chunks embedded and committed together: one LanceDB commit per batch of files
 GLOB_CHARS = set("*?[")
+SHOW_SKIPPED = 20  # skipped files listed in the printed summary (a folder of images would fill the screen)
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -421,7 +422,9 @@ def format_report(r: dict) -> str:
              f"files: {r['files_read']} read, {r['files_unchanged']} unchanged, {r['files_updated']} new or "
              f"changed ({r['chunks_embedded']} chunks, {r['tokens_embedded']} tokens embedded), "
              f"{r['files_deleted']} deleted, {r['files_skipped']} skipped; {r['seconds']:.1f} s"]
-    lines += [f"  skipped {s['path']}: {s['reason']}" for s in r["skipped"]]
+    lines += [f"  skipped {s['path']}: {s['reason']}" for s in r["skipped"][:SHOW_SKIPPED]]
+    if len(r["skipped"]) > SHOW_SKIPPED:
+        lines.append(f"  ... and {len(r['skipped']) - SHOW_SKIPPED} more skipped (all in the returned report)")
     return "\n".join(lines)
 
 
