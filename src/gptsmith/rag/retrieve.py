@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import pyarrow as pa
 
 from gptsmith.config import RagConfig
 from gptsmith.errors import InputError
