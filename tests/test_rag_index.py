@@ -117,6 +117,9 @@ def test_reindex_embeds_only_changed_files_and_drops_deleted_ones(tmp_path, embe
     assert (third["files_deleted"], third["files_updated"], embedder.calls) == (1, 0, 0)
     assert not any(h.chunk.source.endswith("gamma.txt") for h in retriever.search("audit log login", top_k=50))
     assert third["chunks"] == len(retriever) == second["chunks"] - 1
+    listed = retriever.chunks()
+    assert len(listed) == len(retriever) and [Path(c.source).name for _, c in listed][0] == "alpha.md"
+    assert {i for i, _ in listed} == {h.id for h in retriever.search("service", top_k=50, mode="vector")}
 
 
 def test_unchanged_rerun_does_not_load_the_embedder(tmp_path, embedder, monkeypatch):
