@@ -347,3 +347,72 @@ def test_ask_and_chat_refuse_a_bad_profile_with_its_name(tmp_path, capsys):
     assert "Did you mean 'system_prompt'?" in capsys.readouterr().err
     assert main(["chat"]) == 2
     assert "--model DIR" in capsys.readouterr().err
+
+
+def test_a_backend_assistant_streams_from_chat_completions_with_its_key(tmp_path, monkeypatch):
+    import httpx
+
+    from gptsmith.assist.answer import RemoteModel, answer
+
+    monkeypatch.setenv("MY_KEY", "sk-test")
+    (tmp_path / "idx").mkdir()
+    profile = load_assistant(profile_file(tmp_path, "name: r\nbackend_url: http://backend:11434\napi_key_env: MY_KEY\n"
+                                                    "chain_of_thought: true\nrag: {index: idx, top_k: 1}\n"
+                                                    "sampling: {temperature: 0.1, max_tokens: 20}\n"))
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "llama3"}]})
+        deltas = ["Reasoning: look it up", "\nAnswer: see [1]"]
+        body = "".join(f"data: {json.dumps({'choices': [{'delta': {'content': d}, 'finish_reason': None}]})}\n\n"
+                       for d in deltas)
+        body += f"data: {json.dumps({'choices': [{'delta': {}, 'finish_reason': 'stop'}]})}\n\ndata: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    model = RemoteModel(profile, transport=httpx.MockTransport(handler))
+    reply = answer(Assistant(profile, FakeRetriever([hit(1, "the docs say so")])), model, [QUESTION])
+    assert (reply.reasoning, reply.answer, reply.finish_reason) == ("look it up", "see [1]", "stop")
+    assert [h.id for h in reply.sources] == ["c1"]
+    models, chat = seen
+    assert str(chat.url) == "http://backend:11434/v1/chat/completions"
+    assert chat.headers["authorization"] == "Bearer sk-test"
+    body = json.loads(chat.content)
+    assert body["model"] == "llama3" and body["max_tokens"] == 20 and body["temperature"] == 0.1 and body["stream"]
+    assert "[1] /docs/a.md:10-15 (Part 1)\nthe docs say so" in body["messages"][0]["content"]
+    assert body["messages"][-1] == QUESTION
+
+
+def test_chat_with_an_assistant_keeps_the_reasoning_apart_in_the_saved_conversation(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch, capsys):
+    from gptsmith import chat
+    from gptsmith.assist.answer import LocalModel
+    from gptsmith.config import GenerateConfig
+
+    path = profile_file(tmp_path, f"name: t\nmodel: {tiny_model_dir}\nchain_of_thought: true\n"
+                                  "sampling: {max_tokens: 8, temperature: 0}\n")
+    saved = tmp_path / "convo.json"
+    lines = iter(["why?", f"/save {saved}"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    prompts = []
+
+    def scripted(self, messages, sampling, max_new_tokens):
+        prompts.append(messages)
+        yield from ["Reasoning: because\n", "Answer: so"]
+
+    monkeypatch.setattr(LocalModel, "stream", scripted)
+    chat.run_chat(None, GenerateConfig(), device="cpu", assistant=path)
+    out = capsys.readouterr().out
+    assert "bot> so\n" in out and "because" not in out  # reasoning hidden by default
+    assert COT_INSTRUCTION in prompts[0][0]["content"]
+    turns = json.loads(saved.read_text())["messages"]
+    assert turns == [{"role": "user", "content": "why?"},
+                     {"role": "assistant", "content": "so", "reasoning": "because"}]

@@ -64,14 +64,14 @@ class LocalModel:
 class RemoteModel:
     """Another OpenAI-compatible server: POST {backend_url}/chat/completions, streamed."""
 
-    def __init__(self, profile: AssistantProfile, timeout: float = 600.0):
+    def __init__(self, profile: AssistantProfile, timeout: float = 600.0, transport=None):
         import httpx
 
         base = profile.backend_url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
         key = os.environ.get(profile.api_key_env)
         self.client = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {key}"} if key else {},
-                                   timeout=httpx.Timeout(timeout, connect=10.0))
+                                   timeout=httpx.Timeout(timeout, connect=10.0), transport=transport)
         self.model = profile.backend_model or self._first_model()
         self.max_context = profile.max_context or DEFAULT_BACKEND_CONTEXT
         self.default_max_tokens = 512
