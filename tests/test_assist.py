@@ -416,3 +416,44 @@ def test_chat_with_an_assistant_keeps_the_reasoning_apart_in_the_saved_conversat
     turns = json.loads(saved.read_text())["messages"]
     assert turns == [{"role": "user", "content": "why?"},
                      {"role": "assistant", "content": "so", "reasoning": "because"}]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+DOCS = {
+    "install.md": "# Installing\n\nInstall the package with pip:\n\n    pip install gptsmith\n\nA virtual environment "
+                  "keeps it apart.\n",
+    "loops.md": "# Loops\n\nA for loop repeats its body for each item of a list.\n\nbreak leaves the loop early.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory):
+    from gptsmith.config import RagConfig
+    from gptsmith.rag.index import build_index
+
+    root = tmp_path_factory.mktemp("rag")
+    for name, text in DOCS.items():
+        write(root / "docs" / name, text)
+    build_index([str(root / "docs")], root / "idx", RagConfig())
+    return root
+
+
+def test_ask_answers_with_a_tiny_model_and_cites_the_right_lines(tiny_index, tiny_model_dir, tmp_path, capsys):
+    from gptsmith.cli import main
+
+    path = profile_file(tmp_path, f"name: docs\nmodel: {tiny_model_dir}\nrag: {{index: {tiny_index / 'idx'}, "
+                                  "top_k: 1, mode: vector}\nsampling: {max_tokens: 4, temperature: 0}\n")
+    question = "How do I install the package with pip?"
+    assert main(["ask", "--assistant", str(path), "--json", question]) == 0
+    result = json.loads(capsys.readouterr().out)
+    source, = result["sources"]
+    assert source["n"] == 1 and source["source"].endswith("install.md") and source["heading"] == "Installing"
+    cited = (tiny_index / "docs" / "install.md").read_text().splitlines()[source["start"] - 1:source["end"]]
+    assert "pip install gptsmith" in "\n".join(cited)
+    assert source["citation"] == f"{source['source']}:{source['start']}-{source['end']} (Installing)"
+    assert result["question"] == question and isinstance(result["answer"], str) and result["reasoning"] is None
+
+    assert main(["ask", "--assistant", str(path), question]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(f"\nSources:\n[1] {source['citation']}\n")

@@ -136,6 +136,7 @@ def _format_error(err: ValidationError, source: Path) -> str:
 def _resolve_paths(profile: AssistantProfile, base: Path, source: Path) -> AssistantProfile:
     """Relative paths from the YAML file's folder; every path must exist (the error names the field)."""
     def need(path: Path, field: str, what: str) -> Path:
+        path = path.expanduser()
         path = path if path.is_absolute() else base / path
         if not path.exists():
             raise AssistantError(f"{source}: '{field}': {path} does not exist; {what}")
@@ -151,7 +152,7 @@ def _resolve_paths(profile: AssistantProfile, base: Path, source: Path) -> Assis
                                                                  "DIR` or fix the path")
         rerank = profile.rag.rerank
         if rerank and (rerank.startswith((".", "/", "~")) or (base / rerank).exists()):
-            profile.rag.rerank = str(need(Path(rerank).expanduser(), "rag.rerank", "give a local cross-encoder "
+            profile.rag.rerank = str(need(Path(rerank), "rag.rerank", "give a local cross-encoder "
                                                                                    "folder or a hub id"))
     if profile.few_shot is not None:
         profile.few_shot.file = need(profile.few_shot.file, "few_shot.file", "give a JSONL of example "

@@ -53,8 +53,8 @@ class AssistantPrompt:
 
 
 def approx_count_tokens(messages: list[dict]) -> int:
-    """A tokenizer-free estimate for a model served elsewhere: ~4 characters a token, plus a few a message for the
-    chat template. Errs on the high side for English prose, so the real prompt fits."""
+    """A tokenizer-free estimate for a model served elsewhere: a token per 3 characters, plus 6 a message for the
+    chat template. English averages ~4 characters a token, so this errs high and the real prompt fits."""
     return sum(len(str(m.get("content") or "")) // 3 + 6 for m in messages) + 3
 
 
