@@ -109,7 +109,8 @@ class Assistant:
         if profile.rag is not None:
             from gptsmith.rag.retrieve import Retriever
 
-            retriever = Retriever.open(profile.rag.index, rerank=profile.rag.rerank)
+            rerank = str(profile.rag.rerank) if profile.rag.rerank is not None else None
+            retriever = Retriever.open(profile.rag.index, rerank=rerank)
             embedder = getattr(retriever, "embedder", None)
         examples = None
         if profile.few_shot is not None and profile.few_shot.k > 0:
