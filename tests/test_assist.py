@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -457,3 +458,34 @@ def test_ask_answers_with_a_tiny_model_and_cites_the_right_lines(tiny_index, tin
     assert main(["ask", "--assistant", str(path), question]) == 0
     out = capsys.readouterr().out
     assert out.endswith(f"\nSources:\n[1] {source['citation']}\n")
+
+
+def test_chat_with_an_assistant_shows_the_sources_after_each_answer(tiny_index, tiny_model_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    from gptsmith.cli import main
+
+    path = profile_file(tmp_path, f"name: docs\nmodel: {tiny_model_dir}\nrag: {{index: {tiny_index / 'idx'}, "
+                                  "top_k: 1, mode: bm25}\nsampling: {max_tokens: 3, temperature: 0}\n")
+    lines = iter(["what does break do in a loop?", "how do I use pip install?"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--assistant", str(path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    cited = re.findall(r"\nSources:\n\[1\] (\S+):\d+-\d+ \((\w+)\)\n", out)
+    assert [(Path(src).name, heading) for src, heading in cited] == [("loops.md", "Loops"), ("install.md", "Installing")]
+
+
+def test_the_example_assistant_in_configs_is_valid():
+    import yaml
+
+    from gptsmith.assist.profile import AssistantProfile
+
+    root = Path(__file__).resolve().parents[1]
+    tree = yaml.safe_load((root / "configs" / "assistant-pydocs.yaml").read_text())
+    assert AssistantProfile.model_validate(tree).name == "pydocs"
