@@ -123,7 +123,12 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _decode(path: Path, data: bytes, warnings: list[str]) -> str:
-    """UTF-8 (a BOM is dropped); a few bad bytes become U+FFFD with a warning, a binary file is an error."""
+    """UTF-8 (a BOM is dropped); a few bad bytes become U+FFFD with a warning, a binary file is an error.
+    Line ends become "\n"; lines are counted at "\n" only, as editors and Python do (not at form feeds)."""
+    return _decode_utf8(path, data, warnings).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _decode_utf8(path: Path, data: bytes, warnings: list[str]) -> str:
     if b"\x00" in data:
         raise ExtractError(path, "looks binary (contains NUL bytes), not a text file")
     try:
@@ -141,7 +146,7 @@ def _decode(path: Path, data: bytes, warnings: list[str]) -> str:
 
 def _numbered(text: str) -> list[tuple[int, str]]:
     """Source lines with 1-based numbers, trailing whitespace dropped."""
-    return [(i, line.rstrip()) for i, line in enumerate(text.splitlines(), start=1)]
+    return [(i, line.rstrip()) for i, line in enumerate(text.split("\n"), start=1)]
 
 
 def _under(stack: list[tuple[int, str]], level: int, title: str) -> tuple[str, ...]:
@@ -189,7 +194,7 @@ _MD_KIND = {"fence": "code", "code_block": "code", "bullet_list_open": "list", "
 def _md_blocks(path: Path, text: str, _field: str) -> list[Block]:
     from markdown_it import MarkdownIt
 
-    lines = _strip_front_matter(text.splitlines())
+    lines = _strip_front_matter(text.split("\n"))
     tokens = MarkdownIt("commonmark").enable("table").parse("\n".join(lines))
     blocks, stack, path_now = [], [], ()
     for i, token in enumerate(tokens):
@@ -232,7 +237,7 @@ def _rst_heading_at(lines: list[str], i: int) -> tuple[str, tuple[str, bool], in
 
 
 def _rst_blocks(path: Path, text: str, _field: str) -> list[Block]:
-    lines = [line.rstrip() for line in text.splitlines()]
+    lines = [line.rstrip() for line in text.split("\n")]
     blocks, stack, styles, path_now, i = [], [], [], (), 0
     while i < len(lines):
         if not lines[i].strip():
@@ -452,16 +457,28 @@ def _py_comments(path: Path, text: str) -> list[tuple[int, str]]:
     return comments
 
 
-def _docstring_lines(node: ast.AST) -> list[tuple[int, str]]:
-    """The docstring's lines numbered from the line of its opening quotes, indentation removed."""
+def _segment(source: list[str], node: ast.expr) -> str:
+    """The node's source text (ast offsets are UTF-8 byte columns)."""
+    lines = [line.encode() for line in source[node.lineno - 1: node.end_lineno]]
+    lines[-1] = lines[-1][: node.end_col_offset]
+    lines[0] = lines[0][node.col_offset:]
+    return b"\n".join(lines).decode(errors="replace")
+
+
+def _docstring_lines(node: ast.AST, source: list[str]) -> list[tuple[int, str]]:
+    """The docstring as written in the source (escapes such as \\n left as they are, so the text is found on
+    the lines it cites), numbered from the line of its opening quotes, quotes and indentation removed."""
     body = getattr(node, "body", [])
     if not (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
             and isinstance(body[0].value.value, str)):
         return []
-    first = body[0].value.lineno
-    raw = body[0].value.value.expandtabs().split("\n")
+    literal = _segment(source, body[0].value)
+    literal = re.sub(r"""^[rRuU]*(\"\"\"|'''|"|')""", "", literal)
+    literal = re.sub(r"""(\"\"\"|'''|"|')$""", "", literal)
+    raw = literal.expandtabs().split("\n")
     indents = [len(line) - len(line.lstrip()) for line in raw[1:] if line.strip()]
     cut = min(indents, default=0)
+    first = body[0].value.lineno
     return [(first + i, (line if i == 0 else line[cut:]).rstrip()) for i, line in enumerate(raw)]
 
 
@@ -478,8 +495,9 @@ def _py_blocks(path: Path, text: str, _field: str) -> list[Block]:
         tree = ast.parse(text, filename=str(path))
     except SyntaxError as e:
         raise ExtractError(path, f"Python syntax error on line {e.lineno}: {e.msg}") from e
-    source = text.splitlines()
-    scopes = _py_scopes(tree, path.stem)
+    source = text.split("\n")
+    module = path.parent.name if path.stem == "__init__" else path.stem  # a package's __init__ is the package
+    scopes = _py_scopes(tree, module)
     comments: dict[str, list[tuple[int, str]]] = {}
     for line, comment in _py_comments(path, text):
         comments.setdefault(_innermost_scope(scopes, line), []).append((line, comment))
@@ -492,19 +510,28 @@ def _py_blocks(path: Path, text: str, _field: str) -> list[Block]:
 def _py_scope_blocks(qualname: str, node: ast.AST, source: list[str], comments: list[tuple[int, str]]) -> list[Block]:
     """A scope's def/class line(s), docstring and comments, under its qualified name; nothing if it has neither."""
     heading = (qualname,)
-    doc = _docstring_lines(node)
+    doc = _docstring_lines(node, source)
     if not doc and not comments:
         return []
     blocks = []
     if not isinstance(node, ast.Module):  # the signature, verbatim: it says what the docstring is about
-        last = (doc[0][0] if doc else node.body[0].lineno) - 1
-        header = [(n, source[n - 1].rstrip()) for n in range(node.lineno, max(last, node.lineno) + 1)]
+        last = _header_end(node, source, (doc[0][0] if doc else node.body[0].lineno) - 1)
+        header = [(n, source[n - 1].rstrip()) for n in range(node.lineno, last + 1)]
         blocks.append(Block("code", heading, tuple(header), starts_section=True))
     blocks += _paragraphs(doc, heading)
     blocks += _paragraphs(_runs(comments), heading)
     if isinstance(node, ast.Module) and blocks:
         blocks[0] = Block(blocks[0].kind, heading, blocks[0].lines, starts_section=True)
     return blocks
+
+
+def _header_end(node: ast.AST, source: list[str], stop: int) -> int:
+    """The line that ends a def/class header: the first one whose code ends with ':' (a signature may span
+    several lines)."""
+    for number in range(node.lineno, stop + 1):
+        if source[number - 1].split("#")[0].rstrip().endswith(":"):
+            return number
+    return node.lineno
 
 
 def _runs(numbered: list[tuple[int, str]]) -> list[tuple[int, str]]:
