@@ -348,6 +348,9 @@ def test_ask_and_chat_refuse_a_bad_profile_with_its_name(tmp_path, capsys):
     assert "Did you mean 'system_prompt'?" in capsys.readouterr().err
     assert main(["chat"]) == 2
     assert "--model DIR" in capsys.readouterr().err
+    down = profile_file(tmp_path, "name: a\nbackend_url: http://127.0.0.1:9/v1\n")  # nothing listens on port 9
+    assert main(["ask", "--assistant", str(down), "hello"]) == 2
+    assert "backend http://127.0.0.1:9/v1 is not reachable" in capsys.readouterr().err
 
 
 def test_a_backend_assistant_streams_from_chat_completions_with_its_key(tmp_path, monkeypatch):

@@ -133,7 +133,6 @@ def answer(assistant: Assistant, model, messages: list[dict], reasoning: bool | 
     reply = Reply("", sources=prompt.sources, dropped=prompt.dropped, prompt_tokens=prompt.n_tokens,
                   reasoning_mode=prompt.reasoning)
     text: list[str] = []
-
     shown = {"answer": False}
 
     def emit(parts: list[tuple[str, str]]) -> None:
