@@ -21,3 +21,10 @@ def test_quickstart_smoke_builds_base_and_chat_models(tmp_path, capsys):
     assert lineage["parent_model"] == str((out / "base").resolve())
     pretrain_metrics = json.loads((out / "base" / "gptsmith_lineage.json").read_text())["metrics"]
     assert pretrain_metrics["val_bpb"] < pretrain_metrics["val_bpb_before"]
+    # 5/5: the assistant over the indexed Python docs cites the reference topic on exceptions
+    assistant = json.loads(json.dumps(__import__("yaml").safe_load((out / "assistant.yaml").read_text())))
+    assert assistant["model"] == str((out / "chat").resolve()) and (out / "index" / "gptsmith_index.json").is_file()
+    assert "How do I catch an exception?" in printed, printed[-1500:]
+    assert "Sources:\n[1] " in printed, printed[-1500:]
+    first_source = printed.split("Sources:\n[1] ")[1].splitlines()[0]
+    assert first_source.startswith(str(out / "pydocs" / "try.rst")) or "exceptions.rst" in first_source

@@ -3,6 +3,8 @@
     OUT/data   prepared Python documentation (clean text, tokenizer, token shards)
     OUT/base   the pretrained base model (a standard Hugging Face directory)
     OUT/chat   the base model fine-tuned on the chatterbot-corpus English dialogs
+    OUT/pydocs the Python reference topics as .rst files, OUT/index their retrieval index (rag), and
+    OUT/assistant.yaml an assistant over the chat model that answers Python questions with its sources
 
 The time budget (`--minutes`) is shared out between the stages; the model it makes is small and says so.
 """
@@ -13,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from gptsmith.config import ProjectConfig, save_config
 from gptsmith.files import atomic_write_text
 
@@ -20,6 +24,9 @@ from gptsmith.files import atomic_write_text
 PRETRAIN_SHARE, SFT_SHARE = 0.7, 0.2
 SAMPLE_PROMPTS = ["The list", "def ", "An exception"]
 SAMPLE_QUESTIONS = ["Hello, how are you?", "What is your name?", "Do you like Python?"]
+ASSISTANT_QUESTION = "How do I catch an exception?"
+# --smoke indexes only these reference topics so the embedding takes seconds; a full run indexes all ~80.
+SMOKE_TOPICS = ["try", "exceptions", "raise", "for", "while", "if", "import", "lambda", "with", "class"]
 
 
 def _banner(text: str) -> None:
@@ -36,6 +43,36 @@ def _smoke_corpus(out: Path) -> Path:
     return path
 
 
+def _write_pydocs(out: Path, smoke: bool) -> Path:
+    """The Python reference topics (the `help()` pages that ship with CPython, part of what the model was
+    pretrained on) as one reStructuredText file each, so the index can cite `try.rst:12-30 (The "try" statement)`."""
+    import pydoc_data.topics
+
+    folder = out / "pydocs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in pydoc_data.topics.topics.items():
+        if not smoke or name in SMOKE_TOPICS:
+            atomic_write_text(folder / f"{name}.rst", text)
+    return folder
+
+
+def _assistant(out: Path, smoke: bool) -> Path:
+    """Index the Python docs and write an assistant over the chat model: small chunks, because the tiny model's
+    context (512 tokens) must hold the system prompt, the sources and the question."""
+    from gptsmith.config import RagConfig
+    from gptsmith.rag.index import build_index
+
+    build_index([str(_write_pydocs(out, smoke))], out / "index", RagConfig(chunk_tokens=64, chunk_overlap=8))
+    profile = {"name": "pydocs", "model": str((out / "chat").resolve()),
+               "system_prompt": "You answer questions about Python and cite your sources.",
+               "rag": {"index": str((out / "index").resolve()), "top_k": 3},
+               "sampling": {"temperature": 0.7, "max_tokens": 24 if smoke else 48}}
+    path = out / "assistant.yaml"
+    atomic_write_text(path, "# gptsmith ask --assistant " + str(path) + " \"QUESTION\"\n" +
+                      yaml.safe_dump(profile, sort_keys=False))
+    return path
+
+
 def _user_keys(cfg: ProjectConfig) -> set[str]:
     """Dotted keys the user set in a config file or on the command line."""
     return {f"{name}.{key}" for name in cfg.model_fields_set for key in getattr(cfg, name).model_fields_set}
@@ -44,7 +81,7 @@ def _user_keys(cfg: ProjectConfig) -> set[str]:
 def _quickstart_config(cfg: ProjectConfig, minutes: float, smoke: bool) -> ProjectConfig:
     """Defaults sized for the time budget; any key the user set in a config file or override still wins."""
     if smoke:
-        defaults = {"model.preset": "test", "tokenizer.vocab_size": 512,
+        defaults = {"model.preset": "test", "model.max_seq_len": 512, "tokenizer.vocab_size": 512,
                     "pretrain.max_steps": 30, "pretrain.eval_every": 15, "pretrain.save_every": 30,
                     "pretrain.seq_len": 64, "pretrain.batch_size": 8, "pretrain.warmup_steps": 5,
                     "sft.max_steps": 10, "sft.eval_every": 5, "sft.save_every": 10, "sft.max_seq_len": 128}
@@ -78,24 +115,24 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smoke:
     t0 = time.perf_counter()
     results: dict = {}
 
-    _banner("1/4 data: Python's own documentation -> clean text, tokenizer, token shards")
+    _banner("1/5 data: Python's own documentation -> clean text, tokenizer, token shards")
     inputs = [str(_smoke_corpus(out))] if smoke else ["python-docs"]
     manifest = prepare(inputs, out / "data", cfg)
     results["bytes_per_token"] = manifest.get("bytes_per_token")
 
-    _banner("2/4 pretrain: a small GPT from scratch (next-token prediction)")
+    _banner("2/5 pretrain: a small GPT from scratch (next-token prediction)")
     base = pretrain(out / "data", out / "base", cfg)
     results["base"] = base
     print(f"validation bits-per-byte: {base.get('val_bpb_before', float('nan')):.3f} before training -> "
           f"{base['val_bpb']:.3f} after")
 
-    _banner("3/4 fine-tune: chatterbot-corpus English dialogs, loss on the assistant's turns only")
+    _banner("3/5 fine-tune: chatterbot-corpus English dialogs, loss on the assistant's turns only")
     chat = sft(out / "base", "chatterbot", out / "chat", cfg)
     results["chat"] = chat
     print(f"chat validation bits-per-byte (assistant tokens): {chat.get('val_bpb_before', float('nan')):.3f} "
           f"before fine-tuning -> {chat['val_bpb']:.3f} after")
 
-    _banner("4/4 samples")
+    _banner("4/5 samples")
     params = SamplingParams(max_new_tokens=24 if smoke else 48, temperature=0.7, top_k=40, top_p=0.95,
                             repetition_penalty=1.1, seed=0)
     engine = Engine.load(out / "base", device="cpu")
@@ -106,10 +143,20 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smoke:
     for q, c in zip(SAMPLE_QUESTIONS, engine.generate(prompts, params)):
         print(f"[chat] you: {q}\n       bot: {c.text.strip()}")
 
+    _banner("5/5 assistant: the Python docs indexed for retrieval, answers with numbered sources")
+    from gptsmith.assist.cli import ask
+    assistant = _assistant(out, smoke)
+    print(f"you: {ASSISTANT_QUESTION}\nbot: ", end="", flush=True)
+    reply = ask(assistant, ASSISTANT_QUESTION, device="cpu")
+    results["assistant"] = {"question": ASSISTANT_QUESTION, "answer": reply.answer,
+                            "sources": [h.chunk.citation() for h in reply.sources]}
+
     results["minutes"] = round((time.perf_counter() - t0) / 60, 2)
     _banner(f"done in {results['minutes']} min")
     print("This model is tiny (a few million parameters, minutes of CPU): it babbles Python-doc-like text and "
           "chats in short phrases. The README shows the one-GPU recipe for a real one.\n")
+    print("The assistant's prose is as weak as the model; its sources come from retrieval and are the part to trust.")
     print(f"Chat with it:   gptsmith chat --model {out / 'chat'}")
+    print(f"Ask the docs:   gptsmith ask --assistant {assistant} \"How do I read a file line by line?\"")
     print(f"Serve it:       gptsmith serve --model {out / 'chat'}")
     return results
