@@ -1,0 +1,198 @@
+"""Retrieval evaluation: metrics on hand-worked rankings, questions tied to their chunks (heuristic and from a teacher
+behind a real OpenAI-compatible server), SFT output a conversation reader loads, and the comparison table."""
+
+import json
+import math
+
+import pytest
+
+from gptsmith.errors import InputError
+from gptsmith.rag.evaluate import (
+    QARecord,
+    make_questions,
+    parse_pairs,
+    ranking_metrics,
+    read_questions,
+    write_questions,
+)
+from gptsmith.rag.types import Chunk
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def approx(d: dict) -> dict:
+    return {k: pytest.approx(v, abs=1e-9) for k, v in d.items()}
+
+
+def test_metrics_relevant_first():
+    got = ranking_metrics([(True, 0.9), (False, 0.5), (False, 0.1)], n_relevant=1)
+    assert got == approx({"hit@1": 1, "hit@5": 1, "hit@10": 1, "mrr": 1, "ndcg@10": 1})
+
+
+def test_metrics_relevant_third():
+    got = ranking_metrics([(False, 0.9), (False, 0.5), (True, 0.1)], n_relevant=1)
+    # DCG = 1/log2(3+1) = 0.5, ideal = 1
+    assert got == approx({"hit@1": 0, "hit@5": 1, "hit@10": 1, "mrr": 1 / 3, "ndcg@10": 0.5})
+
+
+def test_metrics_relevant_beyond_cutoffs():
+    ranked = [(False, 1 - i / 100) for i in range(11)] + [(True, 0.5)]  # relevant at rank 12
+    got = ranking_metrics(ranked, n_relevant=1)
+    assert got == approx({"hit@1": 0, "hit@5": 0, "hit@10": 0, "mrr": 1 / 12, "ndcg@10": 0})
+
+
+def test_metrics_none_found_and_empty_list():
+    zero = {"hit@1": 0, "hit@5": 0, "hit@10": 0, "mrr": 0, "ndcg@10": 0}
+    assert ranking_metrics([(False, 0.9), (False, 0.2)], n_relevant=1) == approx(zero)
+    assert ranking_metrics([], n_relevant=1) == approx(zero)
+    assert ranking_metrics([], n_relevant=0) == approx(zero)  # nothing relevant in the index: no division by zero
+
+
+def test_metrics_tie_at_the_top_counts_both_orders():
+    # two hits fused to the same RRF score, the relevant one second in the list: either order is as likely
+    got = ranking_metrics([(False, 1 / 61), (True, 1 / 61), (False, 0.001)], n_relevant=1)
+    assert got["hit@1"] == pytest.approx(0.5)
+    assert got["mrr"] == pytest.approx((1 + 1 / 2) / 2)
+    assert got["ndcg@10"] == pytest.approx(0.5 / math.log2(2) + 0.5 / math.log2(3))
+    # and the listed order inside the tie does not matter
+    assert ranking_metrics([(True, 1 / 61), (False, 1 / 61), (False, 0.001)], n_relevant=1) == approx(got)
+
+
+def test_metrics_tie_group_across_the_cutoff():
+    # ranks 1-4 distinct misses, then a group of 3 tied at ranks 5-7 holding one relevant: in the top 5 w.p. 1/3
+    ranked = [(False, 1.0), (False, 0.9), (False, 0.8), (False, 0.7), (False, 0.5), (True, 0.5), (False, 0.5)]
+    got = ranking_metrics(ranked, n_relevant=1)
+    assert got["hit@5"] == pytest.approx(1 / 3)
+    assert got["hit@1"] == 0 and got["hit@10"] == pytest.approx(1)
+    assert got["mrr"] == pytest.approx((1 / 5 + 1 / 6 + 1 / 7) / 3)
+
+
+def test_metrics_two_relevant_in_a_tie():
+    # 3 tied, 2 relevant: first relevant at offset 0 w.p. 2/3, offset 1 w.p. 1/3
+    got = ranking_metrics([(True, 0.5), (False, 0.5), (True, 0.5)], n_relevant=2)
+    assert got["mrr"] == pytest.approx(2 / 3 + (1 / 3) / 2)
+    assert got["hit@1"] == pytest.approx(2 / 3)
+    dcg = sum((2 / 3) / math.log2(p + 1) for p in (1, 2, 3))
+    assert got["ndcg@10"] == pytest.approx(dcg / (1 + 1 / math.log2(3)))
+
+
+def test_metrics_ideal_dcg_counts_relevant_chunks_not_found():
+    # two chunks of the index are relevant, only one retrieved, first: nDCG < 1
+    got = ranking_metrics([(True, 0.9), (False, 0.1)], n_relevant=2)
+    assert got["ndcg@10"] == pytest.approx(1 / (1 + 1 / math.log2(3)))
+    assert got["mrr"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- heuristic questions
+
+CHUNKS = [
+    ("c1", Chunk("Lists are mutable sequences. Use append to add an item; sort orders the list in place.",
+                 "/docs/guide.md", "Guide > Lists", 3, 5)),
+    ("c2", Chunk("Dictionaries map hashable keys to values. The get method returns a default for a missing key.",
+                 "/docs/guide.md", "Guide > Dictionaries", 7, 9)),
+    ("c3", Chunk("The with statement wraps a block in a context manager; files close themselves on exit.",
+                 "/docs/statements.md", "", 1, 2)),
+    ("c4", Chunk("Generators yield values lazily; a generator expression looks like a list comprehension.",
+                 "/docs/guide.md", "Guide > Generators", 11, 12)),
+]
+
+
+def test_heuristic_questions_are_deterministic_and_tied_to_their_chunk():
+    records, report = make_questions(CHUNKS, per_chunk=1, max_chunks=3, seed=7)
+    again, _ = make_questions(list(reversed(CHUNKS)), per_chunk=1, max_chunks=3, seed=7)  # index order is irrelevant
+    assert [r.question for r in records] == [r.question for r in again]
+    assert report.chunks_in_index == 4 and report.chunks_sampled == 3 and report.records == 3
+    by_id = dict(CHUNKS)
+    for r in records:
+        chunk = by_id[r.chunk_id]
+        assert (r.source, r.heading, r.start, r.end, r.unit) == (chunk.source, chunk.heading, chunk.start,
+                                                                 chunk.end, chunk.unit)
+        assert r.citation == chunk.citation() and r.answer == chunk.text and r.generator == "heuristic"
+    lists = next(r for r in make_questions(CHUNKS, max_chunks=None)[0] if r.chunk_id == "c1")
+    # the innermost heading, then the chunk's most distinctive words, none of the heading's
+    assert lists.question.startswith('What does "Lists" say about ')
+    assert "append" in lists.question and "Lists" not in lists.question.removeprefix('What does "Lists"')
+    nohead = next(r for r in make_questions(CHUNKS, max_chunks=None)[0] if r.chunk_id == "c3")
+    assert nohead.question.startswith("What does statements.md say about ")
+
+
+def test_heuristic_sample_changes_with_the_seed_and_per_chunk_gives_more():
+    picks = {tuple(r.chunk_id for r in make_questions(CHUNKS, max_chunks=2, seed=s)[0]) for s in range(10)}
+    assert len(picks) > 1
+    two, _ = make_questions(CHUNKS, per_chunk=2, max_chunks=None)
+    c1 = [r.question for r in two if r.chunk_id == "c1"]
+    assert len(c1) == 2 and c1[0] != c1[1]
+
+
+def test_chunk_without_words_is_counted_not_a_crash():
+    chunks = CHUNKS + [("empty", Chunk("42 == 42 ;; ->", "/docs/x.md", "", 1, 1))]
+    records, report = make_questions(chunks, max_chunks=None)
+    assert "empty" not in {r.chunk_id for r in records}
+    assert sum(report.skipped.values()) == 1
+    with pytest.raises(InputError, match="--per-chunk"):
+        make_questions(CHUNKS, per_chunk=0)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def test_qa_file_round_trips_and_sft_loads_as_conversations(tmp_path):
+    from gptsmith.data.chat_formats import load_conversations
+
+    records, _ = make_questions(CHUNKS, max_chunks=None)
+    write_questions(records, tmp_path / "q.jsonl")
+    assert read_questions(tmp_path / "q.jsonl") == records
+    write_questions(records, tmp_path / "sft.jsonl", fmt="sft")
+    loaded = load_conversations(tmp_path / "sft.jsonl")
+    assert loaded.format == "messages" and loaded.skipped == 0 and len(loaded.conversations) == len(records)
+    first = loaded.conversations[0]
+    assert [m["role"] for m in first] == ["user", "assistant"]
+    assert first[0]["content"] == records[0].question
+    assert records[0].answer in first[1]["content"] and records[0].citation in first[1]["content"]
+    with pytest.raises(InputError, match="--format qa"):  # an SFT file given to eval says what to pass instead
+        read_questions(tmp_path / "sft.jsonl")
+
+
+def test_bad_question_file_names_line_and_field(tmp_path):
+    good = json.dumps({"question": "q?", "chunk_id": "c1", "source": "/a.md", "start": 1, "end": 2})
+    path = tmp_path / "q.jsonl"
+    path.write_text(good + "\n" + json.dumps({"question": "q?", "source": "/a.md", "start": 1, "end": 2}) + "\n")
+    with pytest.raises(InputError, match=r"q.jsonl:2: field 'chunk_id'"):
+        read_questions(path)
+    path.write_text(good + "\n{not json\n")
+    with pytest.raises(InputError, match=r"q.jsonl:2: not valid JSON"):
+        read_questions(path)
+    path.write_text("\n")
+    with pytest.raises(InputError, match="no question records"):
+        read_questions(path)
+    with pytest.raises(InputError, match="no such file"):
+        read_questions(tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------- teacher replies
+
+
+@pytest.mark.parametrize("reply, pairs", [
+    ('{"pairs": [{"question": "What is a list?", "answer": "A mutable sequence."}]}',
+     [("What is a list?", "A mutable sequence.")]),
+    ('Sure! ```json\n[{"Question": "Q1?", "Answer": "A1"}, {"q": "Q2?", "a": "A2"}]\n``` Hope it helps.',
+     [("Q1?", "A1"), ("Q2?", "A2")]),
+    ('<think>{"question": "draft?", "answer": "no"}</think>{"question": "Final?", "answer": "yes"}',
+     [("Final?", "yes")]),
+    ('{"question": "Broken?", "answer": "x" {"question": "Later?", "answer": "ok"}', [("Later?", "ok")]),
+])
+def test_parse_pairs_finds_json_anywhere(reply, pairs):
+    assert parse_pairs(reply) == pairs
+
+
+@pytest.mark.parametrize("reply", ["", "no json here", '{"question": "", "answer": "x"}', '{"question": "q"}',
+                                   "[1, 2, 3]", '{"pairs": []}'])
+def test_parse_pairs_rejects_replies_without_a_pair(reply):
+    with pytest.raises(ValueError, match="no JSON"):
+        parse_pairs(reply)
+
+
+def test_record_sft_keeps_the_chunk():
+    chunk = Chunk("text", "/a.md", "A", 1, 3)
+    rec = QARecord.of("Q?", "A.", "cid", chunk, "heuristic").sft()
+    assert rec["source"] == {"chunk_id": "cid", "citation": "/a.md:1-3 (A)", "generator": "heuristic"}
