@@ -196,3 +196,77 @@ def test_record_sft_keeps_the_chunk():
     chunk = Chunk("text", "/a.md", "A", 1, 3)
     rec = QARecord.of("Q?", "A.", "cid", chunk, "heuristic").sft()
     assert rec["source"] == {"chunk_id": "cid", "citation": "/a.md:1-3 (A)", "generator": "heuristic"}
+
+
+# ---------------------------------------------------------------------------------------------- teachers over HTTP
+
+
+def _store(tmp_path) -> dict:
+    return {"serve.db": f"sqlite:///{tmp_path / 'store.db'}", "serve.rate_limit_per_minute": 0}
+
+
+def test_teacher_json_replies_from_a_real_server_become_records(tmp_path):
+    """A real gptsmith server whose backend answers with a JSON pair: every sampled chunk gets a record tied to it,
+    the same pair parsed out of the HTTP reply."""
+    from serve_helpers import ScriptedBackend, running
+
+    from gptsmith.config import load_config
+    from gptsmith.rag.evaluate import HTTPTeacher
+    from gptsmith.serve.app import create_app
+
+    backend = ScriptedBackend(pieces=['Here you are: {"pairs": [{"question": "How do I add an item to a list?", ',
+                                      '"answer": "Call append."}]}'])
+    backend.release()  # every answer ends after its pieces
+    with running(create_app(load_config(None, _store(tmp_path)), backend=backend)) as url:
+        teacher = HTTPTeacher(url + "/v1", max_tokens=64)
+        records, report = make_questions(CHUNKS, teacher=teacher, max_chunks=3, seed=1)
+        teacher.close()
+    assert report.records == 3 and not report.skipped and report.generator == f"teacher:{url}/v1"
+    sampled = {r.chunk_id for r in make_questions(CHUNKS, max_chunks=3, seed=1)[0]}
+    assert {r.chunk_id for r in records} == sampled  # the same deterministic sample as the heuristic's
+    assert {(r.question, r.answer) for r in records} == {("How do I add an item to a list?", "Call append.")}
+    assert all(r.citation == dict(CHUNKS)[r.chunk_id].citation() for r in records)
+
+
+def test_teacher_garbage_from_a_tiny_model_server_is_skipped_and_counted(tmp_path, tokenizer_dir):
+    """A real gptsmith server over a random tiny model: its replies are no JSON, so no record, each chunk counted."""
+    from serve_helpers import long_context_model, running
+
+    from gptsmith.config import load_config
+    from gptsmith.rag.evaluate import HTTPTeacher
+    from gptsmith.serve.app import create_app
+
+    model = long_context_model(tmp_path / "model", tokenizer_dir, max_seq_len=1024)
+    with running(create_app(load_config(None, _store(tmp_path)), model)) as url:
+        teacher = HTTPTeacher(url, max_tokens=24)  # the bare server URL: /v1 is added, the model found on /models
+        records, report = make_questions(CHUNKS, teacher=teacher, max_chunks=None)
+        teacher.close()
+    assert teacher.model == "model"
+    assert records == [] and report.records == 0
+    assert report.skipped == {"reply was not JSON with a question and an answer": len(CHUNKS)}
+
+
+def test_teacher_that_cannot_be_reached_is_a_clear_error():
+    from serve_helpers import free_port
+
+    from gptsmith.rag.evaluate import load_teacher
+
+    with pytest.raises(InputError, match="cannot reach it"):
+        load_teacher(f"http://127.0.0.1:{free_port()}/v1")
+    with pytest.raises(InputError, match="neither an http"):
+        load_teacher("/no/such/model")
+
+
+def test_local_model_teacher_skips_what_it_cannot_parse(tmp_path, tokenizer_dir):
+    from serve_helpers import long_context_model
+
+    from gptsmith.rag.evaluate import LocalTeacher
+
+    model = long_context_model(tmp_path / "model", tokenizer_dir, max_seq_len=512)
+    long = ("c9", Chunk("word " * 600, "/docs/long.md", "Long", 1, 40))  # longer than the model's context
+    records, report = make_questions(CHUNKS[:2] + [long], teacher=LocalTeacher(model, max_tokens=16),
+                                     max_chunks=None)
+    assert records == [] and report.records == 0
+    assert report.skipped["reply was not JSON with a question and an answer"] == 2
+    refused = [reason for reason in report.skipped if reason.startswith("teacher refused")]
+    assert len(refused) == 1 and report.skipped[refused[0]] == 1

@@ -282,9 +282,9 @@ class HTTPTeacher:
         return response
 
     def _first_model(self) -> str:
+        response = self._request("GET", "/models")
         try:
-            models = self._request("GET", "/models").json()["data"]
-            return models[0]["id"]
+            return response.json()["data"][0]["id"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise InputError(f"teacher {self.base}: /models lists no model; name one as --teacher URL#MODEL") from None
 
