@@ -270,3 +270,69 @@ def test_local_model_teacher_skips_what_it_cannot_parse(tmp_path, tokenizer_dir)
     assert report.skipped["reply was not JSON with a question and an answer"] == 2
     refused = [reason for reason in report.skipped if reason.startswith("teacher refused")]
     assert len(refused) == 1 and report.skipped[refused[0]] == 1
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+class CannedRetriever:
+    """Answers each (mode, rerank) with fixed rankings of chunk ids: checks the averaging, not a search engine."""
+
+    def __init__(self, rankings: dict[tuple[str, bool], dict[str, list[str]]]):
+        self.rankings, self.calls = rankings, []
+
+    def search(self, query, top_k=5, mode="hybrid", rerank=False, **_):
+        from gptsmith.rag.types import Hit
+
+        self.calls.append((query, top_k, mode, rerank))
+        ids = self.rankings[(mode, rerank)].get(query, [])[:top_k]
+        by_id = dict(CHUNKS)
+        return [Hit(by_id[i], 1 / (r + 1), r + 1, {}, i) for r, i in enumerate(ids)]
+
+
+def test_evaluate_averages_each_setting_over_the_questions():
+    from gptsmith.rag.evaluate import evaluate
+
+    questions = [QARecord.of("q1", "", "c1", dict(CHUNKS)["c1"], "heuristic"),
+                 QARecord.of("q2", "", "c2", dict(CHUNKS)["c2"], "heuristic")]
+    rankings = {("bm25", False): {"q1": ["c1", "c2"], "q2": ["c1", "c3"]},  # 1st, then not found
+                ("vector", False): {"q1": ["c2", "c1"], "q2": ["c2"]},  # 2nd, 1st
+                ("hybrid", False): {"q1": ["c1"], "q2": ["c2"]},
+                ("hybrid", True): {"q1": ["c3", "c4", "c2", "c1"], "q2": []}}  # 4th, none
+    retriever = CannedRetriever(rankings)
+    report = evaluate(retriever, questions, dict(CHUNKS), top_k=3, has_reranker=True)
+    rows = {m.name: m.metrics for m in report.modes}
+    assert list(rows) == ["bm25", "vector", "hybrid", "hybrid+rerank"]
+    assert rows["bm25"]["hit@1"] == 0.5 and rows["bm25"]["mrr"] == 0.5
+    assert rows["vector"]["hit@1"] == 0.5 and rows["vector"]["mrr"] == pytest.approx(0.75)
+    assert rows["hybrid"] == {"hit@1": 1, "hit@5": 1, "hit@10": 1, "mrr": 1, "ndcg@10": 1}
+    assert rows["hybrid+rerank"]["hit@10"] == 0  # top_k 3 cut the 4th-ranked chunk
+    assert report.best().name == "hybrid" and report.stale == 0
+    assert {c[1] for c in retriever.calls} == {3}
+    # without a reranker there is no rerank row, and a question whose chunk left the index is stale
+    gone = questions + [QARecord.of("q3", "", "old", dict(CHUNKS)["c1"], "heuristic")]
+    report = evaluate(CannedRetriever(rankings), gone, dict(CHUNKS), top_k=3)
+    assert [m.name for m in report.modes] == ["bm25", "vector", "hybrid"] and report.stale == 1
+
+
+def test_overlap_match_counts_neighbouring_chunks_of_the_same_source():
+    from gptsmith.rag.evaluate import evaluate
+
+    chunks = dict(CHUNKS) | {"c1b": Chunk("more about lists", "/docs/guide.md", "Guide > Lists", 5, 6)}
+    q = QARecord.of("q1", "", "c1", chunks["c1"], "heuristic")  # lines 3-5: c1b (5-6) overlaps, c2 (7-9) does not
+    rankings = {(m, False): {"q1": ["c1b", "c2"]} for m in ("bm25", "vector", "hybrid")}
+
+    class Retriever(CannedRetriever):
+        def search(self, query, top_k=5, mode="hybrid", rerank=False, **_):
+            from gptsmith.rag.types import Hit
+
+            ids = self.rankings[(mode, rerank)][query]
+            return [Hit(chunks[i], 1 / (r + 1), r + 1, {}, i) for r, i in enumerate(ids)]
+
+    by_chunk = evaluate(Retriever(rankings), [q], chunks, match="chunk")
+    by_overlap = evaluate(Retriever(rankings), [q], chunks, match="overlap")
+    assert by_chunk.modes[0].metrics["mrr"] == 0
+    assert by_overlap.modes[0].metrics["mrr"] == 1
+    assert by_overlap.modes[0].metrics["ndcg@10"] == pytest.approx(1 / (1 + 1 / math.log2(3)))  # 2 relevant, 1 found
+    with pytest.raises(InputError, match="unknown match"):
+        evaluate(Retriever(rankings), [q], chunks, match="fuzzy")

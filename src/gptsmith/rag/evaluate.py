@@ -585,3 +585,79 @@ def render_report(report: EvalReport, console=None) -> None:
     if report.generators == ["heuristic"]:
         console.print("Questions from the heuristic share words with their passage, which favours bm25; questions "
                       "from a teacher (--teacher) are the fairer test.")
+
+
+# ---------------------------------------------------------------------------------------------- the commands
+
+
+def index_chunks(index_dir: str | os.PathLike) -> dict[str, Chunk]:
+    """id -> Chunk of every chunk in an index built by `gptsmith rag index`."""
+    from gptsmith.rag.index import open_table
+
+    table = open_table(index_dir)
+    if table.count_rows() == 0:
+        return {}
+    cols = ["id", "text", "source", "heading", "start", "end", "unit", "n_tokens"]
+    rows = table.search().select(cols).limit(None).to_arrow().to_pylist()
+    return {r["id"]: Chunk(r["text"], r["source"], r["heading"], r["start"], r["end"], r["unit"], r["n_tokens"])
+            for r in rows}
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    transient=True)
+
+
+def run_questions(index_dir: str | os.PathLike, out: str | os.PathLike, teacher: str | None = None,
+                  per_chunk: int = 1, max_chunks: int | None = 200, fmt: str = "qa", seed: int = 0,
+                  max_tokens: int = 384) -> QuestionsReport:
+    """`gptsmith rag questions`: write question records (or SFT conversations) for a sample of the index's chunks."""
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    chunks = list(index_chunks(index_dir).items())
+    if not chunks:
+        raise InputError(f"the index {index_dir} holds no chunks; add documents with `gptsmith rag index DOCS... "
+                         f"--index {index_dir}`")
+    model = load_teacher(teacher, max_tokens=max_tokens) if teacher else None
+    try:
+        with _progress() as bar:
+            task = bar.add_task("questions", total=min(len(chunks), max_chunks or len(chunks)))
+            records, report = make_questions(chunks, model, per_chunk, max_chunks, seed,
+                                             on_progress=lambda n: bar.advance(task, n))
+    finally:
+        if model is not None:
+            model.close()
+    if not records:
+        reasons = "; ".join(f"{n} {why}" for why, n in report.skipped.items())
+        raise InputError(f"no question could be made from {report.chunks_sampled} chunks ({reasons}); "
+                         "try another --teacher, or none for the heuristic questions")
+    write_questions(records, out, fmt)
+    print(f"wrote {report.records} {'questions' if fmt == 'qa' else 'SFT conversations'} to {out} from "
+          f"{report.chunks_sampled} of {report.chunks_in_index} chunks ({report.generator}, "
+          f"{report.seconds:.1f} s)")
+    for why, n in report.skipped.items():
+        print(f"  skipped {n} chunk(s): {why}")
+    return report
+
+
+def run_eval(index_dir: str | os.PathLike, questions_path: str | os.PathLike, rerank: str | None = None,
+             top_k: int = 10, match: str = "chunk", json_out: str | os.PathLike | None = None) -> EvalReport:
+    """`gptsmith rag eval`: the comparison table of every retrieval setting on a questions file."""
+    from gptsmith.files import atomic_write_json
+    from gptsmith.rag.retrieve import Retriever
+
+    questions = read_questions(questions_path)
+    chunks = index_chunks(index_dir)
+    retriever = Retriever.open(index_dir, rerank=rerank)
+    with _progress() as bar:
+        modes = len(eval_modes(rerank is not None))
+        task = bar.add_task("retrieving", total=modes * len(questions))
+        report = evaluate(retriever, questions, chunks, top_k, match, has_reranker=rerank is not None,
+                          on_progress=lambda n: bar.advance(task, n))
+    render_report(report)
+    if json_out:
+        atomic_write_json(json_out, {"index": str(index_dir), "questions_file": str(questions_path),
+                                     "rerank": rerank, **report.to_json()})
+    return report
