@@ -336,3 +336,101 @@ def test_overlap_match_counts_neighbouring_chunks_of_the_same_source():
     assert by_overlap.modes[0].metrics["ndcg@10"] == pytest.approx(1 / (1 + 1 / math.log2(3)))  # 2 relevant, 1 found
     with pytest.raises(InputError, match="unknown match"):
         evaluate(Retriever(rankings), [q], chunks, match="fuzzy")
+
+
+# ---------------------------------------------------------------------------------------------- the commands
+
+
+DOCS = {
+    "lists.md": "# Lists\n\nLists are mutable sequences. Use append to add an item and sort to order them in place.\n"
+                "\n## Slicing\n\nA slice such as items[1:3] copies part of a list into a new list.\n",
+    "dicts.md": "# Dictionaries\n\nDictionaries map hashable keys to values. The get method returns a default "
+                "when a key is missing.\n\n## Views\n\nkeys, values and items return dynamic views of the mapping.\n",
+    "files.txt": "Reading files\n\nThe open function returns a file object; the with statement closes it on exit.\n"
+                 "\nBinary mode reads bytes instead of text, for images and archives.\n",
+    "loops.rst": "Loops\n=====\n\nA for loop walks over any iterable; break leaves it early and continue skips "
+                 "to the next element.\n\nWhile loops\n-----------\n\nA while loop repeats as long as its "
+                 "condition holds.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory):
+    from gptsmith.config import RagConfig
+    from gptsmith.rag.index import build_index
+
+    root = tmp_path_factory.mktemp("rag")
+    for name, text in DOCS.items():
+        (root / "docs" / name).parent.mkdir(exist_ok=True)
+        (root / "docs" / name).write_text(text)
+    build_index([str(root / "docs")], root / "index", RagConfig(chunk_tokens=32, chunk_overlap=0), progress=False)
+    return root / "index"
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_dir(tmp_path_factory):
+    """A 2-layer, 32-wide BERT cross-encoder with random weights (MiniLM's tokenizer), saved like a real one."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from gptsmith.rag.embed import default_model_dir
+
+    out = tmp_path_factory.mktemp("ce") / "cross-encoder"
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_questions_command_writes_records_tied_to_index_chunks(tiny_index, tmp_path, capsys):
+    from gptsmith.cli import main
+    from gptsmith.rag.evaluate import index_chunks
+
+    out = tmp_path / "q.jsonl"
+    assert main(["rag", "questions", "--index", str(tiny_index), "--out", str(out), "--seed", "3"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    records = read_questions(out)
+    chunks = index_chunks(tiny_index)
+    assert len(records) == len(chunks)  # fewer chunks than --max-chunks: every one, one question each
+    for r in records:
+        assert r.chunk_id in chunks and r.citation == chunks[r.chunk_id].citation()
+    sft = tmp_path / "sft.jsonl"
+    assert main(["rag", "questions", "--index", str(tiny_index), "--out", str(sft), "--seed", "3",
+                 "--format", "sft", "--max-chunks", "2"]) == 0
+    from gptsmith.data.chat_formats import load_conversations
+
+    assert len(load_conversations(sft).conversations) == 2
+
+
+def test_eval_command_table_has_every_setting(tiny_index, cross_encoder_dir, tmp_path, capsys):
+    from gptsmith.cli import main
+
+    q = tmp_path / "q.jsonl"
+    main(["rag", "questions", "--index", str(tiny_index), "--out", str(q)])
+    capsys.readouterr()
+    report = tmp_path / "eval.json"
+    assert main(["rag", "eval", "--index", str(tiny_index), "--questions", str(q), "--json", str(report)]) == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in ("bm25", "vector", "hybrid", "MRR", "ndcg@10", "p50 ms"))
+    assert "hybrid+rerank" not in table
+    got = json.loads(report.read_text())
+    assert list(got["modes"]) == ["bm25", "vector", "hybrid"] and got["questions"] == len(read_questions(q))
+    assert got["modes"]["bm25"]["hit@10"] > 0.5  # heuristic questions share words with their passage
+    assert main(["rag", "eval", "--index", str(tiny_index), "--questions", str(q), "--rerank",
+                 str(cross_encoder_dir), "--json", str(report), "--top-k", "5"]) == 0
+    assert "hybrid+rerank" in capsys.readouterr().out
+    got = json.loads(report.read_text())
+    assert list(got["modes"]) == ["bm25", "vector", "hybrid", "hybrid+rerank"] and got["top_k"] == 5
+
+
+def test_eval_command_bad_inputs_are_clear_errors(tiny_index, tmp_path, capsys):
+    from gptsmith.cli import main
+
+    assert main(["rag", "eval", "--index", str(tiny_index), "--questions", str(tmp_path / "none.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["rag", "questions", "--index", str(tmp_path / "noindex"), "--out", str(tmp_path / "q.jsonl")]) == 2
+    assert "no gptsmith index" in capsys.readouterr().err
+    assert main(["rag", "questions", "--index", str(tiny_index), "--out", str(tmp_path / "q.jsonl"),
+                 "--per-chunk", "0"]) == 2
+    assert "--per-chunk" in capsys.readouterr().err

@@ -592,8 +592,11 @@ def render_report(report: EvalReport, console=None) -> None:
 
 def index_chunks(index_dir: str | os.PathLike) -> dict[str, Chunk]:
     """id -> Chunk of every chunk in an index built by `gptsmith rag index`."""
-    from gptsmith.rag.index import open_table
+    from gptsmith.rag.index import open_table, read_manifest
 
+    if read_manifest(index_dir) is None:  # checked first: opening the table of a folder that is none creates it
+        raise InputError(f"{index_dir} holds no gptsmith index; build one with `gptsmith rag index DOCS... "
+                         f"--index {index_dir}`")
     table = open_table(index_dir)
     if table.count_rows() == 0:
         return {}
@@ -643,14 +646,16 @@ def run_questions(index_dir: str | os.PathLike, out: str | os.PathLike, teacher:
 
 
 def run_eval(index_dir: str | os.PathLike, questions_path: str | os.PathLike, rerank: str | None = None,
-             top_k: int = 10, match: str = "chunk", json_out: str | os.PathLike | None = None) -> EvalReport:
-    """`gptsmith rag eval`: the comparison table of every retrieval setting on a questions file."""
+             top_k: int = 10, match: str = "chunk", json_out: str | os.PathLike | None = None,
+             cfg=None) -> EvalReport:
+    """`gptsmith rag eval`: the comparison table of every retrieval setting on a questions file. `cfg`: the
+    RagConfig whose rrf_k and candidates the retriever uses (as serving would)."""
     from gptsmith.files import atomic_write_json
     from gptsmith.rag.retrieve import Retriever
 
     questions = read_questions(questions_path)
     chunks = index_chunks(index_dir)
-    retriever = Retriever.open(index_dir, rerank=rerank)
+    retriever = Retriever.open(index_dir, rerank=rerank, cfg=cfg)
     with _progress() as bar:
         modes = len(eval_modes(rerank is not None))
         task = bar.add_task("retrieving", total=modes * len(questions))
