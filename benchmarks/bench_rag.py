@@ -15,7 +15,7 @@
    include embedding the query. Baseline in the same run: brute-force numpy (one float32 matrix product and
    argpartition over the same vectors) plus the same query embedding.
 
-    python benchmarks/bench_rag.py                       # all of it, about 5-8 minutes on 2 cores
+    python benchmarks/bench_rag.py                       # 100 documents, 10k and 100k chunks: ~6-9 min on 2 cores
     python benchmarks/bench_rag.py --quick               # 60 documents, 2k/5k chunks: a check that it runs
 """
 
@@ -52,14 +52,16 @@ def pct(values: list[float], p: float) -> float:
 
 
 def write_docs(out: Path, limit: int | None) -> list[Path]:
-    """The quickstart corpus as files: topics (reST-like titles) as .rst, module docstrings (markdown) as .md."""
+    """The quickstart corpus as files: topics (reST-like titles) as .rst, module docstrings (markdown) as .md;
+    `limit` documents evenly spread over it."""
     from gptsmith.data.embedded import python_docs
 
     out.mkdir(parents=True, exist_ok=True)
+    docs = list(python_docs())
+    if limit is not None and limit < len(docs):  # spread over the corpus: topics and modules alike
+        docs = [docs[i * len(docs) // limit] for i in range(limit)]
     paths = []
-    for i, text in enumerate(python_docs()):
-        if limit is not None and i >= limit:
-            break
+    for i, text in enumerate(docs):
         path = out / f"doc{i:04d}{'.md' if text.startswith('# ') else '.rst'}"
         path.write_text(text, encoding="utf-8")
         paths.append(path)
@@ -175,7 +177,7 @@ def bench_latency(index_dir: Path, vectors: np.ndarray, embedder, queries: list[
         times = time_queries(lambda q, mode=mode: retriever.search(q, top_k=10, mode=mode, rerank=False), queries)
         out[mode] = {"p50_ms": pct(times, 50), "p95_ms": pct(times, 95)}
     if rerank:
-        times = time_queries(lambda q: retriever.search(q, top_k=10, mode="hybrid", rerank=True), queries[:50])
+        times = time_queries(lambda q: retriever.search(q, top_k=10, mode="hybrid", rerank=True), queries[:20])
         out["hybrid+rerank"] = {"p50_ms": pct(times, 50), "p95_ms": pct(times, 95), "queries": len(times)}
     embed_times = time_queries(lambda q: embedder.embed([q]), queries)
     out["query_embedding"] = {"p50_ms": pct(embed_times, 50), "p95_ms": pct(embed_times, 95)}
@@ -207,13 +209,16 @@ def untrained_cross_encoder(out: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--docs", type=int, default=None, help="index only the first N documents (default: all 522)")
+    ap.add_argument("--docs", type=int, default=100, help="documents indexed, spread over the 522 (0 = all)")
+    ap.add_argument("--query-threads", type=int, default=1, help="torch threads while querying (indexing uses "
+                    "all cores): one short query gains nothing from more, and on a busy machine loses much")
     ap.add_argument("--questions", type=int, default=300, help="heuristic questions for the quality table")
     ap.add_argument("--queries", type=int, default=200, help="queries timed per mode and size")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="chunks in the latency tables")
     ap.add_argument("--rerank", default=None, help="a trained cross-encoder dir: adds the hybrid+rerank quality row")
     ap.add_argument("--rerank-latency", action="store_true",
-                    help="time hybrid+rerank with an untrained MiniLM-L6 cross-encoder (latency only)")
+                    help="time hybrid+rerank (20 queries, first size) with an untrained MiniLM-L6 cross-encoder: "
+                         "latency only")
     ap.add_argument("--quick", action="store_true", help="60 documents, 2k and 5k chunks, 50 queries")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     args = ap.parse_args()
@@ -224,7 +229,9 @@ def main() -> None:
 
     from gptsmith.rag.embed import load_embedder
 
-    results: dict = {"machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+    args.docs = args.docs or None
+    results: dict = {"machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()} indexing, "
+                                f"{args.query_threads} querying; load average {os.getloadavg()[0]:.1f} at start",
                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     with tempfile.TemporaryDirectory(prefix="bench-rag-") as tmp:
         tmp = Path(tmp)
@@ -240,20 +247,22 @@ def main() -> None:
                                              / results["embed_only"]["chunks_per_s"])
         print(json.dumps(results["embed_only"]), flush=True)
 
+        torch.set_num_threads(args.query_threads)
         results["quality"], questions = bench_quality(tmp / "index", embedder, args.questions, args.rerank)
         print(json.dumps(results["quality"]), flush=True)
 
         rerank = args.rerank or (untrained_cross_encoder(tmp / "ce") if args.rerank_latency else None)
         queries = [q.question for q in questions][:args.queries]
         results["latency"] = {}
-        for n in args.sizes:
+        for k, n in enumerate(args.sizes):
             vectors, write_s = synthetic_index(base, n, tmp / f"syn{n}", embedder)
-            row = bench_latency(tmp / f"syn{n}", vectors, embedder, queries, rerank)
+            row = bench_latency(tmp / f"syn{n}", vectors, embedder, queries, rerank if k == 0 else None)
             row["write_and_fts_index_s"] = write_s
             results["latency"][n] = row
             print(n, json.dumps(row), flush=True)
             del vectors
     results["peak_rss_mb"] = peak_rss_mb()
+    results["load_average_end"] = os.getloadavg()[0]
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -283,7 +292,8 @@ def print_tables(r: dict) -> None:
         print(f"| {int(n):,} | {cell('bm25')} | {cell('vector')} | {cell('hybrid')} | {cell('hybrid+rerank')} | "
               f"{row['query_embedding']['p50_ms']:.1f} | {row['numpy_brute_force']['p50_ms']:.1f} | "
               f"{row['vector_vs_numpy_p50']:.2f}x |")
-    print(f"\npeak RSS of the whole run: {r['peak_rss_mb']:.0f} MB")
+    print(f"\npeak RSS of the whole run: {r['peak_rss_mb']:.0f} MB; load average at the end "
+          f"{r['load_average_end']:.1f}")
 
 
 if __name__ == "__main__":
