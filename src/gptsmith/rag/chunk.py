@@ -15,11 +15,12 @@
   first and last lines of the text it holds.
 
 Tokens: pass `count_tokens` (str -> int) to count with the embedder's tokenizer (count without special tokens:
-the packer adds up the counts of lines and sentences, so a fixed cost per call would be counted many times). The default, `approx_tokens`,
-is a fast estimate made for WordPiece/BPE tokenizers on English text: each punctuation character is one token
-and each run of letters/digits is one token plus one per further 8 characters (long words split into several
-pieces). It usually lands within ~20% of all-MiniLM-L6-v2's count and tends to over-count, so a 256-token
-chunk stays within that model's 256-token window.
+the packer adds up the counts of lines and sentences, so a fixed cost per call would be counted many times).
+The default, `approx_tokens`, is a fast estimate made for subword (WordPiece/BPE) tokenizers: a run of letters is
+one token plus one per further 5 letters (long or rare words split into pieces), digits go in pairs, every other
+non-space character (punctuation, `_`) is one token, and CJK characters one each. Measured against
+all-MiniLM-L6-v2's tokenizer on Python's documentation, stdlib docstrings and Markdown, the real count is 0.8-1.0
+times the estimate for 80% of chunks (at most 1.2x), so a 256-token chunk rarely overflows that model's window.
 """
 
 from __future__ import annotations
@@ -32,14 +33,24 @@ from pathlib import Path
 from gptsmith.rag.extract import Block, Document, extract
 from gptsmith.rag.types import Chunk
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-_SENTENCE_END = re.compile(r"(?<=[.!?]\s)")  # split after ". " keeping the space with the sentence
+_TOKEN = re.compile(r"[^\W\d_]+|\d+|\S")  # a run of letters, a run of digits, or any other visible character
+_SENTENCE_END = re.compile(r"(?<=[.!?]\s)|(?<=[。！？])")  # after ". " (the space stays with the sentence) or "。"
 _WORD_END = re.compile(r"(?<=\s)(?=\S)")
 
 
 def approx_tokens(text: str) -> int:
-    """Estimate of a subword tokenizer's count: 1 per punctuation mark, 1 + (len-1)//8 per word."""
-    return sum(1 + (len(t) - 1) // 8 if t[0].isalnum() or t[0] == "_" else 1 for t in _TOKEN.findall(text))
+    """Estimate of a subword tokenizer's count (see the module docstring for how good it is)."""
+    return sum(_approx_one(token) for token in _TOKEN.findall(text))
+
+
+def _approx_one(token: str) -> int:
+    if token[0].isdigit():
+        return (len(token) + 1) // 2
+    if len(token) == 1:
+        return 1
+    if ord(token[0]) >= 0x2E80:  # CJK and beyond: tokenizers give about one token per character
+        return len(token)
+    return 1 + (len(token) - 1) // 5
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,7 @@ def chunk_document(doc: Document, max_tokens: int = 256, overlap_tokens: int = 3
     packer.close(carry=False)
     chunks = []
     for heading, pieces in packer.groups:
-        for part in _fit(pieces, count, max_tokens):
+        for part in _fit(_trim_blank(pieces), count, max_tokens) if _trim_blank(pieces) else []:
             text = _text(part)
             chunks.append(Chunk(text=text, source=doc.source, heading=" > ".join(heading), start=part[0].line,
                                 end=part[-1].line, unit=doc.unit, n_tokens=count(text)))
@@ -103,15 +114,28 @@ def _split_line(text: str, count: Callable[[str], int], max_tokens: int) -> list
 
 
 def _word_runs(text: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
-    """Greedy runs of whole words under the budget (a single word longer than the budget stays whole)."""
+    """Greedy runs of whole words under the budget; a word longer than the budget (a URL, a line of CJK text
+    without spaces) is cut between characters."""
     runs, run, used = [], "", 0
     for word in _WORD_END.split(text):
-        n = count(word)
-        if run and used + n > max_tokens:
-            runs.append(run)
-            run, used = "", 0
-        run, used = run + word, used + n
+        for part in _cut_word(word, count, max_tokens):
+            n = count(part)
+            if run and used + n > max_tokens:
+                runs.append(run)
+                run, used = "", 0
+            run, used = run + part, used + n
     return runs + [run] if run else runs
+
+
+def _cut_word(word: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
+    parts = []
+    while count(word) > max_tokens and len(word) > 1:
+        size = max(1, len(word) * max_tokens // count(word))
+        while size > 1 and count(word[:size]) > max_tokens:
+            size = size * 3 // 4
+        parts.append(word[:size])
+        word = word[size:]
+    return parts + [word]
 
 
 class _Packer:
@@ -122,11 +146,8 @@ class _Packer:
         self.groups: list[tuple[tuple[str, ...], list[_Piece]]] = []
         self.pieces: list[_Piece] = []
         self.fresh = 0  # pieces added since the carried-over overlap: a chunk of overlap alone is not kept
+        self.used = 0  # tokens in self.pieces
         self.heading: tuple[str, ...] = ()
-
-    @property
-    def used(self) -> int:
-        return sum(p.tokens for p in self.pieces)
 
     def add_block(self, block: Block, pieces: list[_Piece]) -> None:
         if self._starts_new_section(block):
@@ -154,13 +175,14 @@ class _Packer:
     def _add(self, pieces: list[_Piece]) -> None:
         self.pieces += pieces
         self.fresh += len(pieces)
+        self.used += sum(p.tokens for p in pieces)
 
     def close(self, carry: bool, room: int = 0) -> None:
         """Finish the current chunk; with `carry`, start the next with its tail (within the overlap and `room`)."""
         if self.fresh:
             self.groups.append((self.heading, self.pieces))
         tail = self._tail(min(self.overlap_tokens, room)) if carry and self.fresh else []
-        self.pieces, self.fresh = tail, 0
+        self.pieces, self.fresh, self.used = tail, 0, sum(p.tokens for p in tail)
 
     def _tail(self, budget: int) -> list[_Piece]:
         tail, used = [], 0
@@ -170,6 +192,12 @@ class _Packer:
             tail.insert(0, piece)
             used += piece.tokens
         return tail
+
+
+def _trim_blank(pieces: list[_Piece]) -> list[_Piece]:
+    """Drop blank lines (kept inside code blocks) at the chunk's ends, so start and end are lines with text."""
+    filled = [i for i, p in enumerate(pieces) if p.text.strip()]
+    return pieces[filled[0]: filled[-1] + 1] if filled else []
 
 
 def _fit(pieces: list[_Piece], count: Callable[[str], int], max_tokens: int) -> list[list[_Piece]]:

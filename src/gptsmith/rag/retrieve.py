@@ -13,6 +13,7 @@ score (rerank, RRF, BM25 or cosine: the last stage's) is below it. Hit.scores ke
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ from gptsmith.rag.types import Chunk, Hit
 
 MODES = ("hybrid", "bm25", "vector")
 COLUMNS = ["id", "source", "heading", "start", "end", "unit", "n_tokens", "text"]
+QUERY_CACHE = 256  # query vectors kept: comparing modes, or a chat repeating a question, embeds it once
 
 
 def glob_to_like(pattern: str) -> str:
@@ -79,6 +81,7 @@ class Retriever:
         self.cfg = cfg or RagConfig()
         self.rerank_model = rerank
         self._cross_encoder = None
+        self._query_vectors: OrderedDict[str, object] = OrderedDict()
 
     @classmethod
     def open(cls, index_dir: str | Path, rerank: str | None = None, *, embedder: Embedder | None = None,
@@ -104,6 +107,15 @@ class Retriever:
 
     # ------------------------------------------------------------------------------------------ retrievers
 
+    def query_vector(self, query: str):
+        vec = self._query_vectors.pop(query, None)
+        if vec is None:
+            vec = self.embedder.embed([query])[0]
+        self._query_vectors[query] = vec
+        if len(self._query_vectors) > QUERY_CACHE:
+            self._query_vectors.popitem(last=False)
+        return vec
+
     def _bm25(self, query: str, n: int, where: str | None) -> list[tuple[dict, dict]]:
         q = self.table.search(query, query_type="fts").select(COLUMNS + ["_score"])
         if where:
@@ -112,7 +124,7 @@ class Retriever:
         return [(r, {"bm25": float(r["_score"])}) for r in rows]
 
     def _vector(self, query: str, n: int, where: str | None) -> list[tuple[dict, dict]]:
-        vec = self.embedder.embed([query])[0]
+        vec = self.query_vector(query)
         q = self.table.search(vec, query_type="vector").distance_type("cosine").select(COLUMNS + ["_distance"])
         if where:
             q = q.where(where, prefilter=True)
@@ -122,7 +134,7 @@ class Retriever:
     def _hybrid(self, query: str, n: int, where: str | None) -> list[tuple[dict, dict]]:
         from lancedb.rerankers import RRFReranker
 
-        vec = self.embedder.embed([query])[0]
+        vec = self.query_vector(query)
         # No select(): each leg would need its own score column in it, and the one list cannot name both.
         q = (self.table.search(query_type="hybrid").vector(vec).text(query).distance_type("cosine")
              .rerank(RRFReranker(K=self.cfg.rrf_k, return_score="all")))
