@@ -7,15 +7,17 @@
   two sections and its heading path is exact. A heading directly followed by a sub-heading stays with it (no
   chunk holds a bare title).
 - A block that does not fit in what is left of the current chunk starts the next one, so a short paragraph or
-  code block is never cut in two. Only a block longer than the whole budget is split: at its lines, a long
-  line at its sentences, a sentence longer than the budget at its words.
+  code block is never cut in two. Only a block longer than the whole budget is split: at its lines, a prose
+  line at its sentences, a sentence longer than the budget at its words (a word longer than it, at characters).
 - Each new chunk of the same section begins with the tail of the previous one (at most `overlap_tokens`, whole
-  lines or sentences), so a passage cut at a chunk boundary is still found whole in one of them.
+  lines or sentences), so a passage cut at a chunk boundary is still found whole in one of them. Keeping a
+  block whole comes first: when the block that opens the next chunk leaves no room for the tail, there is none.
 - Every piece of text keeps the source line (or page) it came from, so a chunk's `start`..`end` are exactly the
   first and last lines of the text it holds.
 
-Tokens: pass `count_tokens` (str -> int) to count with the embedder's tokenizer (count without special tokens:
-the packer adds up the counts of lines and sentences, so a fixed cost per call would be counted many times).
+Tokens: pass `count_tokens` (str -> int) to count with the embedder's tokenizer. Count the text alone, without
+special tokens, padding or truncation: the packer adds up the counts of lines and sentences, so a fixed cost per
+call would be counted many times (the chunk's final `n_tokens` is counted on its whole text).
 The default, `approx_tokens`, is a fast estimate made for subword (WordPiece/BPE) tokenizers: a run of letters is
 one token plus one per further 5 letters (long or rare words split into pieces), digits go in pairs, every other
 non-space character (punctuation, `_`) is one token, and CJK characters one each. Measured against
@@ -33,24 +35,16 @@ from pathlib import Path
 from gptsmith.rag.extract import Block, Document, extract
 from gptsmith.rag.types import Chunk
 
-_TOKEN = re.compile(r"[^\W\d_]+|\d+|\S")  # a run of letters, a run of digits, or any other visible character
+# One match per estimated token: a CJK character, up to 5 letters (so a run of letters counts 1 + 1 per further
+# 5), up to 2 digits, or any other visible character. Counting matches keeps the loop in C.
+_TOKEN = re.compile(r"[\u2e80-\U0002ffff]|[^\W\d_\u2e80-\U0002ffff]{1,5}|\d{1,2}|\S")
 _SENTENCE_END = re.compile(r"(?<=[.!?]\s)|(?<=[。！？])")  # after ". " (the space stays with the sentence) or "。"
 _WORD_END = re.compile(r"(?<=\s)(?=\S)")
 
 
 def approx_tokens(text: str) -> int:
     """Estimate of a subword tokenizer's count (see the module docstring for how good it is)."""
-    return sum(_approx_one(token) for token in _TOKEN.findall(text))
-
-
-def _approx_one(token: str) -> int:
-    if token[0].isdigit():
-        return (len(token) + 1) // 2
-    if len(token) == 1:
-        return 1
-    if ord(token[0]) >= 0x2E80:  # CJK and beyond: tokenizers give about one token per character
-        return len(token)
-    return 1 + (len(token) - 1) // 5
+    return len(_TOKEN.findall(text))
 
 
 @dataclass(frozen=True)
@@ -79,7 +73,7 @@ def chunk_document(doc: Document, max_tokens: int = 256, overlap_tokens: int = 3
     count = count_tokens or approx_tokens
     packer = _Packer(max_tokens, overlap_tokens)
     for block in doc.blocks:
-        packer.add_block(block, _block_pieces(block, count, max_tokens))
+        packer.add_block(block, _block_pieces(block, count, max_tokens, overlap_tokens))
     packer.close(carry=False)
     chunks = []
     for heading, pieces in packer.groups:
@@ -90,19 +84,22 @@ def chunk_document(doc: Document, max_tokens: int = 256, overlap_tokens: int = 3
     return chunks
 
 
-def _block_pieces(block: Block, count: Callable[[str], int], max_tokens: int) -> list[_Piece]:
-    """A block's lines as pieces; a line over the budget is cut at sentences, a sentence over it at words."""
+def _block_pieces(block: Block, count: Callable[[str], int], max_tokens: int, overlap_tokens: int) -> list[_Piece]:
+    """A block's lines as pieces. A prose line longer than the overlap is cut at its sentences (so the overlap
+    can carry the last sentence or two of a long line); a code or table line only when it exceeds the budget;
+    a sentence longer than the budget at its words."""
+    split_at = max_tokens if block.kind in ("code", "table") or not overlap_tokens else overlap_tokens
     pieces = []
     for i, (line, text) in enumerate(block.lines):
         sep = "\n\n" if i == 0 else "\n"
-        for j, part in enumerate(_split_line(text, count, max_tokens)):
+        for j, part in enumerate(_split_line(text, count, max_tokens, split_at)):
             sep = sep if j == 0 else ""
             pieces.append(_Piece(line, part, sep, count(sep + part), block.kind == "heading"))
     return pieces
 
 
-def _split_line(text: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
-    if count(text) <= max_tokens:
+def _split_line(text: str, count: Callable[[str], int], max_tokens: int, split_at: int) -> list[str]:
+    if count(text) <= split_at:
         return [text]
     parts = []
     for sentence in filter(None, _SENTENCE_END.split(text)):
@@ -166,11 +163,11 @@ class _Packer:
                 self._add([piece])
 
     def _starts_new_section(self, block: Block) -> bool:
-        if not self.fresh:
+        if not self.pieces:
             return False
-        if block.kind == "heading" and all(p.heading for p in self.pieces):
+        if self.fresh and block.kind == "heading" and all(p.heading for p in self.pieces):
             return False  # a title followed by its first sub-heading: keep them together
-        return block.starts_section or block.heading != self.heading
+        return block.starts_section or block.heading != self.heading  # (an overlap never crosses sections)
 
     def _add(self, pieces: list[_Piece]) -> None:
         self.pieces += pieces

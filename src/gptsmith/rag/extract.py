@@ -11,15 +11,17 @@ Formats and what "a line" means in each:
   range). Text is the source lines verbatim (a fenced block keeps its fences); headings are ATX (#) or setext.
   A YAML front matter block (--- ... --- at the top) is skipped.
 - .rst: headings are a title line with an underline (and optional overline) of one punctuation character, levels
-  in order of first appearance, as docutils does; an indented block (literal block, directive body) is code.
+  in order of first appearance, as docutils does; a directive keeps its body (`.. function:: f(x)` and its
+  text), an indented block (literal block, quote) is kept as written; comments and link targets are left out.
 - .txt: paragraphs separated by blank lines.
 - .html/.htm: BeautifulSoup with Python's own html.parser, which records the line of every tag; the text of each
   h1-h6, p, li, pre, tr, dt/dd... is kept with the source line each piece of text sits on. script/style are dropped.
+  (Not html2text: it is GPL-3.0, this project Apache-2.0, and its Markdown output has lost the source lines.)
 - .pdf: pypdf's text layer, page by page; the unit is the page (a scanned PDF without a text layer is an error).
   The heading path is the document title (metadata) and the last bookmark (outline entry) starting on or before
   the page.
 - .docx: python-docx; "line" n is the n-th paragraph of the body (a table row counts as one), headings from the
-  Title / Heading N styles.
+  Title / Heading N styles. Headers, footers, footnotes and comments are not read.
 - .py: module, class and function docstrings and comments (pragmas such as `# noqa` left out), under the
   qualified name (`module.Class.method`) as heading; the def/class line is kept above its docstring.
 - .jsonl: one record per line, its text field ("text" unless told) is one section; the line is the JSONL line.
@@ -230,9 +232,15 @@ def _md_blocks(path: Path, text: str, _field: str) -> list[Block]:
                 numbered = [(n, t) for n, t in numbered if t.strip()]
             while numbered and not numbered[-1][1].strip():
                 numbered.pop()
-            if numbered:
+            if numbered and (token.type != "html_block" or _visible(numbered)):
                 blocks.append(Block(kind, path_now, tuple(numbered)))
     return blocks
+
+
+def _visible(numbered: list[tuple[int, str]]) -> bool:
+    """Whether raw HTML in Markdown shows any text (an <img>, a <br> or a comment alone is left out)."""
+    markup = "\n".join(text for _, text in numbered)
+    return bool(re.sub(r"<!--.*?-->|<[^>]*>", "", markup, flags=re.S).strip())
 
 
 _ADORNMENT = re.compile(r"([!-/:-@\[-`{-~])\1{2,}\s*")  # 3+ of one punctuation character: an RST under/overline
@@ -254,6 +262,11 @@ def _rst_heading_at(lines: list[str], i: int) -> tuple[str, tuple[str, bool], in
     return None
 
 
+_RST_DIRECTIVE = re.compile(r"\.\. ([\w:-]+)::")  # `.. note::`, `.. function:: dumps(obj)`, `.. code-block:: py`
+_RST_EXPLICIT = re.compile(r"\.\.(\s|$)")  # any explicit markup start: a directive, a comment, a link target
+_RST_CODE_DIRECTIVES = {"code-block", "code", "sourcecode", "literalinclude", "doctest", "testcode", "productionlist"}
+
+
 def _rst_blocks(path: Path, text: str, _field: str) -> list[Block]:
     lines = [line.rstrip() for line in text.split("\n")]
     blocks, stack, styles, path_now, i = [], [], [], (), 0
@@ -268,26 +281,38 @@ def _rst_blocks(path: Path, text: str, _field: str) -> list[Block]:
             path_now = _under(stack, styles.index(style) + 1, title)
             blocks.append(Block("heading", path_now, ((at + 1, title),), starts_section=True))
             continue
-        j = _rst_block_end(lines, i)
-        kind = "code" if lines[i][0].isspace() else "paragraph"
+        kind, j = _rst_block_at(lines, i)
         numbered = [(n + 1, lines[n]) for n in range(i, j) if kind == "code" or lines[n].strip()]
-        blocks.append(Block(kind, path_now, tuple(numbered)))
+        if kind:
+            blocks.append(Block(kind, path_now, tuple(numbered)))
         i = j
     return blocks
 
 
-def _rst_block_end(lines: list[str], i: int) -> int:
-    """Where the block starting at line i ends: an indented block runs over blank lines while the indentation
-    goes on (a literal block or a directive body); a paragraph stops at a blank line or a title."""
+def _rst_block_at(lines: list[str], i: int) -> tuple[str, int]:
+    """(kind, end) of the block starting at line i; kind "" for markup that is not text (a comment, a target).
+    A directive keeps its indented body with it: `.. function:: dumps(obj)` and the text that describes it."""
+    if lines[i][0].isspace():  # a literal block, a quote, a definition: kept as written, cut only at lines
+        return "code", _indented_end(lines, i)
+    if _RST_EXPLICIT.match(lines[i]):
+        directive = _RST_DIRECTIVE.match(lines[i])
+        end = _indented_end(lines, i + 1)
+        if not directive:
+            return "", end
+        return ("code" if directive.group(1) in _RST_CODE_DIRECTIVES else "paragraph"), end
     j = i + 1
-    if lines[i][0].isspace():
-        while j < len(lines) and (not lines[j].strip() or lines[j][0].isspace()):
-            j += 1
-        while not lines[j - 1].strip():
-            j -= 1
-        return j
     while j < len(lines) and lines[j].strip() and not lines[j][0].isspace() and not _rst_heading_at(lines, j):
         j += 1
+    return "paragraph", j
+
+
+def _indented_end(lines: list[str], j: int) -> int:
+    """The end of the run of indented (or blank) lines from j, trailing blank lines left out."""
+    start = j
+    while j < len(lines) and (not lines[j].strip() or lines[j][0].isspace()):
+        j += 1
+    while j > start and not lines[j - 1].strip():
+        j -= 1
     return j
 
 
@@ -297,6 +322,13 @@ _HTML_HEADINGS = {f"h{n}": n for n in range(1, 7)}
 # Elements whose text is one block; containers (div, section, ul, table, ...) are walked into instead.
 _HTML_LEAVES = {"p", "li", "pre", "tr", "dt", "dd", "caption", "figcaption", "blockquote", "address", *_HTML_HEADINGS}
 _HTML_DROPPED = {"script", "style", "noscript", "template", "head", "svg", "iframe"}
+# Text-level elements: with the text around them in a container they make one paragraph, as a browser shows it.
+_HTML_INLINE = {"a", "abbr", "b", "bdi", "bdo", "br", "cite", "code", "data", "del", "dfn", "em", "font", "i", "img",
+                "ins", "kbd", "label", "mark", "q", "s", "samp", "small", "span", "strong", "sub", "sup", "time",
+                "tt", "u", "var", "wbr"}
+_HTML_ANCHOR = re.compile(r"[\s#¶§]+$")  # the permalink mark docs generators put after a heading
+_HTML_CELLS = {"td", "th"}
+_HTML_INLINE_BREAKS = {"br", "p", "div", "li", "dt", "dd"}  # inside a leaf block: a space, so words do not merge
 
 
 def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
@@ -307,9 +339,9 @@ def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
     blocks, stack, path_now = [], [], ()
     for name, lines in _html_leaves(soup, source):
         if name in _HTML_HEADINGS:
-            title = " ".join(t for _, t in lines)
+            title = _HTML_ANCHOR.sub("", " ".join(t for _, t in lines)) or lines[0][1]
             path_now = _under(stack, _HTML_HEADINGS[name], title)
-            blocks.append(Block("heading", path_now, ((lines[0][0], title),), starts_section=True))
+            blocks.append(Block("heading", path_now, tuple(lines), starts_section=True))
         else:
             kind = {"pre": "code", "li": "list", "tr": "table"}.get(name, "paragraph")
             blocks.append(Block(kind, path_now, tuple(lines)))
@@ -317,19 +349,25 @@ def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
 
 
 def _html_leaves(node, source: list[str]):
-    """Yield (tag name, numbered lines) for each leaf block in document order; loose text in a container is a
-    paragraph of its own."""
+    """Yield (tag name, numbered lines) for each leaf block in document order; text and text-level elements
+    directly in a container are one paragraph (name "")."""
     from bs4 import NavigableString, Tag
 
-    for child in node.children:
+    run = []
+    for child in [*node.children, None]:
+        if isinstance(child, NavigableString) and type(child) is not NavigableString:
+            continue  # a comment, CDATA, a doctype
+        if type(child) is NavigableString or isinstance(child, Tag) and child.name in _HTML_INLINE:
+            run.append(child)
+            continue
+        if run and (lines := _html_lines(run, source, keep_space=False)):
+            yield "", lines
+        run = []
         if isinstance(child, Tag) and child.name in _HTML_LEAVES:
-            lines = _html_lines(child, source, keep_space=child.name == "pre")
-            if lines:
+            if lines := _html_lines([child], source, keep_space=child.name == "pre"):
                 yield child.name, lines
         elif isinstance(child, Tag) and child.name not in _HTML_DROPPED:
             yield from _html_leaves(child, source)
-        elif type(child) is NavigableString and child.strip():
-            yield "", _merge_parts([(_line_of(child, source), str(child))], keep_space=False)
 
 
 def _text_line(tag, source: list[str]) -> int:
@@ -359,18 +397,25 @@ def _line_of(string, source: list[str]) -> int:
     return (_text_line(element, source) if element is not None and element.sourceline else 1) + count
 
 
-_HTML_CELLS = {"td", "th"}
-_HTML_INLINE_BREAKS = {"br", "p", "div", "li", "dt", "dd"}  # inside a leaf block: a space, so words do not merge
-
-
-def _html_lines(tag, source: list[str], keep_space: bool) -> list[tuple[int, str]]:
-    """The text of a tag, line by line, each with its source line: every tag inside resets the line to where its
-    start tag ends, and the newlines in the text move it on. Script/style text is skipped (its newlines counted).
-    Cells of a table row on one line are joined with " | "."""
-    from bs4 import NavigableString, Tag
+def _html_lines(nodes: list, source: list[str], keep_space: bool) -> list[tuple[int, str]]:
+    """The text of some nodes (tags or strings), line by line, each with its source line."""
+    from bs4 import Tag
 
     parts: list[tuple[int, str]] = []
     filled: set[int] = set()  # lines that already hold some text
+    for node in nodes:
+        if isinstance(node, Tag):
+            _tag_parts(node, source, parts, filled)
+        else:
+            _add_text(parts, filled, _line_of(node, source), str(node))
+    return _merge_parts(parts, keep_space)
+
+
+def _tag_parts(tag, source: list[str], parts: list[tuple[int, str]], filled: set[int]) -> None:
+    """Every tag inside resets the line to where its start tag ends, and the newlines in the text move it on.
+    Script/style text is skipped (its newlines counted). Cells of a table row on one line are joined by " | "."""
+    from bs4 import NavigableString, Tag
+
     line = _text_line(tag, source)
     for element in tag.descendants:
         if isinstance(element, Tag):
@@ -378,12 +423,18 @@ def _html_lines(tag, source: list[str], keep_space: bool) -> list[tuple[int, str
             if line in filled and element.name in _HTML_CELLS | _HTML_INLINE_BREAKS:
                 parts.append((line, " | " if element.name in _HTML_CELLS else " "))
         elif isinstance(element, NavigableString):
-            pieces = str(element).split("\n")
             if type(element) is NavigableString and element.parent.name not in _HTML_DROPPED:
-                parts.append((line, str(element)))  # not a comment, CDATA or doctype, nor script
-                filled.update(line + i for i, piece in enumerate(pieces) if piece.strip())
-            line += len(pieces) - 1
-    return _merge_parts(parts, keep_space)
+                line = _add_text(parts, filled, line, str(element))  # not a comment, CDATA or doctype, nor script
+            else:
+                line += str(element).count("\n")
+
+
+def _add_text(parts: list[tuple[int, str]], filled: set[int], line: int, text: str) -> int:
+    """Add text that starts on `line`; return the line it ends on."""
+    pieces = text.split("\n")
+    parts.append((line, text))
+    filled.update(line + i for i, piece in enumerate(pieces) if piece.strip())
+    return line + len(pieces) - 1
 
 
 def _merge_parts(parts: list[tuple[int, str]], keep_space: bool) -> list[tuple[int, str]]:
@@ -642,7 +693,8 @@ def _jsonl_blocks(path: Path, text: str, field_name: str) -> list[Block]:
         log.warning("%s: %d line(s) without a string field %r skipped (first: line %d)",
                     path, len(skipped), field_name, skipped[0])
     if not blocks:
-        raise ExtractError(path, f"no record has a text field {field_name!r} (set the JSONL text field)")
+        raise ExtractError(path, f"no line is a JSON object with a non-empty string field {field_name!r} "
+                                 "(name the field that holds the text)")
     return blocks
 
 
