@@ -134,7 +134,7 @@ def synthetic_index(base: dict[str, list], n: int, out: Path, embedder, seed: in
     cfg = RagConfig()
     out.mkdir(parents=True)
     write_manifest(out, [], cfg, embedder, None, stats=None)
-    chunking = chunking_key(cfg, embedder)
+    chunking = chunking_key(cfg)
     table = open_table(out, embedder.dim)
     t0 = time.perf_counter()
     all_vectors = []
@@ -247,7 +247,7 @@ def main() -> None:
         results["indexing"] = bench_indexing(tmp / "docs", tmp / "index", embedder)
         print(json.dumps(results["indexing"]), flush=True)
         base = base_rows(tmp / "index")
-        sample = random.Random(0).sample(base["text"], min(500, len(base["text"])))
+        sample = random.Random(0).sample(base["text"], min(300, len(base["text"])))
         results["embed_only"] = bench_embed_only(sample, embedder)
         results["indexing_vs_embed_only"] = (results["indexing"]["chunks_per_s"]
                                              / results["embed_only"]["chunks_per_s"])
