@@ -380,7 +380,7 @@ def make_questions(chunks: Sequence[tuple[str, Chunk]], teacher=None, per_chunk:
     if per_chunk < 1:
         raise InputError(f"--per-chunk must be at least 1 (got {per_chunk})")
     if max_chunks is not None and max_chunks < 1:
-        raise InputError(f"--max-chunks must be at least 1 (got {max_chunks})")
+        raise InputError(f"--max-chunks must be positive, or 0 for every chunk (got {max_chunks})")
     t0 = time.perf_counter()
     sample = sample_chunks(chunks, max_chunks, seed)
     report = QuestionsReport(len(chunks), len(sample), generator=teacher.name if teacher else "heuristic")
@@ -544,6 +544,8 @@ def evaluate(retriever, questions: Sequence[QARecord], index_chunks: dict[str, C
     and the relevant chunks under match="overlap"). Latency is per query, after one warm-up query per setting."""
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1 (got {top_k})")
+    if not questions:
+        raise InputError("no questions to evaluate; write some with `gptsmith rag questions`")
     judges = relevance(questions, index_chunks, match)
     results = []
     for name, kwargs in eval_modes(has_reranker):
