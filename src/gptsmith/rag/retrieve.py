@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import pyarrow as pa
 
 from gptsmith.config import RagConfig
 from gptsmith.errors import InputError
@@ -104,6 +103,14 @@ class Retriever:
 
     def __len__(self) -> int:
         return self.table.count_rows()
+
+    def chunks(self) -> list[tuple[str, Chunk]]:
+        """Every (id, chunk) of the index, in document order (by source, then line or page)."""
+        if self.table.count_rows() == 0:
+            return []
+        rows = self.table.search().select(COLUMNS).limit(None).to_arrow().to_pylist()
+        rows.sort(key=lambda r: (r["source"], r["start"], r["end"]))
+        return [(r["id"], row_chunk(r)) for r in rows]
 
     # ------------------------------------------------------------------------------------------ retrievers
 
