@@ -602,8 +602,10 @@ def render_report(report: EvalReport, console=None) -> None:
 
 
 def index_chunks(index_dir: str | os.PathLike) -> dict[str, Chunk]:
-    """id -> Chunk of every chunk in an index built by `gptsmith rag index`."""
+    """id -> Chunk of every chunk in an index built by `gptsmith rag index`, read without loading the embedder
+    (Retriever.chunks() gives the same from an open retriever)."""
     from gptsmith.rag.index import open_table, read_manifest
+    from gptsmith.rag.retrieve import COLUMNS, row_chunk
 
     if read_manifest(index_dir) is None:  # checked first: opening the table of a folder that is none creates it
         raise InputError(f"{index_dir} holds no gptsmith index; build one with `gptsmith rag index DOCS... "
@@ -611,10 +613,7 @@ def index_chunks(index_dir: str | os.PathLike) -> dict[str, Chunk]:
     table = open_table(index_dir)
     if table.count_rows() == 0:
         return {}
-    cols = ["id", "text", "source", "heading", "start", "end", "unit", "n_tokens"]
-    rows = table.search().select(cols).limit(None).to_arrow().to_pylist()
-    return {r["id"]: Chunk(r["text"], r["source"], r["heading"], r["start"], r["end"], r["unit"], r["n_tokens"])
-            for r in rows}
+    return {r["id"]: row_chunk(r) for r in table.search().select(COLUMNS).limit(None).to_arrow().to_pylist()}
 
 
 def _progress():
@@ -665,8 +664,8 @@ def run_eval(index_dir: str | os.PathLike, questions_path: str | os.PathLike, re
     from gptsmith.rag.retrieve import Retriever
 
     questions = read_questions(questions_path)
-    chunks = index_chunks(index_dir)
     retriever = Retriever.open(index_dir, rerank=rerank, cfg=cfg)
+    chunks = dict(retriever.chunks())
     with _progress() as bar:
         modes = len(eval_modes(rerank is not None))
         task = bar.add_task("retrieving", total=modes * len(questions))
