@@ -209,6 +209,24 @@ def cmd_rag_query(args) -> None:
     print(json.dumps([hit_json(h) for h in hits], indent=2, ensure_ascii=False) if args.json else format_hits(hits))
 
 
+def cmd_rag_questions(args) -> None:
+    from gptsmith.rag.evaluate import run_questions
+    cfg = _config(args, {"rag.index": args.index})
+    if not cfg.rag.index:
+        raise UserError("rag questions needs --index DIR (or rag.index in the config)")
+    run_questions(cfg.rag.index, args.out, teacher=args.teacher, per_chunk=args.per_chunk,
+                  max_chunks=args.max_chunks or None, fmt=args.format, seed=args.seed)
+
+
+def cmd_rag_eval(args) -> None:
+    from gptsmith.rag.evaluate import run_eval
+    cfg = _config(args, {"rag.index": args.index, "rag.rerank": args.rerank})
+    if not cfg.rag.index:
+        raise UserError("rag eval needs --index DIR (or rag.index in the config)")
+    run_eval(cfg.rag.index, args.questions, rerank=cfg.rag.rerank, top_k=args.top_k, match=args.match,
+             json_out=args.json, cfg=cfg.rag)
+
+
 def cmd_config_show(args) -> None:
     from gptsmith.config import to_yaml
     print(to_yaml(_config(args, {})), end="")
@@ -387,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["f16", "q8_0", "f32"], default="f16",
                    help="weight type of the matrices (norms stay f32)")
 
-    rag = sub.add_parser("rag", help="Retrieval over your documents: index, query.")
+    rag = sub.add_parser("rag", help="Retrieval over your documents: index, query, questions, eval.")
     rag_sub = rag.add_subparsers(dest="rag_command", metavar="STEP", required=True)
     p = add("index", "Index documents for retrieval (.md .txt .rst .html .pdf .docx .py .jsonl): chunk, embed, "
                      "store vectors and BM25 text in a LanceDB table. A rerun updates only files that changed and "
@@ -410,6 +428,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable; relative globs match the end of the path: 'docs/*.md')")
     p.add_argument("--min-score", type=float, help="drop hits scoring below this (rag.min_score)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p = add("questions", "Write question/answer pairs made from the index's chunks (a sample), each tied to its "
+                         "chunk, by a teacher model or, without one, a heuristic query per chunk: the test set of "
+                         "`rag eval`, or SFT conversations (--format sft).", cmd_rag_questions, rag_sub)
+    p.add_argument("--index", help="index folder (rag.index)")
+    p.add_argument("--out", type=Path, required=True, help="JSONL to write")
+    p.add_argument("--teacher", metavar="URL_OR_DIR", help="an OpenAI-compatible server (http://HOST/v1[#model]; key "
+                   "from GPTSMITH_TEACHER_API_KEY) or a local model directory; none = the offline heuristic")
+    p.add_argument("--per-chunk", type=int, default=1, help="questions per chunk")
+    p.add_argument("--max-chunks", type=int, default=200, help="chunks sampled (0 = all)")
+    p.add_argument("--format", choices=["qa", "sft"], default="qa", help="qa: question records for `rag eval`; "
+                   "sft: OpenAI messages conversations (user: question, assistant: answer and its source)")
+    p.add_argument("--seed", type=int, default=0, help="which chunks are sampled")
+    p = add("eval", "Measure retrieval on a questions file: hit@1/5/10, MRR, nDCG@10 and latency for bm25, vector, "
+                    "hybrid and hybrid+rerank, in one table.", cmd_rag_eval, rag_sub)
+    p.add_argument("--index", help="index folder (rag.index)")
+    p.add_argument("--questions", type=Path, required=True, help="JSONL written by `rag questions`")
+    p.add_argument("--rerank", metavar="DIR", help="local cross-encoder: adds the hybrid+rerank row (rag.rerank)")
+    p.add_argument("--top-k", type=int, default=10, help="hits fetched per question")
+    p.add_argument("--match", choices=["chunk", "overlap"], default="chunk", help="relevant = the question's own "
+                   "chunk, or any chunk of its source whose lines overlap it")
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write the figures as JSON")
 
     cfg = sub.add_parser("config", help="Show the effective config.")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="STEP", required=True)

@@ -1,0 +1,678 @@
+"""Retrieval evaluation on the user's own documents: question/answer pairs made from the index's chunks
+(`gptsmith rag questions`), and hit@k, MRR and nDCG@10 of every retrieval setting on them (`gptsmith rag eval`).
+
+Questions come from a teacher model (an OpenAI-compatible URL, or a local model directory) asked for a question a
+user could ask that the passage answers, plus its answer, as JSON. Without a teacher a heuristic writes one query per
+chunk so the command works offline:
+
+    What does <the chunk's innermost heading, else its file name> say about <t1>, <t2> and <t3>?
+
+where t1..t3 are the chunk's most distinctive words: highest tf-idf (idf over every chunk in the index), stopwords,
+numbers, words under 3 letters and the heading's own words left out; ties go to the word that comes first. A second
+question per chunk (--per-chunk 2) takes the next three words, and so on. Its answer is the passage itself. Such
+queries share words with their passage, which favours BM25; a teacher's questions are the fairer test.
+
+Every record keeps the chunk it came from (id, source, heading, line or page range, citation); a question's relevant
+chunk is that one (`match="chunk"`), or with `match="overlap"` any chunk of the same source whose range overlaps it.
+
+Metrics are tie-aware (McSherry & Najork, 2008): hits with equal scores (common in reciprocal rank fusion, where
+rank 1 in one retriever and rank 1 in the other fuse to the same score) count as every order of the tied group
+equally likely, so no retriever gains or loses by how its ties happened to be broken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from gptsmith.errors import InputError
+from gptsmith.files import atomic_write_text, iter_lines
+from gptsmith.rag.types import Chunk, Hit
+
+FORMATS = ("qa", "sft")
+MATCHES = ("chunk", "overlap")
+KS = (1, 5, 10)
+NDCG_AT = 10
+TEACHER_KEY_ENV = "GPTSMITH_TEACHER_API_KEY"
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class QARecord:
+    """One question, its answer and the chunk it was made from."""
+    question: str
+    answer: str
+    chunk_id: str
+    source: str
+    heading: str
+    start: int
+    end: int
+    unit: str
+    citation: str
+    generator: str  # "heuristic", or "teacher:<url or model dir>"
+
+    @classmethod
+    def of(cls, question: str, answer: str, chunk_id: str, chunk: Chunk, generator: str) -> QARecord:
+        return cls(question, answer, chunk_id, chunk.source, chunk.heading, chunk.start, chunk.end, chunk.unit,
+                   chunk.citation(), generator)
+
+    def sft(self) -> dict:
+        """An OpenAI `messages` conversation (user: the question, assistant: the answer and where it comes from);
+        the chunk it came from rides along under "source" (conversation readers ignore extra keys)."""
+        answer = f"{self.answer}\n\nSource: {self.citation}"
+        return {"messages": [{"role": "user", "content": self.question}, {"role": "assistant", "content": answer}],
+                "source": {"chunk_id": self.chunk_id, "citation": self.citation, "generator": self.generator}}
+
+
+_RECORD_FIELDS = {"question": str, "chunk_id": str, "source": str, "start": int, "end": int}
+
+
+def read_questions(path: str | os.PathLike) -> list[QARecord]:
+    """The records of a `rag questions --format qa` file; a bad line is an InputError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; write one with `gptsmith rag questions --index DIR --out {path}`")
+    records = []
+    for n, raw in iter_lines(path):
+        if not raw.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{where}: not valid JSON ({e}); each line must be one record written by "
+                             "`gptsmith rag questions`") from None
+        if isinstance(rec, dict) and "messages" in rec:
+            raise InputError(f"{where}: this is an SFT conversation (--format sft); evaluation needs the question "
+                             "records, written with `gptsmith rag questions --format qa` (the default)")
+        if not isinstance(rec, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for key, kind in _RECORD_FIELDS.items():
+            if not isinstance(rec.get(key), kind) or (kind is str and not rec[key].strip()):
+                wanted = "non-empty string" if kind is str else "whole number"
+                raise InputError(f"{where}: field '{key}' is missing or not a {wanted}; records need question, "
+                                 "chunk_id, source, start and end")
+        records.append(QARecord(rec["question"], str(rec.get("answer") or ""), rec["chunk_id"], rec["source"],
+                                str(rec.get("heading") or ""), rec["start"], rec["end"], str(rec.get("unit") or "line"),
+                                str(rec.get("citation") or ""), str(rec.get("generator") or "")))
+    if not records:
+        raise InputError(f"{path}: no question records in the file")
+    return records
+
+
+def write_questions(records: Sequence[QARecord], out: str | os.PathLike, fmt: str = "qa") -> None:
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    lines = [json.dumps(asdict(r) if fmt == "qa" else r.sft(), ensure_ascii=False) for r in records]
+    atomic_write_text(out, "".join(line + "\n" for line in lines))
+
+
+# ---------------------------------------------------------------------------------------------- heuristic questions
+
+STOPWORDS = frozenset("""
+a about above after again against all also an and any are as at be because been before being below between both
+but by can could did do does doing done down during each either else etc even ever every few for from further get
+gets given gives had has have having here how however if in into is it its itself just last least less let like
+made make makes many may might more most much must my need needs new next no none nor not now of off often on once
+one only or other others our out over own per rather same see seen several shall should since so some such than
+that the their them then there these they this those though through thus to too two under until up upon us use used
+uses using very via was way we well were what when where whether which while who whom whose why will with within
+without would yet you your e.g i.e example examples following note section value values true false none return
+returns returned
+""".split())
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def words(text: str) -> list[str]:
+    """The words (identifiers like `str.join` kept whole) of a text, in order."""
+    return _WORD.findall(text)
+
+
+def _content_words(text: str) -> list[str]:
+    return [w for w in words(text) if len(w) >= 3 and w.lower() not in STOPWORDS]
+
+
+def document_frequencies(texts: Iterable[str]) -> tuple[Counter, int]:
+    """How many of `texts` each lower-cased content word occurs in, and how many texts there were."""
+    df, n = Counter(), 0
+    for text in texts:
+        df.update({w.lower() for w in _content_words(text)})
+        n += 1
+    return df, n
+
+
+def distinctive_terms(text: str, df: Counter, n_docs: int, exclude: Iterable[str] = ()) -> list[str]:
+    """The chunk's content words by tf-idf, highest first (first occurrence breaks ties), each once, in the form it
+    first appears in; words in `exclude` (the heading's) left out."""
+    skip = {w.lower() for w in exclude}
+    tf, first, shown = Counter(), {}, {}
+    for i, w in enumerate(_content_words(text)):
+        key = w.lower()
+        if key in skip:
+            continue
+        tf[key] += 1
+        first.setdefault(key, i)
+        shown.setdefault(key, w)
+
+    def tfidf(key: str) -> float:
+        return tf[key] * (math.log((n_docs + 1) / (df.get(key, 0) + 1)) + 1)
+
+    return [shown[k] for k in sorted(tf, key=lambda k: (-tfidf(k), first[k]))]
+
+
+def heuristic_questions(chunk: Chunk, df: Counter, n_docs: int, n: int = 1) -> list[str]:
+    """Up to `n` queries for `chunk` (the module docstring says how); fewer when it has too few distinctive words."""
+    leaf = chunk.heading.split(" > ")[-1].strip() if chunk.heading else ""
+    where = f'"{leaf}"' if leaf else Path(chunk.source).name
+    terms = distinctive_terms(chunk.text, df, n_docs, exclude=words(leaf))
+    out = []
+    for i in range(n):
+        group = terms[3 * i:3 * i + 3]
+        if len(group) < 2 and (i or not leaf):  # one word (or none) is no question, unless the heading carries it
+            break
+        if not group:
+            break
+        about = group[0] if len(group) == 1 else ", ".join(group[:-1]) + f" and {group[-1]}"
+        out.append(f"What does {where} say about {about}?")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+
+TEACHER_SYSTEM = "You write test questions for a search engine over a set of documents. You reply with JSON only."
+
+
+def teacher_messages(chunk: Chunk, n: int) -> list[dict]:
+    """The prompt asking a teacher for `n` question/answer pairs that `chunk` answers."""
+    ask = "one question" if n == 1 else f"{n} different questions"
+    return [{"role": "system", "content": TEACHER_SYSTEM},
+            {"role": "user", "content": (
+                f"Passage (from {chunk.citation()}):\n\"\"\"\n{chunk.text}\n\"\"\"\n\n"
+                f"Write {ask} that a user of these documents might ask and that this passage answers, each with "
+                "its answer taken from the passage. A question must make sense on its own: name its subject, and "
+                "do not mention 'the passage' or 'the text'.\n"
+                'Reply with JSON only, in this form: {"pairs": [{"question": "...", "answer": "..."}]}')}]
+
+
+def _json_values(text: str) -> Iterable[object]:
+    """Every JSON object or array found in `text`, scanning left to right (prose, code fences around it are fine)."""
+    decoder, i = json.JSONDecoder(), 0
+    while i < len(text):
+        if text[i] in "{[":
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError:
+                i += 1
+                continue
+            yield value
+            i = end
+        else:
+            i += 1
+
+
+def _pairs_in(value: object) -> list[tuple[str, str]]:
+    if isinstance(value, list):
+        return [p for item in value for p in _pairs_in(item)]
+    if not isinstance(value, dict):
+        return []
+    keys = {str(k).lower(): v for k, v in value.items()}
+    q, a = keys.get("question", keys.get("q")), keys.get("answer", keys.get("a"))
+    if isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip():
+        return [(q.strip(), a.strip())]
+    return [p for v in value.values() if isinstance(v, (list, dict)) for p in _pairs_in(v)]
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """The (question, answer) pairs in a teacher's reply: JSON anywhere in it (after any <think> block), as one
+    object, a list of them, or a list under any key. ValueError when there is none."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+    pairs = [p for value in _json_values(text) for p in _pairs_in(value)]
+    if not pairs:
+        raise ValueError("no JSON with a non-empty question and answer in the reply")
+    return list(dict.fromkeys(pairs))
+
+
+@dataclass
+class TeacherReply:
+    text: str | None  # the model's reply; None when the request was refused for this chunk
+    problem: str = ""  # why it was refused (a prompt too long for the teacher's context, ...)
+
+
+class HTTPTeacher:
+    """Any OpenAI-compatible server: POST {base}/chat/completions. Spec `URL` or `URL#model`; without a model the
+    server's first listed model. The API key, if any, from $GPTSMITH_TEACHER_API_KEY."""
+
+    def __init__(self, spec: str, max_tokens: int = 384, temperature: float = 0.0, timeout: float = 300.0,
+                 concurrency: int = 4):
+        import httpx
+
+        url, _, model = spec.partition("#")
+        self.base = url.rstrip("/").removesuffix("/chat/completions")
+        if not self.base.endswith("/v1"):
+            self.base += "/v1"
+        self.name = f"teacher:{spec}"
+        key = os.environ.get(TEACHER_KEY_ENV)
+        self.client = httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.max_tokens, self.temperature, self.concurrency = max_tokens, temperature, concurrency
+        self.model = model or self._first_model()
+
+    def _request(self, method: str, path: str, **kwargs):
+        import httpx
+
+        try:
+            response = self.client.request(method, self.base + path, **kwargs)
+        except httpx.HTTPError as e:
+            raise InputError(f"teacher {self.base}: cannot reach it ({e}); start the server or fix --teacher") from None
+        if response.status_code in (401, 403, 404) or response.status_code >= 500:
+            hint = {401: f"set ${TEACHER_KEY_ENV}", 403: f"check ${TEACHER_KEY_ENV}",
+                    404: "give the server's OpenAI base URL, e.g. http://host:8000/v1"}.get(response.status_code,
+                                                                                          "check the server's log")
+            raise InputError(f"teacher {self.base}{path}: HTTP {response.status_code}: {response.text[:300]}; {hint}")
+        return response
+
+    def _first_model(self) -> str:
+        response = self._request("GET", "/models")
+        try:
+            return response.json()["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise InputError(f"teacher {self.base}: /models lists no model; name one as --teacher URL#MODEL") from None
+
+    def _ask_one(self, messages: list[dict]) -> TeacherReply:
+        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                "temperature": self.temperature}
+        response = self._request("POST", "/chat/completions", json=body)
+        if response.status_code >= 400:  # about this prompt (too long for the model, ...): skip this chunk
+            return TeacherReply(None, f"HTTP {response.status_code}: {response.text[:200]}")
+        try:
+            return TeacherReply(response.json()["choices"][0]["message"]["content"] or "")
+        except (ValueError, KeyError, IndexError, TypeError):
+            return TeacherReply(None, f"not an OpenAI chat completion: {response.text[:200]}")
+
+    def ask(self, prompts: list[list[dict]]) -> list[TeacherReply]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self._ask_one, prompts))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LocalTeacher:
+    """A local model directory, run by gptsmith's engine (greedy, so the same index gives the same questions)."""
+
+    def __init__(self, model_dir: str | os.PathLike, max_tokens: int = 384, device: str = "auto"):
+        from gptsmith.engine import Engine
+
+        self.engine = Engine.load(model_dir, device=device)
+        self.name = f"teacher:{model_dir}"
+        self.max_tokens = max_tokens
+        self.concurrency = 8  # prompts decoded together in one batch
+
+    def ask(self, prompts: list[list[dict]]) -> list[TeacherReply]:
+        from gptsmith.engine import SamplingParams
+
+        params = self.engine.resolve(SamplingParams(max_new_tokens=self.max_tokens, temperature=0.0))
+        replies: list[TeacherReply | None] = [None] * len(prompts)
+        todo, ids = [], []
+        for i, messages in enumerate(prompts):
+            try:
+                ids.append(self.engine.encode_chat(messages))
+                todo.append(i)
+            except ValueError as e:  # the passage alone fills the teacher's context
+                replies[i] = TeacherReply(None, str(e))
+        if todo:  # each answer gets what is left of the context, up to max_tokens
+            per_prompt = [replace(params, max_new_tokens=min(self.max_tokens, self.engine.max_context - len(p)))
+                          for p in ids]
+            for i, completion in zip(todo, self.engine.generate(ids, per_prompt)):
+                replies[i] = TeacherReply(completion.text)
+        return replies  # type: ignore[return-value]
+
+    def close(self) -> None: ...
+
+
+def load_teacher(spec: str, max_tokens: int = 384):
+    """`spec`: an http(s) URL of an OpenAI-compatible server (optionally `URL#model`), or a local model directory."""
+    if re.match(r"https?://", spec):
+        return HTTPTeacher(spec, max_tokens=max_tokens)
+    if Path(spec).is_dir():
+        return LocalTeacher(spec, max_tokens=max_tokens)
+    raise InputError(f"--teacher {spec}: neither an http(s):// URL of an OpenAI-compatible server nor a model "
+                     "directory")
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class QuestionsReport:
+    chunks_in_index: int = 0
+    chunks_sampled: int = 0
+    records: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> chunks that gave no question
+    generator: str = ""
+    seconds: float = 0.0
+
+
+def sample_chunks(chunks: Sequence[tuple[str, Chunk]], max_chunks: int | None, seed: int) -> list[tuple[str, Chunk]]:
+    """`max_chunks` of (id, chunk), the same ones for the same index and seed whatever order the index returns."""
+    ordered = sorted(chunks, key=lambda c: (c[1].source, c[1].unit, c[1].start, c[1].end, c[0]))
+    if max_chunks is None or max_chunks >= len(ordered):
+        return ordered
+    picked = sorted(random.Random(seed).sample(range(len(ordered)), max_chunks))
+    return [ordered[i] for i in picked]
+
+
+def make_questions(chunks: Sequence[tuple[str, Chunk]], teacher=None, per_chunk: int = 1,
+                   max_chunks: int | None = 200, seed: int = 0,
+                   on_progress: Callable[[int], None] | None = None) -> tuple[list[QARecord], QuestionsReport]:
+    """Question records for a deterministic sample of `chunks` ((id, Chunk) pairs: the whole index, whose word
+    statistics the heuristic uses). `teacher`: None (the heuristic), or a load_teacher() object."""
+    if per_chunk < 1:
+        raise InputError(f"--per-chunk must be at least 1 (got {per_chunk})")
+    if max_chunks is not None and max_chunks < 1:
+        raise InputError(f"--max-chunks must be positive, or 0 for every chunk (got {max_chunks})")
+    t0 = time.perf_counter()
+    sample = sample_chunks(chunks, max_chunks, seed)
+    report = QuestionsReport(len(chunks), len(sample), generator=teacher.name if teacher else "heuristic")
+    records: list[QARecord] = []
+    if teacher is None:
+        df, n_docs = document_frequencies(c.text for _, c in chunks)
+        for cid, chunk in sample:
+            questions = heuristic_questions(chunk, df, n_docs, per_chunk)
+            if not questions:
+                report.skipped["too few distinctive words for a question"] += 1
+            records += [QARecord.of(q, chunk.text, cid, chunk, "heuristic") for q in questions]
+            if on_progress:
+                on_progress(1)
+    else:
+        step = max(1, teacher.concurrency)
+        for i in range(0, len(sample), step):
+            batch = sample[i:i + step]
+            replies = teacher.ask([teacher_messages(chunk, per_chunk) for _, chunk in batch])
+            for (cid, chunk), reply in zip(batch, replies):
+                if reply.text is None:
+                    report.skipped[f"teacher refused the prompt ({reply.problem[:120]})"] += 1
+                    continue
+                try:
+                    pairs = parse_pairs(reply.text)[:per_chunk]
+                except ValueError:
+                    report.skipped["reply was not JSON with a question and an answer"] += 1
+                    continue
+                records += [QARecord.of(q, a, cid, chunk, teacher.name) for q, a in pairs]
+            if on_progress:
+                on_progress(len(batch))
+    report.records = len(records)
+    report.seconds = time.perf_counter() - t0
+    return records, report
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def ranking_metrics(ranked: Sequence[tuple[bool, float]], n_relevant: int, ks: Sequence[int] = KS,
+                    ndcg_at: int = NDCG_AT) -> dict[str, float]:
+    """hit@k, reciprocal rank and nDCG@`ndcg_at` of one ranked list of (is it relevant, score), best first, with
+    binary relevance; `n_relevant` = relevant items in the whole collection (for the ideal DCG). Items with equal
+    scores form a tie group whose every order is equally likely: the metrics are their expected values."""
+    groups: list[tuple[int, int, int]] = []  # (first position, size, relevant in it)
+    pos = 1
+    for _, group in _tie_groups(ranked):
+        groups.append((pos, len(group), sum(rel for rel, _ in group)))
+        pos += len(group)
+    out = {f"hit@{k}": _hit_at(groups, k) for k in ks}
+    out["mrr"] = _reciprocal_rank(groups)
+    ideal = sum(1 / math.log2(i + 1) for i in range(1, min(max(n_relevant, sum(g[2] for g in groups)), ndcg_at) + 1))
+    dcg = sum((r / n) / math.log2(p + 1) for start, n, r in groups for p in range(start, start + n) if p <= ndcg_at)
+    out[f"ndcg@{ndcg_at}"] = dcg / ideal if ideal else 0.0
+    return out
+
+
+def _tie_groups(ranked: Sequence[tuple[bool, float]]) -> Iterable[tuple[float, list[tuple[bool, float]]]]:
+    group: list[tuple[bool, float]] = []
+    for item in ranked:
+        if group and not math.isclose(item[1], group[0][1], rel_tol=1e-9, abs_tol=1e-12):
+            yield group[0][1], group
+            group = []
+        group.append(item)
+    if group:
+        yield group[0][1], group
+
+
+def _hit_at(groups: list[tuple[int, int, int]], k: int) -> float:
+    """P(a relevant item in the top k): decided by the first group holding one."""
+    for start, n, r in groups:
+        if r == 0:
+            continue
+        inside = max(0, min(n, k - start + 1))  # how many of the group's positions are within the top k
+        return 1 - math.comb(n - r, inside) / math.comb(n, inside) if inside else 0.0
+    return 0.0
+
+
+def _reciprocal_rank(groups: list[tuple[int, int, int]]) -> float:
+    """E[1 / rank of the first relevant item], over the orders of the first group that holds one."""
+    for start, n, r in groups:
+        if r == 0:
+            continue
+        at_least = [math.comb(n - j, r) / math.comb(n, r) for j in range(n - r + 2)]  # P(first relevant offset >= j)
+        return sum((at_least[j] - at_least[j + 1]) / (start + j) for j in range(n - r + 1))
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class ModeResult:
+    name: str  # bm25 | vector | hybrid | hybrid+rerank
+    metrics: dict[str, float]  # mean over questions: hit@1, hit@5, hit@10, mrr, ndcg@10
+    p50_ms: float
+    p95_ms: float
+
+
+@dataclass
+class EvalReport:
+    questions: int
+    top_k: int
+    match: str
+    stale: int  # questions whose chunk is no longer in the index (its file changed): they count as misses
+    generators: list[str]
+    modes: list[ModeResult]
+
+    def best(self) -> ModeResult:
+        return max(self.modes, key=lambda m: (m.metrics["mrr"], m.metrics[f"ndcg@{NDCG_AT}"], -m.p50_ms))
+
+    def to_json(self) -> dict:
+        return {"questions": self.questions, "top_k": self.top_k, "match": self.match, "stale": self.stale,
+                "generators": self.generators, "best": self.best().name,
+                "modes": {m.name: {**m.metrics, "p50_ms": m.p50_ms, "p95_ms": m.p95_ms} for m in self.modes}}
+
+
+def eval_modes(has_reranker: bool) -> list[tuple[str, dict]]:
+    """(row name, Retriever.search keyword arguments) for each setting compared."""
+    modes = [("bm25", {"mode": "bm25", "rerank": False}), ("vector", {"mode": "vector", "rerank": False}),
+             ("hybrid", {"mode": "hybrid", "rerank": False})]
+    return modes + ([("hybrid+rerank", {"mode": "hybrid", "rerank": True})] if has_reranker else [])
+
+
+def _overlaps(q: QARecord, c: Chunk) -> bool:
+    return c.source == q.source and c.unit == q.unit and c.start <= q.end and q.start <= c.end
+
+
+def relevance(questions: Sequence[QARecord], index_chunks: dict[str, Chunk], match: str
+              ) -> list[tuple[Callable[[Hit], bool], int]]:
+    """For each question: a test of whether a hit is relevant, and how many chunks of the index are."""
+    if match not in MATCHES:
+        raise InputError(f"unknown match {match!r}; choose one of {', '.join(MATCHES)}")
+    out = []
+    for q in questions:
+        if match == "chunk":
+            out.append(((lambda h, cid=q.chunk_id: h.id == cid), int(q.chunk_id in index_chunks)))
+        else:
+            n = sum(_overlaps(q, c) for c in index_chunks.values())
+            out.append(((lambda h, q=q: _overlaps(q, h.chunk)), n))
+    return out
+
+
+def _percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))] if ordered else 0.0
+
+
+def forget_query_vectors(retriever) -> None:
+    """Empty the retriever's cache of query vectors (it keeps recent ones so that one question asked in several
+    modes embeds once), so a setting's latency includes embedding the question."""
+    cache = getattr(retriever, "_query_vectors", None)
+    if cache is not None:
+        cache.clear()
+
+
+def evaluate(retriever, questions: Sequence[QARecord], index_chunks: dict[str, Chunk], top_k: int = 10,
+             match: str = "chunk", has_reranker: bool = False,
+             on_progress: Callable[[int], None] | None = None) -> EvalReport:
+    """Run every question through every retrieval setting of `retriever` (a gptsmith.rag.retrieve.Retriever) and
+    average the metrics; `index_chunks` = id -> Chunk of the whole index (to find questions whose chunk is gone,
+    and the relevant chunks under match="overlap"). Latency is per query, after one warm-up query per setting."""
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1 (got {top_k})")
+    if not questions:
+        raise InputError("no questions to evaluate; write some with `gptsmith rag questions`")
+    judges = relevance(questions, index_chunks, match)
+    results = []
+    for name, kwargs in eval_modes(has_reranker):
+        retriever.search(questions[0].question, top_k=top_k, **kwargs)  # warm-up: loads models, opens the table
+        forget_query_vectors(retriever)  # each setting pays for embedding its queries, as a new question does
+        totals, latencies = Counter(), []
+        for q, (is_relevant, n_relevant) in zip(questions, judges):
+            t0 = time.perf_counter()
+            hits = retriever.search(q.question, top_k=top_k, **kwargs)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            totals.update(ranking_metrics([(is_relevant(h), h.score) for h in hits], n_relevant))
+            if on_progress:
+                on_progress(1)
+        metrics = {k: totals[k] / len(questions) for k in [f"hit@{k}" for k in KS] + ["mrr", f"ndcg@{NDCG_AT}"]}
+        results.append(ModeResult(name, metrics, _percentile(latencies, 50), _percentile(latencies, 95)))
+    stale = sum(q.chunk_id not in index_chunks for q in questions)
+    generators = sorted({q.generator for q in questions if q.generator})
+    return EvalReport(len(questions), top_k, match, stale, generators, results)
+
+
+def render_report(report: EvalReport, console=None) -> None:
+    """The comparison table (rich), best value of each column in bold, and which setting to serve."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    columns = [f"hit@{k}" for k in KS] + ["mrr", f"ndcg@{NDCG_AT}"]
+    table = Table(title=f"Retrieval on {report.questions} questions (top-k {report.top_k}, relevant = "
+                        f"{'the source chunk' if report.match == 'chunk' else 'chunks overlapping the source'})")
+    table.add_column("setting")
+    for c in columns:
+        table.add_column(c.upper() if c == "mrr" else c, justify="right")
+    table.add_column("p50 ms", justify="right")
+    table.add_column("p95 ms", justify="right")
+    best = {c: max(m.metrics[c] for m in report.modes) for c in columns}
+    for m in report.modes:
+        cells = [(f"[bold]{m.metrics[c]:.3f}[/bold]" if m.metrics[c] == best[c] else f"{m.metrics[c]:.3f}")
+                 for c in columns]
+        table.add_row(m.name, *cells, f"{m.p50_ms:.1f}", f"{m.p95_ms:.1f}")
+    console.print(table)
+    top = report.best()
+    console.print(f"Best on these questions: {top.name} (MRR {top.metrics['mrr']:.3f}); serve it with "
+                  f"rag.mode={top.name.split('+')[0]}" + (" and a reranker" if "+rerank" in top.name else ""))
+    if report.stale:
+        console.print(f"[yellow]{report.stale} question(s) come from chunks no longer in the index (their file "
+                      "changed since `rag questions`); they count as misses. Re-run `rag questions`, or pass "
+                      "--match overlap.[/yellow]")
+    if report.generators == ["heuristic"]:
+        console.print("Questions from the heuristic share words with their passage, which favours bm25; questions "
+                      "from a teacher (--teacher) are the fairer test.")
+
+
+# ---------------------------------------------------------------------------------------------- the commands
+
+
+def index_chunks(index_dir: str | os.PathLike) -> dict[str, Chunk]:
+    """id -> Chunk of every chunk in an index built by `gptsmith rag index`, read without loading the embedder
+    (Retriever.chunks() gives the same from an open retriever)."""
+    from gptsmith.rag.index import open_table, read_manifest
+    from gptsmith.rag.retrieve import COLUMNS, row_chunk
+
+    if read_manifest(index_dir) is None:  # checked first: opening the table of a folder that is none creates it
+        raise InputError(f"{index_dir} holds no gptsmith index; build one with `gptsmith rag index DOCS... "
+                         f"--index {index_dir}`")
+    table = open_table(index_dir)
+    if table.count_rows() == 0:
+        return {}
+    return {r["id"]: row_chunk(r) for r in table.search().select(COLUMNS).limit(None).to_arrow().to_pylist()}
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    transient=True)
+
+
+def run_questions(index_dir: str | os.PathLike, out: str | os.PathLike, teacher: str | None = None,
+                  per_chunk: int = 1, max_chunks: int | None = 200, fmt: str = "qa", seed: int = 0,
+                  max_tokens: int = 384) -> QuestionsReport:
+    """`gptsmith rag questions`: write question records (or SFT conversations) for a sample of the index's chunks."""
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    chunks = list(index_chunks(index_dir).items())
+    if not chunks:
+        raise InputError(f"the index {index_dir} holds no chunks; add documents with `gptsmith rag index DOCS... "
+                         f"--index {index_dir}`")
+    model = load_teacher(teacher, max_tokens=max_tokens) if teacher else None
+    try:
+        with _progress() as bar:
+            task = bar.add_task("questions", total=min(len(chunks), max_chunks or len(chunks)))
+            records, report = make_questions(chunks, model, per_chunk, max_chunks, seed,
+                                             on_progress=lambda n: bar.advance(task, n))
+    finally:
+        if model is not None:
+            model.close()
+    if not records:
+        reasons = "; ".join(f"{n} {why}" for why, n in report.skipped.items())
+        raise InputError(f"no question could be made from {report.chunks_sampled} chunks ({reasons}); "
+                         "try another --teacher, or none for the heuristic questions")
+    write_questions(records, out, fmt)
+    print(f"wrote {report.records} {'questions' if fmt == 'qa' else 'SFT conversations'} to {out} from "
+          f"{report.chunks_sampled} of {report.chunks_in_index} chunks ({report.generator}, "
+          f"{report.seconds:.1f} s)")
+    for why, n in report.skipped.items():
+        print(f"  skipped {n} chunk(s): {why}")
+    return report
+
+
+def run_eval(index_dir: str | os.PathLike, questions_path: str | os.PathLike, rerank: str | None = None,
+             top_k: int = 10, match: str = "chunk", json_out: str | os.PathLike | None = None,
+             cfg=None) -> EvalReport:
+    """`gptsmith rag eval`: the comparison table of every retrieval setting on a questions file. `cfg`: the
+    RagConfig whose rrf_k and candidates the retriever uses (as serving would)."""
+    from gptsmith.files import atomic_write_json
+    from gptsmith.rag.retrieve import Retriever
+
+    questions = read_questions(questions_path)
+    retriever = Retriever.open(index_dir, rerank=rerank, cfg=cfg)
+    chunks = dict(retriever.chunks())
+    with _progress() as bar:
+        modes = len(eval_modes(rerank is not None))
+        task = bar.add_task("retrieving", total=modes * len(questions))
+        report = evaluate(retriever, questions, chunks, top_k, match, has_reranker=rerank is not None,
+                          on_progress=lambda n: bar.advance(task, n))
+    render_report(report)
+    if json_out:
+        atomic_write_json(json_out, {"index": str(index_dir), "questions_file": str(questions_path),
+                                     "rerank": rerank, **report.to_json()})
+    return report
