@@ -94,6 +94,11 @@ class LocalBackend:
         resolved = self.engine.resolve(SamplingParams(top_k=self.top_k, repetition_penalty=self.repetition_penalty))
         return {"temperature": resolved.temperature, "top_p": resolved.top_p}
 
+    def count_tokens(self, messages: list[dict]) -> int:
+        """The length of `messages` in this model's tokens, as its chat template encodes them (an assistant's
+        context budget is counted with it)."""
+        return len(self.engine.chat_template_ids(messages))
+
     async def start(self) -> None:
         self.scheduler.start()
 
