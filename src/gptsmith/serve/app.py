@@ -84,19 +84,18 @@ def build_served(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backe
             local[Path(model_dir).resolve()] = backend
         served.append(Served(backend))
     for path in assistants:
-        from gptsmith.assist.profile import load_assistant
+        from gptsmith.assist import Assistant, load_assistant
 
         profile = load_assistant(path)
         if profile.backend_url:
-            b = ExternalBackend(profile.backend_url, os.environ.get("GPTSMITH_BACKEND_API_KEY"),
-                                getattr(profile, "backend_model", None))
+            b = ExternalBackend(profile.backend_url, os.environ.get(profile.api_key_env), profile.backend_model)
         else:
             where = Path(profile.model).resolve()
             if where not in local:
                 local[where] = build_backend(cfg.model_copy(update={"serve": cfg.serve.model_copy(
                     update={"backend_url": None})}), where)
             b = local[where]
-        served.append(Served(b, open_assistant(profile), profile.name, index_dir(profile)))
+        served.append(Served(b, Assistant.open(profile), profile.name, index_dir(profile)))
     names = [s.label for s in served if s.label]
     if len(set(names)) != len(names):
         raise InputError(f"two assistants are named the same ({', '.join(names)}): each needs its own `name`, "
@@ -109,20 +108,7 @@ def build_served(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backe
 
 def index_dir(profile) -> str | None:
     """The assistant's RAG index directory, as the folder watch refreshes it; None without RAG."""
-    rag = getattr(profile, "rag", None)
-    return str(Path(rag.index).resolve()) if rag is not None and getattr(rag, "index", None) else None
-
-
-def open_assistant(profile):
-    """The assistant of a profile: its retriever (the RAG index) and its few-shot library loaded."""
-    from gptsmith.assist import Assistant
-
-    retriever = None
-    if index_dir(profile) is not None:
-        from gptsmith.rag.retrieve import Retriever
-
-        retriever = Retriever.open(index_dir(profile), rerank=getattr(profile.rag, "rerank", None))
-    return Assistant(profile, retriever=retriever)
+    return str(Path(profile.rag.index).resolve()) if profile.rag is not None else None
 
 
 def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend | None = None,

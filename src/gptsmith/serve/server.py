@@ -92,14 +92,9 @@ class AssistPlan:
     split: Callable[[str], tuple[str, str]] | None = None  # (reasoning, answer) of a finished CoT text
 
 
-# The context an assistant budgets for behind a backend that does not say its own (an external server)
+# The context an assistant budgets for behind a backend that does not say its own (an external server), unless
+# its profile sets max_context
 EXTERNAL_CONTEXT = 4096
-
-
-def approx_chat_tokens(messages: list[dict]) -> int:
-    """A backend without a tokenizer here (an external server): ~4 characters a token, plus each message's
-    framing. An estimate; the external server still refuses a prompt that really is too long."""
-    return sum(len(m.get("content") or "") // 4 + 4 for m in messages)
 
 
 def source_dict(index: int, hit) -> dict:
@@ -116,32 +111,22 @@ def dropped_dict(dropped: dict | None) -> dict | None:
 
 
 class ReasoningSplitter:
-    """Splits a chain-of-thought answer into reasoning and answer while it streams. `split` (the assistant's
-    split_reasoning) is run on the text so far; a piece is sent only when it extends what was sent before, and the
-    last HOLD characters of the reasoning wait (the answer's marker may be arriving), so nothing sent is ever
-    taken back. The answer is sent once the reasoning has begun, or at the end; the stored split is always the
-    one of the finished text."""
-    HOLD = 24
+    """A streamed answer's pieces as (kind, text): kind "content", or "reasoning" for the reasoning of a
+    chain-of-thought answer (split while it streams by gptsmith.assist's ReasoningFilter, which holds back only
+    what may still be a label, so nothing sent is ever taken back)."""
 
-    def __init__(self, split: Callable[[str], tuple[str, str]] | None):
-        self.split, self.text = split, ""
-        self.sent = {"reasoning": "", "content": ""}
+    def __init__(self, cot: bool):
+        self.filter = None
+        if cot:
+            from gptsmith.assist import ReasoningFilter
+
+            self.filter = ReasoningFilter()
 
     def feed(self, piece: str, final: bool = False) -> list[tuple[str, str]]:
-        """(kind, text) pieces to send: kind is "reasoning" or "content"."""
-        if self.split is None:
+        if self.filter is None:
             return [("content", piece)] if piece else []
-        self.text += piece
-        reasoning, answer = self.split(self.text)
-        out = []
-        ready = {"reasoning": reasoning if final or answer else reasoning[:-self.HOLD],
-                 "content": answer if final or reasoning else ""}
-        for kind in ("reasoning", "content"):
-            new, sent = ready[kind], self.sent[kind]
-            if len(new) > len(sent) and new.startswith(sent):
-                out.append((kind, new[len(sent):]))
-                self.sent[kind] = new
-        return out
+        parts = self.filter.push(piece) + (self.filter.finish() if final else [])
+        return [("content" if kind == "answer" else kind, text) for kind, text in parts]
 
 
 @dataclass
@@ -274,12 +259,12 @@ class Server:
         the context budget), or None for a plain model. Retrieval and embedding run on a worker thread."""
         if served.assistant is None:
             return None
-        from gptsmith.assist import split_reasoning
+        from gptsmith.assist import approx_count_tokens, split_reasoning
 
         backend = served.backend
-        max_context = backend.max_context or EXTERNAL_CONTEXT
+        max_context = served.assistant.profile.max_context or backend.max_context or EXTERNAL_CONTEXT
         budget = min(max_tokens or self.assistant_max_tokens(served), max_context // 2)
-        count = getattr(backend, "count_tokens", None) or approx_chat_tokens
+        count = getattr(backend, "count_tokens", None) or approx_count_tokens
         try:
             ap = await asyncio.to_thread(served.assistant.prepare, messages, count, max_context, budget, reasoning)
         except ValueError as e:  # the question alone does not fit the model's context
@@ -318,11 +303,13 @@ class Server:
                stop: list[str] | None = None, seed: int | None = None, served: Served | None = None,
                plan: AssistPlan | None = None) -> GenParams:
         # whatever the client leaves out: the assistant's sampling, else the server's defaults for that model
-        d = self.defaults_for(served or self.served[0]) | {
-            k: v for k, v in (plan.sampling if plan else {}).items() if k in ("temperature", "top_p") and v is not None}
+        mine = {k: v for k, v in (plan.sampling if plan else {}).items() if v is not None}
+        d = self.defaults_for(served or self.served[0]) | {k: mine[k] for k in ("temperature", "top_p") if k in mine}
+        if seed is None:
+            seed = mine.get("seed", self.cfg.generate.seed)
         return GenParams(max_tokens=max_tokens, temperature=d["temperature"] if temperature is None else temperature,
-                         top_p=d["top_p"] if top_p is None else top_p, stop=stop or [],
-                         seed=self.cfg.generate.seed if seed is None else seed)
+                         top_p=d["top_p"] if top_p is None else top_p, stop=stop or list(mine.get("stop") or []),
+                         seed=seed)
 
     # ---------------------------------------------------------------------------------------- generation
     async def new_answer(self, conv_id: str, parent_id: int | None, prompt: Prompt, params: GenParams,
@@ -350,7 +337,7 @@ class Server:
         answer = Answer(t0, prompt.n_tokens, split=split)
         try:
             await self._generate(prompt, params, msg_id, answer, emit, (served or self.served[0]).backend,
-                                 ReasoningSplitter(split))
+                                 ReasoningSplitter(split is not None))
             answer.finish_reason = answer.finish_reason or "stop"
             result = answer.fields()
             self._unsaved.pop(msg_id, None)

@@ -17,12 +17,8 @@ log = logging.getLogger("gptsmith.serve")
 
 
 def changed(report: dict) -> bool:
-    """Whether a refresh report says the index changed (files re-embedded or deleted)."""
-    for key in ("reembedded", "re_embedded", "deleted", "added", "changed"):
-        value = report.get(key)
-        if value:
-            return True
-    return False
+    """Whether a refresh report (rag.index.build_index's) says the index changed: files new, changed or gone."""
+    return bool(report.get("files_updated") or report.get("files_deleted"))
 
 
 @dataclass
@@ -47,7 +43,7 @@ class IndexWatcher:
             reports = {}
             for index_dir in self.index_dirs():
                 try:
-                    report = refresh(index_dir)
+                    report = refresh(index_dir, embedder=self._embedder(index_dir))
                 except Exception:  # a file being written, a disk hiccup: the next round tries again
                     log.exception("refreshing the index %s failed; serving its previous state", index_dir)
                     continue
@@ -59,13 +55,22 @@ class IndexWatcher:
             self.rounds += 1
             return reports
 
+    def _embedder(self, index_dir: str):
+        """The embedder the served retriever of `index_dir` already holds: a refresh must not load a second copy
+        of its weights every round."""
+        for s in self.served:
+            if s.index_dir == index_dir and getattr(s.assistant, "retriever", None) is not None:
+                return s.assistant.retriever.embedder
+        return None
+
     def _reopen(self, index_dir: str) -> None:
         from gptsmith.rag.retrieve import Retriever
 
         for s in self.served:
             if s.index_dir == index_dir and s.assistant is not None:
-                old = s.assistant.retriever
-                s.assistant.retriever = Retriever.open(index_dir, rerank=getattr(old, "rerank_spec", None))
+                old = s.assistant.retriever  # same embedder: no second copy of its weights
+                s.assistant.retriever = Retriever.open(index_dir, rerank=s.assistant.profile.rag.rerank,
+                                                       embedder=getattr(old, "embedder", None))
 
     def _run(self) -> None:
         while not self._stop.wait(self.seconds):
