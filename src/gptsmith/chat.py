@@ -52,16 +52,45 @@ def _answer(engine: Engine, messages: list[dict], params: SamplingParams, out) -
     return "".join(shown)
 
 
-def run_chat(model_dir, gen_cfg, system: str | None = None, device: str = "auto") -> None:
+def _assistant_replier(path, device: str, show_reasoning: bool, out):
+    """`chat --assistant FILE`: each answer from the assistant (its sources after it); returns (reply function,
+    banner). The reasoning of a chain-of-thought answer is kept in the saved turn's "reasoning" field."""
+    from gptsmith.assist.answer import answer, open_model
+    from gptsmith.assist.cli import StreamPrinter, print_sources
+    from gptsmith.assist.prompt import Assistant
+
+    assistant = Assistant.open(path)
+    model = open_model(assistant.profile, device)
+
+    def reply(convo: list[dict]) -> dict:
+        printer = StreamPrinter(out, show_reasoning)
+        out.write(BOT_PROMPT)
+        r = answer(assistant, model, convo, on_text=printer, interruptible=True)
+        printer.end(r)
+        print_sources(r, out)
+        return {"role": "assistant", "content": r.answer, **({"reasoning": r.reasoning} if r.reasoning else {})}
+
+    return reply, f"chatting with assistant {assistant.name} (context {model.max_context} tokens)"
+
+
+def run_chat(model_dir, gen_cfg, system: str | None = None, device: str = "auto", assistant=None,
+             show_reasoning: bool = False) -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     out = sys.stdout
-    engine = Engine.load(model_dir, device=device)
-    params = engine.resolve(SamplingParams.from_config(gen_cfg))  # unset: the model's generation_config.json
+    if assistant is not None:
+        reply, banner = _assistant_replier(assistant, device, show_reasoning, out)
+    else:
+        engine = Engine.load(model_dir, device=device)
+        params = engine.resolve(SamplingParams.from_config(gen_cfg))  # unset: the model's generation_config.json
+        banner = f"chatting with {model_dir} (context {engine.max_context} tokens)"
+
+        def reply(convo: list[dict]) -> dict:
+            return {"role": "assistant", "content": _answer(engine, convo, params, out)}
     messages: list[dict] = []
-    print(f"chatting with {model_dir} (context {engine.max_context} tokens). /help for commands, Ctrl-D to leave.")
+    print(f"{banner}. /help for commands, Ctrl-D to leave.")
     while True:
         try:
             line = input(USER_PROMPT)
@@ -104,9 +133,9 @@ def run_chat(model_dir, gen_cfg, system: str | None = None, device: str = "auto"
         messages.append({"role": "user", "content": line})
         convo = ([{"role": "system", "content": system}] if system else []) + messages
         try:
-            reply = _answer(engine, convo, params, out)
+            turn = reply(convo)
         except ValueError as e:  # e.g. the message alone does not fit the context
             messages.pop()
             print(f"\n[error: {e}]")
             continue
-        messages.append({"role": "assistant", "content": reply})
+        messages.append(turn)

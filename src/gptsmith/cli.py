@@ -135,7 +135,15 @@ def cmd_chat(args) -> None:
     from gptsmith.chat import run_chat
     cfg = _config(args, {"generate.max_new_tokens": args.max_new_tokens, "generate.temperature": args.temperature,
                          "generate.seed": args.seed})
-    run_chat(args.model, cfg.generate, system=args.system, device=args.device)
+    if (args.model is None) == (args.assistant is None):
+        raise UserError("chat needs --model DIR (a chat model) or --assistant FILE (an assistant profile)")
+    run_chat(args.model, cfg.generate, system=args.system, device=args.device, assistant=args.assistant,
+             show_reasoning=args.show_reasoning)
+
+
+def cmd_ask(args) -> None:
+    from gptsmith.assist.cli import ask
+    ask(args.assistant, args.question, show_reasoning=args.show_reasoning, as_json=args.json, device=args.device)
 
 
 def cmd_serve(args) -> None:
@@ -290,12 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("chat", "Chat with a model in the terminal (/reset, /system TEXT, /save FILE, Ctrl-C stops an answer).",
             cmd_chat)
-    p.add_argument("--model", type=Path, required=True, help="chat model directory")
+    p.add_argument("--model", type=Path, default=None, help="chat model directory")
+    p.add_argument("--assistant", type=Path, default=None, metavar="FILE",
+                   help="chat with an assistant profile (YAML) instead of --model; sources follow each answer")
+    p.add_argument("--show-reasoning", action="store_true", help="assistant with chain_of_thought: show the "
+                   "reasoning before each answer (hidden by default)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
     p.add_argument("--temperature", type=float, help="0 = greedy")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+    p = add("ask", "Ask an assistant one question: prints the answer and its numbered sources.", cmd_ask)
+    p.add_argument("question", help="the question")
+    p.add_argument("--assistant", type=Path, required=True, metavar="FILE", help="assistant profile (YAML)")
+    p.add_argument("--show-reasoning", action="store_true", help="print the chain-of-thought reasoning too")
+    p.add_argument("--json", action="store_true", help="print one JSON object: answer, reasoning, sources, dropped")
+    p.add_argument("--device", default="auto", help="where a local model runs: auto, cpu, cuda")
 
     p = add("serve", "Serve an OpenAI-compatible API and the web chat UI.", cmd_serve)
     p.add_argument("--model", type=Path, default=None, help="model directory to serve")

@@ -1,0 +1,550 @@
+"""Read a document into structural blocks that remember where they came from.
+
+`extract(path)` turns one file into a `Document`: a list of `Block`s (a heading, a paragraph, a code block, a list,
+a table), each carrying its heading path ("Guide > Install") and its text *line by line with the source line
+number of every line* (the page number for a PDF). Keeping the number per line, not per block, is what lets the
+chunker cut a long block anywhere and still cite exactly the lines it kept.
+
+Formats and what "a line" means in each:
+
+- .md/.markdown: parsed with markdown-it-py (CommonMark + tables; the parser gives every block its source line
+  range). Text is the source lines verbatim (a fenced block keeps its fences); headings are ATX (#) or setext.
+  A YAML front matter block (--- ... --- at the top) is skipped.
+- .rst: headings are a title line with an underline (and optional overline) of one punctuation character, levels
+  in order of first appearance, as docutils does; an indented block (literal block, directive body) is code.
+- .txt: paragraphs separated by blank lines.
+- .html/.htm: BeautifulSoup with Python's own html.parser, which records the line of every tag; the text of each
+  h1-h6, p, li, pre, tr, dt/dd... is kept with the source line each piece of text sits on. script/style are dropped.
+- .pdf: pypdf's text layer, page by page; the unit is the page (a scanned PDF without a text layer is an error).
+- .docx: python-docx; "line" n is the n-th paragraph of the body (a table row counts as one), headings from the
+  Title / Heading N styles.
+- .py: module, class and function docstrings and comments (pragmas such as `# noqa` left out), under the
+  qualified name (`module.Class.method`) as heading; the def/class line is kept above its docstring.
+- .jsonl: one record per line, its text field ("text" unless told) is one section; the line is the JSONL line.
+
+Errors: a missing, unreadable, empty, corrupt or unsupported file raises `ExtractError` (an `InputError`) naming
+the file and the reason, so an indexer can count it and go on. Text that is not valid UTF-8 is decoded with
+replacement characters and a warning (one bad byte in a Latin-1 file should not hide the whole document), unless
+it looks binary (a NUL byte, or more than 1% of it undecodable): then it is an ExtractError.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import logging
+import re
+import tokenize
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptsmith.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = frozenset({".md", ".markdown", ".txt", ".rst", ".html", ".htm", ".pdf", ".docx", ".py", ".jsonl"})
+
+
+class ExtractError(InputError):
+    """A document that cannot be read into text: the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str  # "heading" | "paragraph" | "code" | "list" | "table"
+    heading: tuple[str, ...]  # the heading path the block sits under (a heading block's path ends with itself)
+    lines: tuple[tuple[int, str], ...]  # (source line, or page, number; the text of that line)
+    starts_section: bool = False  # a heading, a PDF page, a JSONL record: the chunker starts a new chunk here
+
+    @property
+    def start(self) -> int:
+        return self.lines[0][0]
+
+    @property
+    def end(self) -> int:
+        return self.lines[-1][0]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(text for _, text in self.lines)
+
+
+@dataclass
+class Document:
+    source: str  # absolute POSIX path
+    unit: str  # "line" | "page"
+    blocks: list[Block]
+    warnings: list[str] = field(default_factory=list)  # e.g. invalid UTF-8 replaced
+
+
+def extract(path: str | Path, *, jsonl_field: str = "text") -> Document:
+    """Read one file into a Document; raise ExtractError when it is missing, unreadable, empty or unsupported."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ExtractError(path, "is a directory, not a file")
+    if suffix not in SUPPORTED:
+        raise ExtractError(path, f"unsupported file type {suffix or '(no extension)'!r}; "
+                                 f"supported: {', '.join(sorted(SUPPORTED))}")
+    data = _read_bytes(path)
+    doc = Document(source=path.resolve().as_posix(), unit="page" if suffix == ".pdf" else "line", blocks=[])
+    if suffix == ".pdf":
+        doc.blocks = _pdf_blocks(path, data)
+    elif suffix == ".docx":
+        doc.blocks = _docx_blocks(path, data)
+    else:
+        text = _decode(path, data, doc.warnings)
+        doc.blocks = _TEXT_PARSERS[suffix](path, text, jsonl_field)
+    doc.blocks = [b for b in doc.blocks if any(t.strip() for _, t in b.lines)]
+    if not doc.blocks:
+        raise ExtractError(path, "no text found in the document (nothing to index)")
+    return doc
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise ExtractError(path, "file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ExtractError(path, f"cannot read the file: {e.strerror or e}") from e
+    if not data.strip():
+        raise ExtractError(path, "the file is empty")
+    return data
+
+
+def _decode(path: Path, data: bytes, warnings: list[str]) -> str:
+    """UTF-8 (a BOM is dropped); a few bad bytes become U+FFFD with a warning, a binary file is an error."""
+    if b"\x00" in data:
+        raise ExtractError(path, "looks binary (contains NUL bytes), not a text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        text = data.decode("utf-8-sig", errors="replace")
+        if text.count("\ufffd") > max(1, len(text) // 100):
+            raise ExtractError(path, f"not UTF-8 text (first bad byte on line {line}); convert it to UTF-8") from e
+        message = f"{path}: invalid UTF-8 (first bad byte on line {line}) replaced with U+FFFD"
+        warnings.append(message)
+        log.warning(message)
+        return text
+
+
+def _numbered(text: str) -> list[tuple[int, str]]:
+    """Source lines with 1-based numbers, trailing whitespace dropped."""
+    return [(i, line.rstrip()) for i, line in enumerate(text.splitlines(), start=1)]
+
+
+def _under(stack: list[tuple[int, str]], level: int, title: str) -> tuple[str, ...]:
+    """Put a heading of `level` on the heading stack (closing deeper or equal ones) and return the new path."""
+    while stack and stack[-1][0] >= level:
+        stack.pop()
+    stack.append((level, title))
+    return tuple(t for _, t in stack)
+
+
+def _paragraphs(lines: list[tuple[int, str]], heading: tuple[str, ...] = (), kind: str = "paragraph") -> list[Block]:
+    """Split numbered lines into blocks at blank lines."""
+    blocks, current = [], []
+    for number, text in lines + [(0, "")]:
+        if text.strip():
+            current.append((number, text))
+        elif current:
+            blocks.append(Block(kind, heading, tuple(current)))
+            current = []
+    return blocks
+
+
+# ---- plain text, Markdown, reStructuredText -------------------------------------------------------------------
+
+
+def _txt_blocks(path: Path, text: str, _field: str) -> list[Block]:
+    return _paragraphs(_numbered(text))
+
+
+def _strip_front_matter(lines: list[str]) -> list[str]:
+    """Blank a leading YAML front matter block (keeping the line count, so numbers stay right)."""
+    if not lines or lines[0].strip() != "---":
+        return lines
+    for i in range(1, len(lines)):
+        if lines[i].strip() in ("---", "..."):
+            return [""] * (i + 1) + lines[i + 1:]
+    return lines
+
+
+_MD_KIND = {"fence": "code", "code_block": "code", "bullet_list_open": "list", "ordered_list_open": "list",
+            "table_open": "table", "paragraph_open": "paragraph", "blockquote_open": "paragraph",
+            "html_block": "paragraph"}
+
+
+def _md_blocks(path: Path, text: str, _field: str) -> list[Block]:
+    from markdown_it import MarkdownIt
+
+    lines = _strip_front_matter(text.splitlines())
+    tokens = MarkdownIt("commonmark").enable("table").parse("\n".join(lines))
+    blocks, stack, path_now = [], [], ()
+    for i, token in enumerate(tokens):
+        if token.level != 0 or token.map is None:
+            continue  # only top-level blocks: a list or a quote is kept whole, with its own lines
+        first, stop = token.map  # 0-based, stop exclusive
+        if token.type == "heading_open":
+            title = tokens[i + 1].content.strip()
+            path_now = _under(stack, int(token.tag[1]), title)
+            blocks.append(Block("heading", path_now, ((first + 1, title),), starts_section=True))
+        elif token.type in _MD_KIND:
+            kind = _MD_KIND[token.type]
+            numbered = [(n + 1, lines[n].rstrip()) for n in range(first, min(stop, len(lines)))]
+            if kind != "code":
+                numbered = [(n, t) for n, t in numbered if t.strip()]
+            while numbered and not numbered[-1][1].strip():
+                numbered.pop()
+            if numbered:
+                blocks.append(Block(kind, path_now, tuple(numbered)))
+    return blocks
+
+
+_ADORNMENT = re.compile(r"([!-/:-@\[-`{-~])\1{2,}\s*")  # 3+ of one punctuation character: an RST under/overline
+
+
+def _is_adornment(line: str) -> bool:
+    return bool(_ADORNMENT.fullmatch(line))
+
+
+def _rst_heading_at(lines: list[str], i: int) -> tuple[str, tuple[str, bool], int, int] | None:
+    """A section title starting at line i: (title, style, index of the title line, index after it) or None."""
+    n = len(lines)
+    if _is_adornment(lines[i]) and i + 2 < n and lines[i + 1].strip() and _is_adornment(lines[i + 2]) \
+            and lines[i + 2][0] == lines[i][0]:
+        return lines[i + 1].strip(), (lines[i][0], True), i + 1, i + 3
+    if lines[i].strip() and not lines[i][0].isspace() and not _is_adornment(lines[i]) and i + 1 < n \
+            and _is_adornment(lines[i + 1]):
+        return lines[i].strip(), (lines[i + 1][0], False), i, i + 2
+    return None
+
+
+def _rst_blocks(path: Path, text: str, _field: str) -> list[Block]:
+    lines = [line.rstrip() for line in text.splitlines()]
+    blocks, stack, styles, path_now, i = [], [], [], (), 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        heading = _rst_heading_at(lines, i)
+        if heading:
+            title, style, at, i = heading
+            styles += [style] if style not in styles else []
+            path_now = _under(stack, styles.index(style) + 1, title)
+            blocks.append(Block("heading", path_now, ((at + 1, title),), starts_section=True))
+            continue
+        j = _rst_block_end(lines, i)
+        kind = "code" if lines[i][0].isspace() else "paragraph"
+        numbered = [(n + 1, lines[n]) for n in range(i, j) if kind == "code" or lines[n].strip()]
+        blocks.append(Block(kind, path_now, tuple(numbered)))
+        i = j
+    return blocks
+
+
+def _rst_block_end(lines: list[str], i: int) -> int:
+    """Where the block starting at line i ends: an indented block runs over blank lines while the indentation
+    goes on (a literal block or a directive body); a paragraph stops at a blank line or a title."""
+    j = i + 1
+    if lines[i][0].isspace():
+        while j < len(lines) and (not lines[j].strip() or lines[j][0].isspace()):
+            j += 1
+        while not lines[j - 1].strip():
+            j -= 1
+        return j
+    while j < len(lines) and lines[j].strip() and not lines[j][0].isspace() and not _rst_heading_at(lines, j):
+        j += 1
+    return j
+
+
+# ---- HTML -----------------------------------------------------------------------------------------------------
+
+_HTML_HEADINGS = {f"h{n}": n for n in range(1, 7)}
+# Elements whose text is one block; containers (div, section, ul, table, ...) are walked into instead.
+_HTML_LEAVES = {"p", "li", "pre", "tr", "dt", "dd", "caption", "figcaption", "blockquote", "address", *_HTML_HEADINGS}
+_HTML_DROPPED = {"script", "style", "noscript", "template", "head", "svg", "iframe"}
+
+
+def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(text, "html.parser")  # html.parser records every tag's source line
+    blocks, stack, path_now = [], [], ()
+    for name, lines in _html_leaves(soup):
+        if name in _HTML_HEADINGS:
+            title = " ".join(t for _, t in lines)
+            path_now = _under(stack, _HTML_HEADINGS[name], title)
+            blocks.append(Block("heading", path_now, ((lines[0][0], title),), starts_section=True))
+        else:
+            kind = {"pre": "code", "li": "list", "tr": "table"}.get(name, "paragraph")
+            blocks.append(Block(kind, path_now, tuple(lines)))
+    return blocks
+
+
+def _html_leaves(node):
+    """Yield (tag name, numbered lines) for each leaf block in document order; loose text in a container is a
+    paragraph of its own."""
+    from bs4 import NavigableString, Tag
+
+    for child in node.children:
+        if isinstance(child, Tag) and child.name in _HTML_LEAVES:
+            lines = _html_lines(child, keep_space=child.name == "pre")
+            if lines:
+                yield child.name, lines
+        elif isinstance(child, Tag) and child.name not in _HTML_DROPPED:
+            yield from _html_leaves(child)
+        elif type(child) is NavigableString and child.strip():
+            yield "", _merge_parts([(_line_of(child), str(child))], keep_space=False)
+
+
+def _line_of(string) -> int:
+    """The source line a loose string starts on: the closest tag before it, plus the newlines of the text
+    between that tag and the string."""
+    from bs4 import Tag
+
+    count, element = 0, string.previous_element
+    while element is not None and not isinstance(element, Tag):
+        count += str(element).count("\n")
+        element = element.previous_element
+    return (getattr(element, "sourceline", None) or 1) + count
+
+
+def _html_lines(tag, keep_space: bool) -> list[tuple[int, str]]:
+    """The text of a tag, line by line, each with its source line: every tag inside resets the line to its own
+    start, and the newlines in the text move it on. Text inside script/style is skipped (its newlines counted)."""
+    from bs4 import NavigableString, Tag
+
+    parts: list[tuple[int, str]] = []
+    line = tag.sourceline or 1
+    for element in tag.descendants:
+        if isinstance(element, Tag):
+            line = element.sourceline or line
+        elif isinstance(element, NavigableString):
+            wanted = type(element) is NavigableString and element.parent.name not in _HTML_DROPPED
+            if wanted:  # not a comment, CDATA or doctype, nor script
+                parts.append((line, str(element)))
+            line += str(element).count("\n")
+    return _merge_parts(parts, keep_space)
+
+
+def _merge_parts(parts: list[tuple[int, str]], keep_space: bool) -> list[tuple[int, str]]:
+    """Join text pieces that sit on one source line; collapse runs of spaces unless the text is preformatted."""
+    by_line: dict[int, str] = {}
+    for line, text in parts:
+        for offset, piece in enumerate(text.split("\n")):
+            by_line[line + offset] = by_line.get(line + offset, "") + piece
+    result = []
+    for line in sorted(by_line):
+        text = by_line[line].rstrip() if keep_space else " ".join(by_line[line].split())
+        if text.strip() or (keep_space and result):
+            result.append((line, text))
+    while result and not result[-1][1].strip():
+        result.pop()
+    return result
+
+
+# ---- PDF and Word ---------------------------------------------------------------------------------------------
+
+
+def _pdf_blocks(path: Path, data: bytes) -> list[Block]:
+    from pypdf import PdfReader
+
+    try:  # a damaged file can raise almost anything inside the parser; for the indexer it is one bad file
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise ExtractError(path, "the PDF is encrypted with a password; decrypt it first")
+        title = ((reader.metadata or {}).get("/Title") or "").strip() if reader.metadata else ""
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except ExtractError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ExtractError(path, f"cannot read the PDF ({type(e).__name__}: {e}); is the file complete?") from e
+    if not any(p.strip() for p in pages):
+        raise ExtractError(path, "the PDF has no text layer (a scan?); run OCR on it first")
+    heading = (str(title),) if title else ()
+    blocks = []
+    for number, page_text in enumerate(pages, start=1):
+        page_lines = [(number, line.rstrip()) for line in page_text.splitlines()]
+        page_blocks = _paragraphs(page_lines, heading)
+        if page_blocks:  # each page begins a new chunk, so a citation's page range stays small
+            page_blocks[0] = Block(page_blocks[0].kind, heading, page_blocks[0].lines, starts_section=True)
+        blocks += page_blocks
+    return blocks
+
+
+_DOCX_LEVEL = re.compile(r"heading (\d)", re.I)
+
+
+def _docx_items(data: bytes) -> list[tuple[str, str]]:
+    """(style name, text) for each body paragraph and table row, in order: the docx's "lines"."""
+    import docx
+    from docx.table import Table
+
+    items = []
+    for item in docx.Document(io.BytesIO(data)).iter_inner_content():
+        if isinstance(item, Table):
+            for row in item.rows:
+                items.append(("Table", " | ".join(cell.text.strip() for cell in row.cells)))
+        else:
+            items.append((item.style.name if item.style is not None else "", item.text.rstrip()))
+    return items
+
+
+def _docx_blocks(path: Path, data: bytes) -> list[Block]:
+    try:  # a damaged or mislabelled file fails deep inside the zip/XML readers
+        items = _docx_items(data)
+    except Exception as e:  # noqa: BLE001
+        raise ExtractError(path, f"cannot read the Word document ({type(e).__name__}: {e}); "
+                                 "is it a .docx (not an old .doc) and complete?") from e
+    blocks, stack, path_now, body, previous = [], [], (), [], ""
+    for number, (style, text) in enumerate(items + [("", "")], start=1):
+        level = 0 if style == "Title" else int(m.group(1)) if (m := _DOCX_LEVEL.fullmatch(style)) else None
+        if level is not None and text.strip():
+            blocks += _paragraphs(body, path_now)
+            body = []
+            path_now = _under(stack, level, text.strip())
+            blocks.append(Block("heading", path_now, ((number, text.strip()),), starts_section=True))
+        elif text.strip():
+            if not (style == "Table" == previous):  # a paragraph is a block of its own; a table's rows stay together
+                body.append((number, ""))
+            body.append((number, ("- " if style.lower().startswith("list") else "") + text))
+        previous = style
+    return blocks + _paragraphs(body, path_now)
+
+
+# ---- Python ---------------------------------------------------------------------------------------------------
+
+_PRAGMA = re.compile(r"#\s*(noqa|type:|pragma|fmt:|pylint:|mypy:|isort:|-\*-|!)", re.I)
+
+
+def _py_scopes(tree: ast.Module, module: str) -> list[tuple[str, ast.AST]]:
+    """(qualified name, node) for the module and every class and function in it, outermost first."""
+    scopes = [(module, tree)]
+    for qualname, node in scopes:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                scopes.append((f"{qualname}.{child.name}", child))
+    return scopes
+
+
+def _py_comments(path: Path, text: str) -> list[tuple[int, str]]:
+    """(line, text) of every comment that says something (not a pragma, not a shebang)."""
+    comments = []
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.COMMENT and not _PRAGMA.match(token.string):
+                body = token.string.lstrip("#").strip()
+                if body:
+                    comments.append((token.start[0], body))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass  # the AST pass below already reported the syntax error
+    return comments
+
+
+def _docstring_lines(node: ast.AST) -> list[tuple[int, str]]:
+    """The docstring's lines numbered from the line of its opening quotes, indentation removed."""
+    body = getattr(node, "body", [])
+    if not (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)):
+        return []
+    first = body[0].value.lineno
+    raw = body[0].value.value.expandtabs().split("\n")
+    indents = [len(line) - len(line.lstrip()) for line in raw[1:] if line.strip()]
+    cut = min(indents, default=0)
+    return [(first + i, (line if i == 0 else line[cut:]).rstrip()) for i, line in enumerate(raw)]
+
+
+def _innermost_scope(scopes: list[tuple[str, ast.AST]], line: int) -> str:
+    best = scopes[0][0]
+    for qualname, node in scopes[1:]:
+        if node.lineno <= line <= node.end_lineno:
+            best = qualname  # scopes are listed outermost first, so the last match is the innermost
+    return best
+
+
+def _py_blocks(path: Path, text: str, _field: str) -> list[Block]:
+    try:
+        tree = ast.parse(text, filename=str(path))
+    except SyntaxError as e:
+        raise ExtractError(path, f"Python syntax error on line {e.lineno}: {e.msg}") from e
+    source = text.splitlines()
+    scopes = _py_scopes(tree, path.stem)
+    comments: dict[str, list[tuple[int, str]]] = {}
+    for line, comment in _py_comments(path, text):
+        comments.setdefault(_innermost_scope(scopes, line), []).append((line, comment))
+    blocks = []
+    for qualname, node in scopes:
+        blocks += _py_scope_blocks(qualname, node, source, comments.get(qualname, []))
+    return sorted(blocks, key=lambda b: b.start)
+
+
+def _py_scope_blocks(qualname: str, node: ast.AST, source: list[str], comments: list[tuple[int, str]]) -> list[Block]:
+    """A scope's def/class line(s), docstring and comments, under its qualified name; nothing if it has neither."""
+    heading = (qualname,)
+    doc = _docstring_lines(node)
+    if not doc and not comments:
+        return []
+    blocks = []
+    if not isinstance(node, ast.Module):  # the signature, verbatim: it says what the docstring is about
+        last = (doc[0][0] if doc else node.body[0].lineno) - 1
+        header = [(n, source[n - 1].rstrip()) for n in range(node.lineno, max(last, node.lineno) + 1)]
+        blocks.append(Block("code", heading, tuple(header), starts_section=True))
+    blocks += _paragraphs(doc, heading)
+    blocks += _paragraphs(_runs(comments), heading)
+    if isinstance(node, ast.Module) and blocks:
+        blocks[0] = Block(blocks[0].kind, heading, blocks[0].lines, starts_section=True)
+    return blocks
+
+
+def _runs(numbered: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Insert a blank between lines that are not consecutive, so comments on adjacent lines form one paragraph."""
+    result = []
+    for number, text in numbered:
+        if result and number != result[-1][0] + 1:
+            result.append((result[-1][0], ""))
+        result.append((number, text))
+    return result
+
+
+# ---- JSONL ----------------------------------------------------------------------------------------------------
+
+
+def _jsonl_blocks(path: Path, text: str, field_name: str) -> list[Block]:
+    blocks, skipped = [], []
+    for number, line in _numbered(text):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            value = record[field_name] if isinstance(record, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            value = None
+        if not isinstance(value, str) or not value.strip():
+            skipped.append(number)
+            continue
+        title = record.get("title") if isinstance(record.get("title"), str) else f"line {number}"
+        record_lines = [(number, part.rstrip()) for part in value.splitlines()]
+        record_blocks = _paragraphs(record_lines, (title,))
+        record_blocks[0] = Block(record_blocks[0].kind, (title,), record_blocks[0].lines, starts_section=True)
+        blocks += record_blocks
+    if skipped:
+        log.warning("%s: %d line(s) without a string field %r skipped (first: line %d)",
+                    path, len(skipped), field_name, skipped[0])
+    if not blocks:
+        raise ExtractError(path, f"no record has a text field {field_name!r} (set the JSONL text field)")
+    return blocks
+
+
+_TEXT_PARSERS = {".md": _md_blocks, ".markdown": _md_blocks, ".txt": _txt_blocks, ".rst": _rst_blocks,
+                 ".html": _html_blocks, ".htm": _html_blocks, ".py": _py_blocks, ".jsonl": _jsonl_blocks}
