@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import Request
 
 from gptsmith.config import ProjectConfig
+from gptsmith.errors import InputError
 from gptsmith.serve.backends import Backend, Chunk, GenParams, Prompt
 from gptsmith.serve.schemas import APIError, SamplingFields
 from gptsmith.serve.store import MessageGone, Store
@@ -85,7 +86,7 @@ class AssistPlan:
     """What an assistant made of one request: the messages the model sees, its sources (numbered [1]..[n]),
     what the context budget dropped, its sampling defaults, and whether the answer reasons first."""
     messages: list[dict]
-    sources: list[dict]
+    sources: list[dict] | None
     dropped: dict
     sampling: dict
     reasoning: bool
@@ -259,7 +260,7 @@ class Server:
         the context budget), or None for a plain model. Retrieval and embedding run on a worker thread."""
         if served.assistant is None:
             return None
-        from gptsmith.assist import approx_count_tokens, split_reasoning
+        from gptsmith.assist import ContextError, approx_count_tokens, split_reasoning
 
         backend = served.backend
         max_context = served.assistant.profile.max_context or backend.max_context or EXTERNAL_CONTEXT
@@ -267,9 +268,13 @@ class Server:
         count = getattr(backend, "count_tokens", None) or approx_count_tokens
         try:
             ap = await asyncio.to_thread(served.assistant.prepare, messages, count, max_context, budget, reasoning)
-        except ValueError as e:  # the question alone does not fit the model's context
+        except ContextError as e:  # the question and the system prompt alone do not fit the model's context
             raise APIError(400, str(e), "messages", "context_length_exceeded") from None
-        return AssistPlan(ap.messages, [source_dict(i, h) for i, h in enumerate(ap.sources, 1)],
+        except InputError as e:  # e.g. the last message is not the user's question
+            raise APIError(400, str(e), "messages") from None
+        # an assistant without an index has no sources to give (None), one with an index may find none ([])
+        sources = [source_dict(i, h) for i, h in enumerate(ap.sources, 1)] if served.index_dir else None
+        return AssistPlan(ap.messages, sources,
                           ap.dropped, dict(ap.sampling or {}), bool(ap.reasoning),
                           split_reasoning if ap.reasoning else None)
 

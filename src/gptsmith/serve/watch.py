@@ -28,6 +28,7 @@ class IndexWatcher:
     seconds: float
     rounds: int = 0  # finished polling rounds
     reports: dict = field(default_factory=dict)  # index dir -> its last refresh report
+    history: list = field(default_factory=list)  # (index dir, report) of every refresh that changed the index
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -50,6 +51,7 @@ class IndexWatcher:
                 reports[index_dir] = report
                 if changed(report):
                     self._reopen(index_dir)
+                    self.history.append((index_dir, report))
                     log.info("index %s refreshed: %s", index_dir, report)
             self.reports.update(reports)
             self.rounds += 1
