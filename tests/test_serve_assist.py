@@ -6,13 +6,13 @@ columns on an old database (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import base64
-import sqlite3
 
 import httpx
 import numpy as np
 import openai
 import pytest
 from serve_helpers import ScriptedBackend, running, wait_for
+from test_store_postgres import pg_server  # noqa: F401 - the throwaway PostgreSQL cluster fixture
 
 from gptsmith.config import RagConfig, load_config
 from gptsmith.serve.app import create_app
@@ -287,17 +287,28 @@ def test_the_watch_brings_an_edited_file_into_the_next_answer_without_a_full_rei
 
 
 # ---------------------------------------------------------------------------------------------- store
-def test_an_older_store_gains_the_new_columns_and_keeps_its_rows(tmp_path):
-    db = tmp_path / "old.db"
-    store = Store(f"sqlite:///{db}")
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_older_store_gains_the_new_columns_and_keeps_its_rows(backend, tmp_path, request):
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("pg_server")()
+    store = Store(url)
     conv = store.create_conversation("old")
-    store.add_message(conv["id"], "user", "kept")
-    store.close()
-    with sqlite3.connect(db) as con:  # what a database made before these columns looks like
+    user = store.add_message(conv["id"], "user", "kept")
+    with store.engine.begin() as con:  # what a database made before these columns looks like
         for column in ("reasoning", "sources", "dropped"):
-            con.execute(f"ALTER TABLE messages DROP COLUMN {column}")
+            con.execute(text(f"ALTER TABLE messages DROP COLUMN {column}"))
+    store.close()
     for _ in range(2):  # idempotent: a second start finds them there
-        store = Store(f"sqlite:///{db}")
+        store = Store(url)
         msg = store.get_conversation(conv["id"])["messages"][0]
         assert msg["content"] == "kept" and msg["reasoning"] is None and msg["sources"] is None
         store.close()
+    store = Store(url)
+    source = {"index": 1, "citation": "a.md:1-2", "text": "caf\u00e9 \u2028 \U0001f600"}
+    answer = store.add_message(conv["id"], "assistant", "", user["id"], sources=[source], dropped={"chunks": 1})
+    store.update_message(answer["id"], content="yes", reasoning="because")
+    got = store.get_message(answer["id"])
+    assert (got["content"], got["reasoning"], got["sources"], got["dropped"]) == ("yes", "because", [source],
+                                                                                    {"chunks": 1})
+    store.close()
