@@ -312,3 +312,20 @@ def test_an_older_store_gains_the_new_columns_and_keeps_its_rows(backend, tmp_pa
     assert (got["content"], got["reasoning"], got["sources"], got["dropped"]) == ("yes", "because", [source],
                                                                                     {"chunks": 1})
     store.close()
+
+
+def test_an_assistant_with_backend_url_fronts_that_server(tmp_path, monkeypatch):
+    back = RecordingBackend(["Reasoning: remote thinking.\n", "Answer: from the backend."])
+    back_app = create_app(load_config(None, {"serve.db": f"sqlite:///{tmp_path / 'back.db'}",
+                                             "serve.api_key": "backend-key"}), backend=back)
+    with running(back_app) as back_url:
+        monkeypatch.setenv("REMOTE_KEY", "backend-key")
+        (tmp_path / "remote.yaml").write_text(f"name: remote\nbackend_url: {back_url}/v1\napi_key_env: REMOTE_KEY\n"
+                                              "system_prompt: Be kind.\nchain_of_thought: true\n")
+        front = create_app(config(tmp_path), assistants=[tmp_path / "remote.yaml"])
+        with running(front) as url:
+            r = client(url).chat.completions.create(model="remote", messages=QUESTION)
+            assert r.model == "remote" and r.choices[0].message.content == "from the backend."
+            assert back.seen[-1][0]["role"] == "system" and back.seen[-1][0]["content"].startswith("Be kind.")
+            assert back.seen[-1][-1] == QUESTION[0]
+    assert stored_answers(front)[0]["reasoning"] == "remote thinking."

@@ -96,10 +96,10 @@ def build_served(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backe
                     update={"backend_url": None})}), where)
             b = local[where]
         served.append(Served(b, Assistant.open(profile), profile.name, index_dir(profile)))
-    names = [s.label for s in served if s.label]
+    names = [s.name for s in served if s.name]  # an external plain model's name is known once it has started
     if len(set(names)) != len(names):
-        raise InputError(f"two assistants are named the same ({', '.join(names)}): each needs its own `name`, "
-                         "the model name clients ask for")
+        raise InputError(f"two served models are named the same ({', '.join(names)}): give each assistant its own "
+                         "`name` (the model name clients ask for), not the model folder's name either")
     if not served:
         raise InputError("serve needs a model directory (--model), a backend URL (--backend-url) or an assistant "
                          "(--assistant FILE)")
