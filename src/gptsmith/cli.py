@@ -171,6 +171,37 @@ def cmd_quickstart(args) -> None:
     quickstart(args.out, cfg, minutes=args.minutes, smoke=args.smoke)
 
 
+def cmd_rag_index(args) -> None:
+    from gptsmith.rag.index import build_index, read_manifest, refresh
+    cfg = _config(args, {"rag.index": args.index, "rag.embedder": args.embedder,
+                         "rag.chunk_tokens": args.chunk_tokens, "rag.chunk_overlap": args.chunk_overlap})
+    if not cfg.rag.index:
+        raise UserError("rag index needs --index DIR (or rag.index in the config)")
+    manifest = read_manifest(cfg.rag.index)
+    if manifest is None:
+        if not args.inputs:
+            raise UserError("rag index: give the files, folders or globs to index (DOCS...)")
+        build_index(args.inputs, cfg.rag.index, cfg.rag)
+        return
+    for key in ("embedder", "chunk_tokens", "chunk_overlap"):  # settings not given: the index's own
+        if key not in cfg.rag.model_fields_set:
+            setattr(cfg.rag, key, manifest[key])
+    build_index(args.inputs or manifest["inputs"], cfg.rag.index, cfg.rag, missing_ok=not args.inputs)
+
+
+def cmd_rag_query(args) -> None:
+    import json
+    from gptsmith.rag.retrieve import Retriever, format_hits, hit_json
+    cfg = _config(args, {"rag.index": args.index, "rag.top_k": args.top_k, "rag.mode": args.mode,
+                         "rag.rerank": args.rerank, "rag.min_score": args.min_score})
+    if not cfg.rag.index:
+        raise UserError("rag query needs --index DIR (or rag.index in the config)")
+    retriever = Retriever.open(cfg.rag.index, rerank=cfg.rag.rerank, cfg=cfg.rag)
+    hits = retriever.search(args.question, top_k=cfg.rag.top_k, mode=cfg.rag.mode, min_score=cfg.rag.min_score,
+                            sources=args.source)
+    print(json.dumps([hit_json(h) for h in hits], indent=2, ensure_ascii=False) if args.json else format_hits(hits))
+
+
 def cmd_config_show(args) -> None:
     from gptsmith.config import to_yaml
     print(to_yaml(_config(args, {})), end="")
@@ -344,6 +375,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=8.0, help="total training time budget in minutes")
     p.add_argument("--preset", help="model size (model.preset)")
     p.add_argument("--smoke", action="store_true", help="a tiny run in well under a minute, to check the install")
+
+    rag = sub.add_parser("rag", help="Retrieval over your documents: index, query.")
+    rag_sub = rag.add_subparsers(dest="rag_command", metavar="STEP", required=True)
+    p = add("index", "Index documents for retrieval (.md .txt .rst .html .pdf .docx .py .jsonl): chunk, embed, "
+                     "store vectors and BM25 text in a LanceDB table. A rerun updates only files that changed and "
+                     "drops deleted ones; the index mirrors the inputs of its latest run.", cmd_rag_index, rag_sub)
+    p.add_argument("inputs", nargs="*", metavar="DOCS", help="files, folders (recursive, hidden ones left out) and "
+                   "quoted globs ('docs/**/*.md'); none = the inputs the index remembers (a refresh)")
+    p.add_argument("--index", help="index folder to write or update (rag.index)")
+    p.add_argument("--embedder", help="default, a sentence-transformers dir, a hub id or an http(s)://HOST/v1[#model] "
+                                      "embeddings URL (rag.embedder; default: the index's own, else 'default')")
+    p.add_argument("--chunk-tokens", type=int, help="most tokens per chunk (rag.chunk_tokens)")
+    p.add_argument("--chunk-overlap", type=int, help="tokens repeated between chunks (rag.chunk_overlap)")
+    p = add("query", "Print the chunks that best answer a question: full text, citation and scores.", cmd_rag_query,
+            rag_sub)
+    p.add_argument("question", help="the question or search text")
+    p.add_argument("--index", help="index folder (rag.index)")
+    p.add_argument("--top-k", type=int, help="chunks to return (rag.top_k)")
+    p.add_argument("--mode", choices=["hybrid", "bm25", "vector"], help="retriever (rag.mode)")
+    p.add_argument("--rerank", metavar="DIR", help="re-score with this local cross-encoder (rag.rerank)")
+    p.add_argument("--source", action="append", metavar="GLOB", help="only chunks whose source path matches "
+                   "(repeatable; relative globs match the end of the path: 'docs/*.md')")
+    p.add_argument("--min-score", type=float, help="drop hits scoring below this (rag.min_score)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
 
     cfg = sub.add_parser("config", help="Show the effective config.")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="STEP", required=True)

@@ -165,6 +165,24 @@ class ServeConfig(Section):
     watch_seconds: float = Field(5.0, gt=0, description="with watch: how often to look for changed files")
 
 
+class RagConfig(Section):
+    index: str | None = Field(None, description="index directory (written by `rag index`) that query, eval and "
+                              "assistants read")
+    embedder: str = Field("default", description="embedding model: default (all-MiniLM-L6-v2, shipped), a local "
+                          "sentence-transformers dir, a hub id, or an OpenAI-compatible http(s)://HOST/v1[#model] URL")
+    chunk_tokens: int = Field(256, ge=16, description="most tokens (the embedder's own) in one chunk")
+    chunk_overlap: int = Field(32, ge=0, description="tokens a chunk repeats from the end of the previous one")
+    top_k: int = Field(5, ge=1, description="chunks a query returns")
+    mode: Literal["hybrid", "bm25", "vector"] = Field("hybrid", description="retrieval: hybrid (BM25 and vectors "
+                                                      "fused by reciprocal rank fusion), bm25 alone, or vector alone")
+    rerank: str | None = Field(None, description="cross-encoder directory (sentence-transformers) that re-scores "
+                               "the candidates; null = no rerank")
+    min_score: float | None = Field(None, description="drop hits scoring below this (the score of the last stage: "
+                                    "rerank, RRF, BM25 or cosine); null = keep all")
+    rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant: a hit scores sum 1/(rrf_k + rank)")
+    candidates: int = Field(50, ge=1, description="hits each retriever fetches before fusion, filters and rerank")
+
+
 class ProjectConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig,
                              description="reading, cleaning, de-duplicating and splitting inputs (prepare, data; on_error: sft too)")
@@ -179,6 +197,8 @@ class ProjectConfig(Section):
                                      description="sampling defaults (generate, chat, serve)")
     serve: ServeConfig = Field(default_factory=ServeConfig,
                                description="the OpenAI-compatible server, web UI and store (serve, feedback export)")
+    rag: RagConfig = Field(default_factory=RagConfig,
+                           description="retrieval over your documents: index, embedder, chunking, search (rag)")
 
 
 class ConfigError(ValueError):

