@@ -52,7 +52,9 @@ class IndexWatcher:
                 if changed(report):
                     self._reopen(index_dir)
                     self.history.append((index_dir, report))
-                    log.info("index %s refreshed: %s", index_dir, report)
+                    log.info("index %s refreshed: %s file(s) new or changed (%s chunks embedded), %s deleted",
+                             index_dir, report.get("files_updated"), report.get("chunks_embedded"),
+                             report.get("files_deleted"))
             self.reports.update(reports)
             self.rounds += 1
             return reports
