@@ -37,9 +37,11 @@ class RecordingBackend(ScriptedBackend):
         super().__init__(pieces)
         self.release()
         self.seen: list[list[dict]] = []
+        self.params: list = []
 
     async def open(self, prompt, params):
         self.seen.append(prompt.messages)
+        self.params.append(params)
         return await super().open(prompt, params)
 
 
@@ -88,7 +90,7 @@ def test_an_assistant_answers_the_openai_client_with_its_sources(tmp_path, tiny_
     index, docs = docs_index
     backend = RecordingBackend()
     spec = assistant_file(tmp_path / "pydocs.yaml", "pydocs", tiny_model_dir, index,
-                          sampling="{temperature: 0.3, max_tokens: 40}")
+                          sampling="{temperature: 0.3, max_tokens: 40, top_k: 5, stop: [END]}")
     app = create_app(config(tmp_path), tiny_model_dir, backend=backend, assistants=[spec])
     with running(app) as url:
         c = client(url)
@@ -113,6 +115,7 @@ def test_an_assistant_answers_the_openai_client_with_its_sources(tmp_path, tiny_
         first, _, third = stored_answers(app)
         assert first["sampling"]["temperature"] == 0.3 and first["sampling"]["max_tokens"] == 40
         assert third["sampling"]["temperature"] == 1.0
+        assert (backend.params[0].top_k, backend.params[0].stop) == (5, ["END"]) and first["sampling"]["top_k"] == 5
         assert first["model_name"] == "pydocs" and first["sources"] == sources and first["dropped"] is None
 
         # the plain model on the same server answers as before: no extra fields

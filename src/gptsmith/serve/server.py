@@ -314,7 +314,7 @@ class Server:
             seed = mine.get("seed", self.cfg.generate.seed)
         return GenParams(max_tokens=max_tokens, temperature=d["temperature"] if temperature is None else temperature,
                          top_p=d["top_p"] if top_p is None else top_p, stop=stop or list(mine.get("stop") or []),
-                         seed=seed)
+                         seed=seed, top_k=mine.get("top_k"), repetition_penalty=mine.get("repetition_penalty"))
 
     # ---------------------------------------------------------------------------------------- generation
     async def new_answer(self, conv_id: str, parent_id: int | None, prompt: Prompt, params: GenParams,
@@ -329,6 +329,7 @@ class Server:
             model_name=served.name, model_version=served.backend.version,
             sampling={"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
                       "stop": params.stop, "seed": params.seed}
+            | {k: v for k, v in (("top_k", params.top_k), ("repetition_penalty", params.repetition_penalty)) if v}
             | ({"chain_of_thought": plan.reasoning} if plan is not None else {}),
             prompt_tokens=prompt.n_tokens, **extra)
 
