@@ -16,6 +16,8 @@ Formats and what "a line" means in each:
 - .html/.htm: BeautifulSoup with Python's own html.parser, which records the line of every tag; the text of each
   h1-h6, p, li, pre, tr, dt/dd... is kept with the source line each piece of text sits on. script/style are dropped.
 - .pdf: pypdf's text layer, page by page; the unit is the page (a scanned PDF without a text layer is an error).
+  The heading path is the document title (metadata) and the last bookmark (outline entry) starting on or before
+  the page.
 - .docx: python-docx; "line" n is the n-th paragraph of the body (a table row counts as one), headings from the
   Title / Heading N styles.
 - .py: module, class and function docstrings and comments (pragmas such as `# noqa` left out), under the
@@ -99,7 +101,7 @@ def extract(path: str | Path, *, jsonl_field: str = "text") -> Document:
     elif suffix == ".docx":
         doc.blocks = _docx_blocks(path, data)
     else:
-        text = _decode(path, data, doc.warnings)
+        text = _decode(path, data, doc.warnings, html=suffix in (".html", ".htm"))
         doc.blocks = _TEXT_PARSERS[suffix](path, text, jsonl_field)
     doc.blocks = [b for b in doc.blocks if any(t.strip() for _, t in b.lines)]
     if not doc.blocks:
@@ -122,8 +124,29 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def _decode(path: Path, data: bytes, warnings: list[str]) -> str:
-    """UTF-8 (a BOM is dropped); a few bad bytes become U+FFFD with a warning, a binary file is an error."""
+def _decode(path: Path, data: bytes, warnings: list[str], html: bool = False) -> str:
+    """UTF-8 (a BOM is dropped), or for HTML the charset its <meta> declares; a few bad bytes become U+FFFD with a
+    warning, a binary file is an error. Line ends become "\n"; lines are counted at "\n" only, as editors and
+    Python do (not at form feeds)."""
+    declared = _declared_charset(data) if html else None
+    text = data.decode(declared, errors="replace") if declared else _decode_utf8(path, data, warnings)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _declared_charset(data: bytes) -> str | None:
+    """The <meta charset> of an HTML page when it names a known encoding other than UTF-8."""
+    import codecs
+
+    from bs4.dammit import EncodingDetector
+
+    name = EncodingDetector.find_declared_encoding(data, is_html=True)
+    try:
+        return None if not name or codecs.lookup(name).name == "utf-8" else name
+    except LookupError:
+        return None
+
+
+def _decode_utf8(path: Path, data: bytes, warnings: list[str]) -> str:
     if b"\x00" in data:
         raise ExtractError(path, "looks binary (contains NUL bytes), not a text file")
     try:
@@ -141,7 +164,7 @@ def _decode(path: Path, data: bytes, warnings: list[str]) -> str:
 
 def _numbered(text: str) -> list[tuple[int, str]]:
     """Source lines with 1-based numbers, trailing whitespace dropped."""
-    return [(i, line.rstrip()) for i, line in enumerate(text.splitlines(), start=1)]
+    return [(i, line.rstrip()) for i, line in enumerate(text.split("\n"), start=1)]
 
 
 def _under(stack: list[tuple[int, str]], level: int, title: str) -> tuple[str, ...]:
@@ -189,7 +212,7 @@ _MD_KIND = {"fence": "code", "code_block": "code", "bullet_list_open": "list", "
 def _md_blocks(path: Path, text: str, _field: str) -> list[Block]:
     from markdown_it import MarkdownIt
 
-    lines = _strip_front_matter(text.splitlines())
+    lines = _strip_front_matter(text.split("\n"))
     tokens = MarkdownIt("commonmark").enable("table").parse("\n".join(lines))
     blocks, stack, path_now = [], [], ()
     for i, token in enumerate(tokens):
@@ -207,9 +230,15 @@ def _md_blocks(path: Path, text: str, _field: str) -> list[Block]:
                 numbered = [(n, t) for n, t in numbered if t.strip()]
             while numbered and not numbered[-1][1].strip():
                 numbered.pop()
-            if numbered:
+            if numbered and (token.type != "html_block" or _visible(numbered)):
                 blocks.append(Block(kind, path_now, tuple(numbered)))
     return blocks
+
+
+def _visible(numbered: list[tuple[int, str]]) -> bool:
+    """Whether raw HTML in Markdown shows any text (an <img>, a <br> or a comment alone is left out)."""
+    markup = "\n".join(text for _, text in numbered)
+    return bool(re.sub(r"<!--.*?-->|<[^>]*>", "", markup, flags=re.S).strip())
 
 
 _ADORNMENT = re.compile(r"([!-/:-@\[-`{-~])\1{2,}\s*")  # 3+ of one punctuation character: an RST under/overline
@@ -232,7 +261,7 @@ def _rst_heading_at(lines: list[str], i: int) -> tuple[str, tuple[str, bool], in
 
 
 def _rst_blocks(path: Path, text: str, _field: str) -> list[Block]:
-    lines = [line.rstrip() for line in text.splitlines()]
+    lines = [line.rstrip() for line in text.split("\n")]
     blocks, stack, styles, path_now, i = [], [], [], (), 0
     while i < len(lines):
         if not lines[i].strip():
@@ -279,9 +308,10 @@ _HTML_DROPPED = {"script", "style", "noscript", "template", "head", "svg", "ifra
 def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
     from bs4 import BeautifulSoup
 
-    soup = BeautifulSoup(text, "html.parser")  # html.parser records every tag's source line
+    soup = BeautifulSoup(text, "html.parser")  # html.parser records where every tag starts
+    source = text.split("\n")
     blocks, stack, path_now = [], [], ()
-    for name, lines in _html_leaves(soup):
+    for name, lines in _html_leaves(soup, source):
         if name in _HTML_HEADINGS:
             title = " ".join(t for _, t in lines)
             path_now = _under(stack, _HTML_HEADINGS[name], title)
@@ -292,23 +322,38 @@ def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
     return blocks
 
 
-def _html_leaves(node):
+def _html_leaves(node, source: list[str]):
     """Yield (tag name, numbered lines) for each leaf block in document order; loose text in a container is a
     paragraph of its own."""
     from bs4 import NavigableString, Tag
 
     for child in node.children:
         if isinstance(child, Tag) and child.name in _HTML_LEAVES:
-            lines = _html_lines(child, keep_space=child.name == "pre")
+            lines = _html_lines(child, source, keep_space=child.name == "pre")
             if lines:
                 yield child.name, lines
         elif isinstance(child, Tag) and child.name not in _HTML_DROPPED:
-            yield from _html_leaves(child)
+            yield from _html_leaves(child, source)
         elif type(child) is NavigableString and child.strip():
-            yield "", _merge_parts([(_line_of(child), str(child))], keep_space=False)
+            yield "", _merge_parts([(_line_of(child, source), str(child))], keep_space=False)
 
 
-def _line_of(string) -> int:
+def _text_line(tag, source: list[str]) -> int:
+    """The line where a tag's content begins: where its start tag ends, since attributes may span lines."""
+    number, column, quote = tag.sourceline or 1, tag.sourcepos or 0, ""
+    for number in range(number, len(source) + 1):
+        for char in source[number - 1][column:]:
+            if quote:
+                quote = "" if char == quote else quote
+            elif char in "\"'":
+                quote = char
+            elif char == ">":
+                return number
+        column = 0
+    return tag.sourceline or 1
+
+
+def _line_of(string, source: list[str]) -> int:
     """The source line a loose string starts on: the closest tag before it, plus the newlines of the text
     between that tag and the string."""
     from bs4 import Tag
@@ -317,24 +362,33 @@ def _line_of(string) -> int:
     while element is not None and not isinstance(element, Tag):
         count += str(element).count("\n")
         element = element.previous_element
-    return (getattr(element, "sourceline", None) or 1) + count
+    return (_text_line(element, source) if element is not None and element.sourceline else 1) + count
 
 
-def _html_lines(tag, keep_space: bool) -> list[tuple[int, str]]:
-    """The text of a tag, line by line, each with its source line: every tag inside resets the line to its own
-    start, and the newlines in the text move it on. Text inside script/style is skipped (its newlines counted)."""
+_HTML_CELLS = {"td", "th"}
+_HTML_INLINE_BREAKS = {"br", "p", "div", "li", "dt", "dd"}  # inside a leaf block: a space, so words do not merge
+
+
+def _html_lines(tag, source: list[str], keep_space: bool) -> list[tuple[int, str]]:
+    """The text of a tag, line by line, each with its source line: every tag inside resets the line to where its
+    start tag ends, and the newlines in the text move it on. Script/style text is skipped (its newlines counted).
+    Cells of a table row on one line are joined with " | "."""
     from bs4 import NavigableString, Tag
 
     parts: list[tuple[int, str]] = []
-    line = tag.sourceline or 1
+    filled: set[int] = set()  # lines that already hold some text
+    line = _text_line(tag, source)
     for element in tag.descendants:
         if isinstance(element, Tag):
-            line = element.sourceline or line
+            line = _text_line(element, source) if element.sourceline else line
+            if line in filled and element.name in _HTML_CELLS | _HTML_INLINE_BREAKS:
+                parts.append((line, " | " if element.name in _HTML_CELLS else " "))
         elif isinstance(element, NavigableString):
-            wanted = type(element) is NavigableString and element.parent.name not in _HTML_DROPPED
-            if wanted:  # not a comment, CDATA or doctype, nor script
-                parts.append((line, str(element)))
-            line += str(element).count("\n")
+            pieces = str(element).split("\n")
+            if type(element) is NavigableString and element.parent.name not in _HTML_DROPPED:
+                parts.append((line, str(element)))  # not a comment, CDATA or doctype, nor script
+                filled.update(line + i for i, piece in enumerate(pieces) if piece.strip())
+            line += len(pieces) - 1
     return _merge_parts(parts, keep_space)
 
 
@@ -364,7 +418,7 @@ def _pdf_blocks(path: Path, data: bytes) -> list[Block]:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
             raise ExtractError(path, "the PDF is encrypted with a password; decrypt it first")
-        title = ((reader.metadata or {}).get("/Title") or "").strip() if reader.metadata else ""
+        title = str((reader.metadata or {}).get("/Title") or "").strip()
         pages = [page.extract_text() or "" for page in reader.pages]
     except ExtractError:
         raise
@@ -372,15 +426,45 @@ def _pdf_blocks(path: Path, data: bytes) -> list[Block]:
         raise ExtractError(path, f"cannot read the PDF ({type(e).__name__}: {e}); is the file complete?") from e
     if not any(p.strip() for p in pages):
         raise ExtractError(path, "the PDF has no text layer (a scan?); run OCR on it first")
-    heading = (str(title),) if title else ()
+    outline, root = _pdf_outline(reader), (title,) if title else ()
     blocks = []
     for number, page_text in enumerate(pages, start=1):
-        page_lines = [(number, line.rstrip()) for line in page_text.splitlines()]
-        page_blocks = _paragraphs(page_lines, heading)
+        heading = root + _page_heading(outline, number)
+        page_blocks = _paragraphs([(number, line.rstrip()) for line in page_text.splitlines()], heading)
         if page_blocks:  # each page begins a new chunk, so a citation's page range stays small
             page_blocks[0] = Block(page_blocks[0].kind, heading, page_blocks[0].lines, starts_section=True)
         blocks += page_blocks
     return blocks
+
+
+def _pdf_outline(reader) -> list[tuple[int, tuple[str, ...]]]:
+    """(first page, heading path) of each bookmark, in page order; [] when the PDF has none or a broken one."""
+
+    def walk(items, path):
+        parent = None
+        for item in items:
+            if isinstance(item, list):  # the children of the bookmark just before
+                yield from walk(item, path + (parent,) if parent else path)
+                continue
+            parent = str(item.title).strip()
+            page = reader.get_destination_page_number(item)
+            if page is not None and page >= 0:
+                yield page + 1, path + (parent,)
+
+    try:
+        return sorted(walk(reader.outline, ()), key=lambda entry: entry[0])
+    except Exception:  # noqa: BLE001 - bookmarks only add headings; the text is still worth indexing
+        return []
+
+
+def _page_heading(outline: list[tuple[int, tuple[str, ...]]], page: int) -> tuple[str, ...]:
+    """The heading path of the last bookmark that starts on or before `page`."""
+    heading = ()
+    for first, path in outline:
+        if first > page:
+            break
+        heading = path
+    return heading
 
 
 _DOCX_LEVEL = re.compile(r"heading (\d)", re.I)
@@ -452,16 +536,28 @@ def _py_comments(path: Path, text: str) -> list[tuple[int, str]]:
     return comments
 
 
-def _docstring_lines(node: ast.AST) -> list[tuple[int, str]]:
-    """The docstring's lines numbered from the line of its opening quotes, indentation removed."""
+def _segment(source: list[str], node: ast.expr) -> str:
+    """The node's source text (ast offsets are UTF-8 byte columns)."""
+    lines = [line.encode() for line in source[node.lineno - 1: node.end_lineno]]
+    lines[-1] = lines[-1][: node.end_col_offset]
+    lines[0] = lines[0][node.col_offset:]
+    return b"\n".join(lines).decode(errors="replace")
+
+
+def _docstring_lines(node: ast.AST, source: list[str]) -> list[tuple[int, str]]:
+    """The docstring as written in the source (escapes such as \\n left as they are, so the text is found on
+    the lines it cites), numbered from the line of its opening quotes, quotes and indentation removed."""
     body = getattr(node, "body", [])
     if not (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
             and isinstance(body[0].value.value, str)):
         return []
-    first = body[0].value.lineno
-    raw = body[0].value.value.expandtabs().split("\n")
+    literal = _segment(source, body[0].value)
+    literal = re.sub(r"""^[rRuU]*(\"\"\"|'''|"|')""", "", literal)
+    literal = re.sub(r"""(\"\"\"|'''|"|')$""", "", literal)
+    raw = literal.expandtabs().split("\n")
     indents = [len(line) - len(line.lstrip()) for line in raw[1:] if line.strip()]
     cut = min(indents, default=0)
+    first = body[0].value.lineno
     return [(first + i, (line if i == 0 else line[cut:]).rstrip()) for i, line in enumerate(raw)]
 
 
@@ -478,8 +574,9 @@ def _py_blocks(path: Path, text: str, _field: str) -> list[Block]:
         tree = ast.parse(text, filename=str(path))
     except SyntaxError as e:
         raise ExtractError(path, f"Python syntax error on line {e.lineno}: {e.msg}") from e
-    source = text.splitlines()
-    scopes = _py_scopes(tree, path.stem)
+    source = text.split("\n")
+    module = path.parent.name if path.stem == "__init__" else path.stem  # a package's __init__ is the package
+    scopes = _py_scopes(tree, module)
     comments: dict[str, list[tuple[int, str]]] = {}
     for line, comment in _py_comments(path, text):
         comments.setdefault(_innermost_scope(scopes, line), []).append((line, comment))
@@ -492,19 +589,28 @@ def _py_blocks(path: Path, text: str, _field: str) -> list[Block]:
 def _py_scope_blocks(qualname: str, node: ast.AST, source: list[str], comments: list[tuple[int, str]]) -> list[Block]:
     """A scope's def/class line(s), docstring and comments, under its qualified name; nothing if it has neither."""
     heading = (qualname,)
-    doc = _docstring_lines(node)
+    doc = _docstring_lines(node, source)
     if not doc and not comments:
         return []
     blocks = []
     if not isinstance(node, ast.Module):  # the signature, verbatim: it says what the docstring is about
-        last = (doc[0][0] if doc else node.body[0].lineno) - 1
-        header = [(n, source[n - 1].rstrip()) for n in range(node.lineno, max(last, node.lineno) + 1)]
+        last = _header_end(node, source, (doc[0][0] if doc else node.body[0].lineno) - 1)
+        header = [(n, source[n - 1].rstrip()) for n in range(node.lineno, last + 1)]
         blocks.append(Block("code", heading, tuple(header), starts_section=True))
     blocks += _paragraphs(doc, heading)
     blocks += _paragraphs(_runs(comments), heading)
     if isinstance(node, ast.Module) and blocks:
         blocks[0] = Block(blocks[0].kind, heading, blocks[0].lines, starts_section=True)
     return blocks
+
+
+def _header_end(node: ast.AST, source: list[str], stop: int) -> int:
+    """The line that ends a def/class header: the first one whose code ends with ':' (a signature may span
+    several lines)."""
+    for number in range(node.lineno, stop + 1):
+        if source[number - 1].split("#")[0].rstrip().endswith(":"):
+            return number
+    return node.lineno
 
 
 def _runs(numbered: list[tuple[int, str]]) -> list[tuple[int, str]]:
