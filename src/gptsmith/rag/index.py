@@ -102,13 +102,12 @@ def indexed_files(table) -> dict[str, tuple[str, str, int, int]]:
 
 
 def ensure_text_index(table, changed_rows: int) -> None:
-    """BM25 needs a full-text index on `text`. New rows are searched even before they are indexed, so after an
-    incremental update the index is only merged (optimize) once enough rows are outside it or small fragments
-    pile up: optimize also compacts, which rewrites small fragments."""
+    """BM25 needs a full-text index on `text`; it is made on the new, empty table, so that a run killed after its
+    first commit leaves a searchable index. Rows added later are searched even before they are indexed, so the
+    index is only merged (optimize) once enough rows are outside it or small fragments pile up: optimize also
+    compacts, which rewrites small fragments."""
     from lancedb.index import FTS
 
-    if table.count_rows() == 0:
-        return
     fts = [ix for ix in table.list_indices() if ix.columns == ["text"]]
     if not fts:
         table.create_index("text", config=FTS(), replace=True)
@@ -346,6 +345,7 @@ def build_index(inputs: list[str], index_dir: str | Path, cfg: RagConfig, *, emb
     index_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(index_dir, inputs, cfg, embedder, manifest, stats=None)
     table = open_table(index_dir, embedder.dim)
+    ensure_text_index(table, changed_rows=0)
     before = indexed_files(table)
 
     report = {"index": str(index_dir), "embedder": embedder.name, "dim": embedder.dim,
