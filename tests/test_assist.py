@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,6 +348,9 @@ def test_ask_and_chat_refuse_a_bad_profile_with_its_name(tmp_path, capsys):
     assert "Did you mean 'system_prompt'?" in capsys.readouterr().err
     assert main(["chat"]) == 2
     assert "--model DIR" in capsys.readouterr().err
+    down = profile_file(tmp_path, "name: a\nbackend_url: http://127.0.0.1:9/v1\n")  # nothing listens on port 9
+    assert main(["ask", "--assistant", str(down), "hello"]) == 2
+    assert "backend http://127.0.0.1:9/v1 is not reachable" in capsys.readouterr().err
 
 
 def test_a_backend_assistant_streams_from_chat_completions_with_its_key(tmp_path, monkeypatch):
@@ -416,3 +420,75 @@ def test_chat_with_an_assistant_keeps_the_reasoning_apart_in_the_saved_conversat
     turns = json.loads(saved.read_text())["messages"]
     assert turns == [{"role": "user", "content": "why?"},
                      {"role": "assistant", "content": "so", "reasoning": "because"}]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+DOCS = {
+    "install.md": "# Installing\n\nInstall the package with pip:\n\n    pip install gptsmith\n\nA virtual environment "
+                  "keeps it apart.\n",
+    "loops.md": "# Loops\n\nA for loop repeats its body for each item of a list.\n\nbreak leaves the loop early.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory):
+    from gptsmith.config import RagConfig
+    from gptsmith.rag.index import build_index
+
+    root = tmp_path_factory.mktemp("rag")
+    for name, text in DOCS.items():
+        write(root / "docs" / name, text)
+    build_index([str(root / "docs")], root / "idx", RagConfig())
+    return root
+
+
+def test_ask_answers_with_a_tiny_model_and_cites_the_right_lines(tiny_index, tiny_model_dir, tmp_path, capsys):
+    from gptsmith.cli import main
+
+    path = profile_file(tmp_path, f"name: docs\nmodel: {tiny_model_dir}\nrag: {{index: {tiny_index / 'idx'}, "
+                                  "top_k: 1, mode: vector}\nsampling: {max_tokens: 4, temperature: 0}\n")
+    question = "How do I install the package with pip?"
+    assert main(["ask", "--assistant", str(path), "--json", question]) == 0
+    result = json.loads(capsys.readouterr().out)
+    source, = result["sources"]
+    assert source["n"] == 1 and source["source"].endswith("install.md") and source["heading"] == "Installing"
+    cited = (tiny_index / "docs" / "install.md").read_text().splitlines()[source["start"] - 1:source["end"]]
+    assert "pip install gptsmith" in "\n".join(cited)
+    assert source["citation"] == f"{source['source']}:{source['start']}-{source['end']} (Installing)"
+    assert result["question"] == question and isinstance(result["answer"], str) and result["reasoning"] is None
+
+    assert main(["ask", "--assistant", str(path), question]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(f"\nSources:\n[1] {source['citation']}\n")
+
+
+def test_chat_with_an_assistant_shows_the_sources_after_each_answer(tiny_index, tiny_model_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    from gptsmith.cli import main
+
+    path = profile_file(tmp_path, f"name: docs\nmodel: {tiny_model_dir}\nrag: {{index: {tiny_index / 'idx'}, "
+                                  "top_k: 1, mode: bm25}\nsampling: {max_tokens: 3, temperature: 0}\n")
+    lines = iter(["what does break do in a loop?", "how do I use pip install?"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--assistant", str(path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    cited = re.findall(r"\nSources:\n\[1\] (\S+):\d+-\d+ \((\w+)\)\n", out)
+    assert [(Path(src).name, heading) for src, heading in cited] == [("loops.md", "Loops"), ("install.md", "Installing")]
+
+
+def test_the_example_assistant_in_configs_is_valid():
+    import yaml
+
+    from gptsmith.assist.profile import AssistantProfile
+
+    root = Path(__file__).resolve().parents[1]
+    tree = yaml.safe_load((root / "configs" / "assistant-pydocs.yaml").read_text())
+    assert AssistantProfile.model_validate(tree).name == "pydocs"

@@ -143,6 +143,7 @@ def cmd_chat(args) -> None:
 
 def cmd_ask(args) -> None:
     from gptsmith.assist.cli import ask
+    _config(args, {})  # the assistant file holds the settings; this only rejects a mistyped flag or override
     ask(args.assistant, args.question, show_reasoning=args.show_reasoning, as_json=args.json, device=args.device)
 
 

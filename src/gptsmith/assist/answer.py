@@ -133,10 +133,14 @@ def answer(assistant: Assistant, model, messages: list[dict], reasoning: bool | 
     reply = Reply("", sources=prompt.sources, dropped=prompt.dropped, prompt_tokens=prompt.n_tokens,
                   reasoning_mode=prompt.reasoning)
     text: list[str] = []
+    shown = {"answer": False}
 
     def emit(parts: list[tuple[str, str]]) -> None:
         for kind, piece in parts:
-            if on_text:
+            if kind == "answer" and not shown["answer"]:  # the answer starts at its first visible character
+                piece = piece.lstrip()
+                shown["answer"] = bool(piece)
+            if on_text and piece:
                 on_text(kind, piece)
 
     stream = model.stream(prompt.messages, prompt.sampling, max_new)

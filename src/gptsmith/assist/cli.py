@@ -10,8 +10,11 @@ from gptsmith.assist.profile import load_assistant
 from gptsmith.assist.prompt import Assistant
 from gptsmith.assist.reasoning import NO_ANSWER
 
+EMPTY_ANSWER = "[the model gave an empty answer]"
 
-def print_sources(reply: Reply, out=sys.stdout) -> None:
+
+def print_sources(reply: Reply, out=None) -> None:
+    out = out or sys.stdout
     if reply.sources:
         out.write("\nSources:\n" + "".join(f"[{s['n']}] {s['citation']}\n" for s in source_dicts(reply.sources)))
     if format_dropped(reply.dropped):
@@ -37,14 +40,15 @@ class StreamPrinter:
         self.out.flush()
 
     def end(self, reply: Reply) -> None:
-        if reply.reasoning_mode and not reply.answer:
-            self.out.write(("\n" if self.kind else "") + NO_ANSWER)
+        if not reply.answer:
+            self.out.write(("\n" if self.kind else "") + (NO_ANSWER if reply.reasoning else EMPTY_ANSWER))
         self.out.write("\n")
         self.out.flush()
 
 
 def ask(profile_path, question: str, show_reasoning: bool = False, as_json: bool = False,
-        device: str = "auto", out=sys.stdout) -> Reply:
+        device: str = "auto", out=None) -> Reply:
+    out = out or sys.stdout
     profile = load_assistant(profile_path)
     assistant = Assistant.open(profile)
     model = open_model(profile, device)

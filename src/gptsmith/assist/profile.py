@@ -11,7 +11,7 @@ sampling settings.
     sampling: {temperature: 0.7, max_tokens: 256}
 
 Validated like the project config: every section forbids unknown keys and names the closest valid one. Relative
-paths (model, rag.index, rag.rerank when it is a folder, few_shot.file) are taken from the YAML file's folder, so a
+paths (model, rag.index, rag.rerank, few_shot.file) are taken from the YAML file's folder, so a
 profile works from any working directory; a path that does not exist is an error naming the file and the field.
 """
 
@@ -44,8 +44,8 @@ class RagSettings(_Strict):
     mode: Literal["hybrid", "bm25", "vector"] = Field("hybrid", description="hybrid (BM25 + vectors fused by "
                                                       "reciprocal rank), bm25 alone or vectors alone")
     min_score: float | None = Field(None, description="drop chunks scoring below this; null = keep the top_k")
-    rerank: str | None = Field(None, description="a local cross-encoder folder (or hub id) that re-orders the "
-                               "retrieved chunks; null = no rerank")
+    rerank: Path | None = Field(None, description="a local cross-encoder folder that re-orders the retrieved "
+                                "chunks; null = no rerank")
     sources: list[str] | None = Field(None, description="only search files whose path matches one of these globs")
 
 
@@ -136,6 +136,7 @@ def _format_error(err: ValidationError, source: Path) -> str:
 def _resolve_paths(profile: AssistantProfile, base: Path, source: Path) -> AssistantProfile:
     """Relative paths from the YAML file's folder; every path must exist (the error names the field)."""
     def need(path: Path, field: str, what: str) -> Path:
+        path = path.expanduser()
         path = path if path.is_absolute() else base / path
         if not path.exists():
             raise AssistantError(f"{source}: '{field}': {path} does not exist; {what}")
@@ -149,10 +150,8 @@ def _resolve_paths(profile: AssistantProfile, base: Path, source: Path) -> Assis
     if profile.rag is not None:
         profile.rag.index = need(profile.rag.index, "rag.index", "build it with `gptsmith rag index DOCS --index "
                                                                  "DIR` or fix the path")
-        rerank = profile.rag.rerank
-        if rerank and (rerank.startswith((".", "/", "~")) or (base / rerank).exists()):
-            profile.rag.rerank = str(need(Path(rerank).expanduser(), "rag.rerank", "give a local cross-encoder "
-                                                                                   "folder or a hub id"))
+        if profile.rag.rerank is not None:
+            profile.rag.rerank = need(profile.rag.rerank, "rag.rerank", "give a local cross-encoder folder")
     if profile.few_shot is not None:
         profile.few_shot.file = need(profile.few_shot.file, "few_shot.file", "give a JSONL of example "
                                                                              "conversations")

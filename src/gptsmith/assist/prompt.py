@@ -53,8 +53,8 @@ class AssistantPrompt:
 
 
 def approx_count_tokens(messages: list[dict]) -> int:
-    """A tokenizer-free estimate for a model served elsewhere: ~4 characters a token, plus a few a message for the
-    chat template. Errs on the high side for English prose, so the real prompt fits."""
+    """A tokenizer-free estimate for a model served elsewhere: a token per 3 characters, plus 6 a message for the
+    chat template. English averages ~4 characters a token, so this errs high and the real prompt fits."""
     return sum(len(str(m.get("content") or "")) // 3 + 6 for m in messages) + 3
 
 
@@ -109,7 +109,8 @@ class Assistant:
         if profile.rag is not None:
             from gptsmith.rag.retrieve import Retriever
 
-            retriever = Retriever.open(profile.rag.index, rerank=profile.rag.rerank)
+            rerank = str(profile.rag.rerank) if profile.rag.rerank is not None else None
+            retriever = Retriever.open(profile.rag.index, rerank=rerank)
             embedder = getattr(retriever, "embedder", None)
         examples = None
         if profile.few_shot is not None and profile.few_shot.k > 0:
