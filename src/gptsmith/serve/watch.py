@@ -73,7 +73,8 @@ class IndexWatcher:
         for s in self.served:
             if s.index_dir == index_dir and s.assistant is not None:
                 old = s.assistant.retriever  # same embedder: no second copy of its weights
-                s.assistant.retriever = Retriever.open(index_dir, rerank=s.assistant.profile.rag.rerank,
+                rerank = s.assistant.profile.rag.rerank
+                s.assistant.retriever = Retriever.open(index_dir, rerank=str(rerank) if rerank else None,
                                                        embedder=getattr(old, "embedder", None))
 
     def _run(self) -> None:
