@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import aclosing
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,9 +158,9 @@ class Answer:
         reasoning = None
         if self.split is not None:
             reasoning, text = self.split(text)
-        return {"content": text, "reasoning": reasoning or None, "ttft_s": self.ttft_s, "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "latency_s": round(time.monotonic() - self.t0, 4)}
+        return {"content": text, "reasoning": reasoning or None, "ttft_s": self.ttft_s,
+                "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "latency_s": round(time.monotonic() - self.t0, 4)}
 
 
 class Server:
@@ -248,8 +248,7 @@ class Server:
 
     def assistant_max_tokens(self, served: Served) -> int:
         """An assistant's answer length when the request does not say: its profile's, else the server's."""
-        sampling = getattr(served.assistant.profile, "sampling", None)
-        return getattr(sampling, "max_tokens", None) or self.default_max_tokens
+        return served.assistant.profile.sampling.max_tokens or self.default_max_tokens
 
     def defaults_for(self, served: Served) -> dict:
         return self._defaults[id(served.backend)]
@@ -274,8 +273,7 @@ class Server:
             raise APIError(400, str(e), "messages") from None
         # an assistant without an index has no sources to give (None), one with an index may find none ([])
         sources = [source_dict(i, h) for i, h in enumerate(ap.sources, 1)] if served.index_dir else None
-        return AssistPlan(ap.messages, sources,
-                          ap.dropped, dict(ap.sampling or {}), bool(ap.reasoning),
+        return AssistPlan(ap.messages, sources, ap.dropped, dict(ap.sampling or {}), bool(ap.reasoning),
                           split_reasoning if ap.reasoning else None)
 
     def check_request(self, body: SamplingFields, max_tokens: int | None, n_messages: int = 0,

@@ -39,8 +39,7 @@ async def info(srv: ServerDep):
 def _model_info(srv: Server, served: Served) -> dict:
     b, a = served.backend, served.assistant
     max_tokens = srv.assistant_max_tokens(served) if a is not None else srv.default_max_tokens
-    sampling = getattr(getattr(a, "profile", None), "sampling", None)
-    mine = {k: getattr(sampling, k, None) for k in ("temperature", "top_p")}
+    mine = {k: getattr(a.profile.sampling, k) for k in ("temperature", "top_p")} if a is not None else {}
     return {"id": served.name, "version": b.version, "max_context": b.max_context, "assistant": a is not None,
             "rag": served.index_dir is not None,
             "defaults": srv.defaults_for(served) | {k: v for k, v in mine.items() if v is not None}
