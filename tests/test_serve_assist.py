@@ -254,9 +254,9 @@ def test_embeddings_in_openai_shape_behind_the_api_key(tmp_path, tiny_model_dir,
         for bad, param in (([], "input"), ([""], "input[0]"), ([[1, 2, 3]], "input[0]"), ([1, 2], "input[0]")):
             r = httpx.post(url + "/v1/embeddings", headers=auth, json={"model": "default", "input": bad})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
-        r = httpx.post(url + "/v1/embeddings", headers=auth, json={"model": "default", "input": "x",
-                                                                   "encoding_format": "int8"})
-        assert r.status_code == 400
+        for extra in ({"encoding_format": "int8"}, {"dimensions": 64}):
+            r = httpx.post(url + "/v1/embeddings", headers=auth, json={"model": "default", "input": "x"} | extra)
+            assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra)), r.text
         with pytest.raises(openai.NotFoundError):
             c.embeddings.create(model="text-embedding-3-small", input="x")
 

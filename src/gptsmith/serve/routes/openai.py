@@ -95,7 +95,9 @@ async def embeddings(body: EmbeddingRequest, srv: ServerDep):
     (see serve/embeddings.py); float lists, or base64 float32 as the `openai` package asks for by default."""
     texts = embedding_inputs(body.input)
     embedder = await srv.embedders.get(body.model)
-    vectors = await asyncio.to_thread(embedder.embed, texts)
+    if body.dimensions is not None and body.dimensions != embedder.dim:
+        raise APIError(400, f"'{body.model}' makes {embedder.dim}-dimensional vectors and cannot shorten them; "
+                            "leave dimensions out", "dimensions")
+    vectors, n = await asyncio.to_thread(lambda: (embedder.embed(texts), sum(count_tokens(embedder, t) for t in texts)))
     data = [Embedding(index=i, embedding=encode_vector(v, body.encoding_format)) for i, v in enumerate(vectors)]
-    n = sum(count_tokens(embedder, t) for t in texts)
     return EmbeddingList(data=data, model=body.model, usage=EmbeddingUsage(prompt_tokens=n, total_tokens=n))
