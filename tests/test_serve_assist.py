@@ -118,6 +118,9 @@ def test_an_assistant_answers_the_openai_client_with_its_sources(tmp_path, tiny_
         assert (backend.params[0].top_k, backend.params[0].stop) == (5, ["END"]) and first["sampling"]["top_k"] == 5
         assert first["model_name"] == "pydocs" and first["sources"] == sources and first["dropped"] is None
 
+        two = list(c.chat.completions.create(model="pydocs", messages=QUESTION, stream=True, n=2))
+        assert sum("sources" in ch.model_dump() for ch in two) == 1  # once per reply, not per choice
+
         # the plain model on the same server answers as before: no extra fields
         plain = httpx.post(url + "/v1/chat/completions", json={"model": "scripted", "messages": QUESTION}).json()
         assert "sources" not in plain and "dropped" not in plain

@@ -127,7 +127,8 @@ class Completion:
         if self.kind == "chat":
             if first:
                 delta = ChunkDelta(role="assistant", content="")
-                common |= self.extras()
+                if idx == 0:  # once per reply, not once per choice
+                    common |= self.extras()
             else:
                 delta = ChunkDelta(content=text or None, reasoning_content=reasoning or None)
             choices = [] if idx is None else [ChatChunkChoice(index=idx, delta=delta, finish_reason=finish)]

@@ -152,6 +152,10 @@ function messageElement(m) {
   if (m.role === "assistant") div.append(reasoningElement(m.reasoning));
   div.append(content);
   if (m.role === "assistant") div.append(sourcesElement(m.sources, m.dropped));
+  if (m.role === "assistant" && m.reasoning && !m.content && m.finish_reason) {
+    content.textContent = "(no answer: the model stopped while still reasoning; show the reasoning to read it)";
+    content.classList.add("muted");
+  }
   const actions = document.createElement("div");
   actions.className = "actions";
   if (m.role === "user") {
