@@ -82,7 +82,9 @@ class IndexWatcher:
             self.refresh_all()
 
     def start(self) -> None:
-        if self.index_dirs() and self._thread is None:
+        if not self.index_dirs():
+            log.warning("watch is on, but no served assistant has a RAG index (rag.index): nothing to watch")
+        elif self._thread is None:
             self._thread = threading.Thread(target=self._run, name="gptsmith-index-watch", daemon=True)
             self._thread.start()
             log.info("watching %s every %ss", ", ".join(self.index_dirs()), self.seconds)
