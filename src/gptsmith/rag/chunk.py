@@ -7,15 +7,17 @@
   two sections and its heading path is exact. A heading directly followed by a sub-heading stays with it (no
   chunk holds a bare title).
 - A block that does not fit in what is left of the current chunk starts the next one, so a short paragraph or
-  code block is never cut in two. Only a block longer than the whole budget is split: at its lines, a long
-  line at its sentences, a sentence longer than the budget at its words.
+  code block is never cut in two. Only a block longer than the whole budget is split: at its lines, a prose
+  line at its sentences, a sentence longer than the budget at its words (a word longer than it, at characters).
 - Each new chunk of the same section begins with the tail of the previous one (at most `overlap_tokens`, whole
-  lines or sentences), so a passage cut at a chunk boundary is still found whole in one of them.
+  lines or sentences), so a passage cut at a chunk boundary is still found whole in one of them. Keeping a
+  block whole comes first: when the block that opens the next chunk leaves no room for the tail, there is none.
 - Every piece of text keeps the source line (or page) it came from, so a chunk's `start`..`end` are exactly the
   first and last lines of the text it holds.
 
-Tokens: pass `count_tokens` (str -> int) to count with the embedder's tokenizer (count without special tokens:
-the packer adds up the counts of lines and sentences, so a fixed cost per call would be counted many times).
+Tokens: pass `count_tokens` (str -> int) to count with the embedder's tokenizer. Count the text alone, without
+special tokens, padding or truncation: the packer adds up the counts of lines and sentences, so a fixed cost per
+call would be counted many times (the chunk's final `n_tokens` is counted on its whole text).
 The default, `approx_tokens`, is a fast estimate made for subword (WordPiece/BPE) tokenizers: a run of letters is
 one token plus one per further 5 letters (long or rare words split into pieces), digits go in pairs, every other
 non-space character (punctuation, `_`) is one token, and CJK characters one each. Measured against

@@ -11,15 +11,17 @@ Formats and what "a line" means in each:
   range). Text is the source lines verbatim (a fenced block keeps its fences); headings are ATX (#) or setext.
   A YAML front matter block (--- ... --- at the top) is skipped.
 - .rst: headings are a title line with an underline (and optional overline) of one punctuation character, levels
-  in order of first appearance, as docutils does; an indented block (literal block, directive body) is code.
+  in order of first appearance, as docutils does; a directive keeps its body (`.. function:: f(x)` and its
+  text), an indented block (literal block, quote) is kept as written; comments and link targets are left out.
 - .txt: paragraphs separated by blank lines.
 - .html/.htm: BeautifulSoup with Python's own html.parser, which records the line of every tag; the text of each
   h1-h6, p, li, pre, tr, dt/dd... is kept with the source line each piece of text sits on. script/style are dropped.
+  (Not html2text: it is GPL-3.0, this project Apache-2.0, and its Markdown output has lost the source lines.)
 - .pdf: pypdf's text layer, page by page; the unit is the page (a scanned PDF without a text layer is an error).
   The heading path is the document title (metadata) and the last bookmark (outline entry) starting on or before
   the page.
 - .docx: python-docx; "line" n is the n-th paragraph of the body (a table row counts as one), headings from the
-  Title / Heading N styles.
+  Title / Heading N styles. Headers, footers, footnotes and comments are not read.
 - .py: module, class and function docstrings and comments (pragmas such as `# noqa` left out), under the
   qualified name (`module.Class.method`) as heading; the def/class line is kept above its docstring.
 - .jsonl: one record per line, its text field ("text" unless told) is one section; the line is the JSONL line.
@@ -260,6 +262,11 @@ def _rst_heading_at(lines: list[str], i: int) -> tuple[str, tuple[str, bool], in
     return None
 
 
+_RST_DIRECTIVE = re.compile(r"\.\. ([\w:-]+)::")  # `.. note::`, `.. function:: dumps(obj)`, `.. code-block:: py`
+_RST_EXPLICIT = re.compile(r"\.\.(\s|$)")  # any explicit markup start: a directive, a comment, a link target
+_RST_CODE_DIRECTIVES = {"code-block", "code", "sourcecode", "literalinclude", "doctest", "testcode", "productionlist"}
+
+
 def _rst_blocks(path: Path, text: str, _field: str) -> list[Block]:
     lines = [line.rstrip() for line in text.split("\n")]
     blocks, stack, styles, path_now, i = [], [], [], (), 0
@@ -274,26 +281,38 @@ def _rst_blocks(path: Path, text: str, _field: str) -> list[Block]:
             path_now = _under(stack, styles.index(style) + 1, title)
             blocks.append(Block("heading", path_now, ((at + 1, title),), starts_section=True))
             continue
-        j = _rst_block_end(lines, i)
-        kind = "code" if lines[i][0].isspace() else "paragraph"
+        kind, j = _rst_block_at(lines, i)
         numbered = [(n + 1, lines[n]) for n in range(i, j) if kind == "code" or lines[n].strip()]
-        blocks.append(Block(kind, path_now, tuple(numbered)))
+        if kind:
+            blocks.append(Block(kind, path_now, tuple(numbered)))
         i = j
     return blocks
 
 
-def _rst_block_end(lines: list[str], i: int) -> int:
-    """Where the block starting at line i ends: an indented block runs over blank lines while the indentation
-    goes on (a literal block or a directive body); a paragraph stops at a blank line or a title."""
+def _rst_block_at(lines: list[str], i: int) -> tuple[str, int]:
+    """(kind, end) of the block starting at line i; kind "" for markup that is not text (a comment, a target).
+    A directive keeps its indented body with it: `.. function:: dumps(obj)` and the text that describes it."""
+    if lines[i][0].isspace():  # a literal block, a quote, a definition: kept as written, cut only at lines
+        return "code", _indented_end(lines, i)
+    if _RST_EXPLICIT.match(lines[i]):
+        directive = _RST_DIRECTIVE.match(lines[i])
+        end = _indented_end(lines, i + 1)
+        if not directive:
+            return "", end
+        return ("code" if directive.group(1) in _RST_CODE_DIRECTIVES else "paragraph"), end
     j = i + 1
-    if lines[i][0].isspace():
-        while j < len(lines) and (not lines[j].strip() or lines[j][0].isspace()):
-            j += 1
-        while not lines[j - 1].strip():
-            j -= 1
-        return j
     while j < len(lines) and lines[j].strip() and not lines[j][0].isspace() and not _rst_heading_at(lines, j):
         j += 1
+    return "paragraph", j
+
+
+def _indented_end(lines: list[str], j: int) -> int:
+    """The end of the run of indented (or blank) lines from j, trailing blank lines left out."""
+    start = j
+    while j < len(lines) and (not lines[j].strip() or lines[j][0].isspace()):
+        j += 1
+    while j > start and not lines[j - 1].strip():
+        j -= 1
     return j
 
 
@@ -648,7 +667,8 @@ def _jsonl_blocks(path: Path, text: str, field_name: str) -> list[Block]:
         log.warning("%s: %d line(s) without a string field %r skipped (first: line %d)",
                     path, len(skipped), field_name, skipped[0])
     if not blocks:
-        raise ExtractError(path, f"no record has a text field {field_name!r} (set the JSONL text field)")
+        raise ExtractError(path, f"no line is a JSON object with a non-empty string field {field_name!r} "
+                                 "(name the field that holds the text)")
     return blocks
 
 
