@@ -170,7 +170,8 @@ class RagConfig(Section):
                               "assistants read")
     embedder: str = Field("default", description="embedding model: default (all-MiniLM-L6-v2, shipped), a local "
                           "sentence-transformers dir, a hub id, or an OpenAI-compatible http(s)://HOST/v1[#model] URL")
-    chunk_tokens: int = Field(256, ge=16, description="most tokens (the embedder's own) in one chunk")
+    chunk_tokens: int = Field(256, ge=16, description="most tokens in one chunk (estimated for subword tokenizers "
+                              "such as the embedder's)")
     chunk_overlap: int = Field(32, ge=0, description="tokens a chunk repeats from the end of the previous one")
     top_k: int = Field(5, ge=1, description="chunks a query returns")
     mode: Literal["hybrid", "bm25", "vector"] = Field("hybrid", description="retrieval: hybrid (BM25 and vectors "
