@@ -281,7 +281,9 @@ def test_the_watch_brings_an_edited_file_into_the_next_answer_without_a_full_rei
         c = client(url)
         before = c.chat.completions.create(model="pydocs", messages=QUESTION).model_dump()["sources"]
         assert any("immutable sequence" in s["text"] for s in before)
-        (docs / "tuples.md").write_text(TUPLES.replace("immutable sequence", "frozen, unchangeable sequence"))
+        # saved the way editors do (write then rename), so a round never reads a half-written file
+        (tmp_path / "draft.md").write_text(TUPLES.replace("immutable sequence", "frozen, unchangeable sequence"))
+        (tmp_path / "draft.md").replace(docs / "tuples.md")
         seen = len(watcher.history)
         # a round that started after the edit has finished: the test decides, not a clock
         wait_for(lambda: any(r.get("files_updated") for _, r in watcher.history[seen:]), what="a refresh")
