@@ -293,6 +293,16 @@ def test_the_watch_brings_an_edited_file_into_the_next_answer_without_a_full_rei
         assert any("frozen, unchangeable sequence" in s["text"] for s in after)
         assert not any("immutable sequence" in s["text"] for s in after)
 
+        # a file emptied loses its chunks (it is skipped, and counted as such): it is no longer cited
+        assert any(s["source"].endswith("lists.md") for s in after)
+        (tmp_path / "draft.md").write_text("")
+        (tmp_path / "draft.md").replace(docs / "lists.md")
+        wait_for(lambda: any(r.get("files_indexed") == 1 for _, r in watcher.history), what="the emptied file")
+        emptied = next(r for _, r in watcher.history if r.get("files_indexed") == 1)
+        assert emptied["files_skipped"] == 1 and emptied["skipped"][0]["path"].endswith("lists.md")
+        final = c.chat.completions.create(model="pydocs", messages=QUESTION).model_dump()["sources"]
+        assert final and not any(s["source"].endswith("lists.md") for s in final)
+
 
 # ---------------------------------------------------------------------------------------------- store
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 log = logging.getLogger("gptsmith.serve")
 
 
-def changed(report: dict) -> bool:
-    """Whether a refresh report (rag.index.build_index's) says the index changed: files new, changed or gone."""
-    return bool(report.get("files_updated") or report.get("files_deleted"))
+def changed(report: dict, previous: dict | None) -> bool:
+    """Whether a refresh report (rag.index.build_index's) says the index changed: files new, changed or gone, or
+    fewer files indexed than before (a file that became empty or unreadable loses its chunks)."""
+    return bool(report.get("files_updated") or report.get("files_deleted")
+                or (previous is not None and report.get("files_indexed") != previous.get("files_indexed")))
 
 
 @dataclass
@@ -49,7 +51,7 @@ class IndexWatcher:
                     log.exception("refreshing the index %s failed; serving its previous state", index_dir)
                     continue
                 reports[index_dir] = report
-                if changed(report):
+                if changed(report, self.reports.get(index_dir)):
                     self._reopen(index_dir)
                     self.history.append((index_dir, report))
                     log.info("index %s refreshed: %s file(s) new or changed (%s chunks embedded), %s deleted",
