@@ -155,11 +155,13 @@ HTML = """\
 <h1>Manual</h1>
 <p>The first paragraph
 runs over two lines &amp; has an entity.</p>
-<div>Loose text in a div.
+<div>Loose text with a <a href="#x">link</a> and
+<code>code</code> in a div.
 <ul><li>one item</li>
 <li>two <b>bold</b> item</li></ul>
 </div>
-<h2>Code</h2>
+<h2 id="code">Code
+  <a class="anchor" href="#code">#</a></h2>
 <pre>x = 1
 y = 2</pre>
 <h2>Table</h2>
@@ -178,10 +180,11 @@ def test_html_blocks_keep_their_source_lines(tmp_path):
     assert list(sections) == ["Manual", "Manual > Code", "Manual > Table"]
     table = next(c for c in chunks if c.heading == "Manual > Table")
     assert table.text == "Table\n\nport | 8000\n\nhost |\nexample"  # cells apart, not "port8000"; lines kept
-    assert (table.start, table.end) == (15, 18)  # "example" is on line 18, after the link's two-line start tag
+    assert (table.start, table.end) == (17, 20)  # "example" is on line 20, after the link's two-line start tag
     assert "The first paragraph\nruns over two lines & has an entity." in sections["Manual"]
-    assert "two bold item" in sections["Manual"] and "Loose text in a div." in sections["Manual"]
-    assert sections["Manual > Code"] == "Code\n\nx = 1\ny = 2"
+    assert "two bold item" in sections["Manual"]
+    assert "Loose text with a link and\ncode in a div." in sections["Manual"]  # one paragraph, as a browser shows
+    assert sections["Manual > Code"] == "Code\n#\n\nx = 1\ny = 2"  # the permalink "#" is not in the path
     assert "hidden" not in " ".join(sections.values()) and "color" not in " ".join(sections.values())
 
 
@@ -447,6 +450,18 @@ def test_unreadable_permissions(tmp_path):
     path = _write(tmp_path / "secret.md", "# Secret\n")
     path.chmod(0)
     with pytest.raises(ExtractError, match=r"secret\.md: cannot read"):
+        chunk_file(path)
+
+
+def test_read_error_is_an_extract_error(tmp_path, monkeypatch):
+    """The same path as a file without read permission, for a test run as root (who may read anything)."""
+    path = _write(tmp_path / "secret.md", "# Secret\n")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ExtractError, match=r"secret\.md: cannot read the file: Permission denied"):
         chunk_file(path)
 
 

@@ -117,6 +117,9 @@ def test_reindex_embeds_only_changed_files_and_drops_deleted_ones(tmp_path, embe
     assert (third["files_deleted"], third["files_updated"], embedder.calls) == (1, 0, 0)
     assert not any(h.chunk.source.endswith("gamma.txt") for h in retriever.search("audit log login", top_k=50))
     assert third["chunks"] == len(retriever) == second["chunks"] - 1
+    listed = retriever.chunks()
+    assert len(listed) == len(retriever) and [Path(c.source).name for _, c in listed][0] == "alpha.md"
+    assert {i for i, _ in listed} == {h.id for h in retriever.search("service", top_k=50, mode="vector")}
 
 
 def test_unchanged_rerun_does_not_load_the_embedder(tmp_path, embedder, monkeypatch):
@@ -196,6 +199,19 @@ def test_an_indexed_file_that_becomes_empty_loses_its_chunks(tmp_path, embedder)
     (docs / "b.md").write_text("")
     report = refresh(tmp_path / "idx", embedder=embedder)
     assert report["chunks"] == 1 and [Path(s["path"]).name for s in report["skipped"]] == ["b.md"]
+
+
+def test_quotes_in_paths_and_an_index_inside_the_indexed_folder(tmp_path, embedder):
+    docs = write_docs(tmp_path / "docs", {"o'brien's notes.md": "Notes on 'quoted' things.", "b.md": "Plain."})
+    idx = docs / "idx"  # inside the folder it indexes: its own files are never read
+    assert build_index([str(docs)], idx, RagConfig(), embedder=embedder, progress=False)["files_skipped"] == 0
+    retriever = Retriever.open(idx, embedder=embedder)
+    assert sources(retriever.search("quoted", top_k=1, sources=["o'brien*"])) == ["o'brien's notes.md"]
+    (docs / "o'brien's notes.md").write_text("Changed notes.\n")
+    assert refresh(idx, embedder=embedder)["files_updated"] == 1
+    (docs / "o'brien's notes.md").unlink()
+    report = refresh(idx, embedder=embedder)
+    assert (report["files_deleted"], report["files_skipped"], len(retriever)) == (1, 0, 1)
 
 
 def test_bad_index_arguments_get_clear_errors(tmp_path, embedder):

@@ -84,7 +84,8 @@ def _sentence_transformer(spec: str, device: str | None) -> Embedder:
 
     name = spec
     if local:  # the shipped model keeps its name whichever way it is named, so an index built with it accepts both
-        name = "all-MiniLM-L6-v2" if Path(path).resolve() == default_model_dir().resolve() else str(Path(path).resolve())
+        shipped = Path(path).resolve() == default_model_dir().resolve()
+        name = "all-MiniLM-L6-v2" if shipped else str(Path(path).resolve())
     dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") \
         else model.get_sentence_embedding_dimension()
     return Embedder(name=name, dim=int(dim), encode=encode, count_tokens=count_tokens,

@@ -322,6 +322,13 @@ _HTML_HEADINGS = {f"h{n}": n for n in range(1, 7)}
 # Elements whose text is one block; containers (div, section, ul, table, ...) are walked into instead.
 _HTML_LEAVES = {"p", "li", "pre", "tr", "dt", "dd", "caption", "figcaption", "blockquote", "address", *_HTML_HEADINGS}
 _HTML_DROPPED = {"script", "style", "noscript", "template", "head", "svg", "iframe"}
+# Text-level elements: with the text around them in a container they make one paragraph, as a browser shows it.
+_HTML_INLINE = {"a", "abbr", "b", "bdi", "bdo", "br", "cite", "code", "data", "del", "dfn", "em", "font", "i", "img",
+                "ins", "kbd", "label", "mark", "q", "s", "samp", "small", "span", "strong", "sub", "sup", "time",
+                "tt", "u", "var", "wbr"}
+_HTML_ANCHOR = re.compile(r"[\s#¶§]+$")  # the permalink mark docs generators put after a heading
+_HTML_CELLS = {"td", "th"}
+_HTML_INLINE_BREAKS = {"br", "p", "div", "li", "dt", "dd"}  # inside a leaf block: a space, so words do not merge
 
 
 def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
@@ -332,9 +339,9 @@ def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
     blocks, stack, path_now = [], [], ()
     for name, lines in _html_leaves(soup, source):
         if name in _HTML_HEADINGS:
-            title = " ".join(t for _, t in lines)
+            title = _HTML_ANCHOR.sub("", " ".join(t for _, t in lines)) or lines[0][1]
             path_now = _under(stack, _HTML_HEADINGS[name], title)
-            blocks.append(Block("heading", path_now, ((lines[0][0], title),), starts_section=True))
+            blocks.append(Block("heading", path_now, tuple(lines), starts_section=True))
         else:
             kind = {"pre": "code", "li": "list", "tr": "table"}.get(name, "paragraph")
             blocks.append(Block(kind, path_now, tuple(lines)))
@@ -342,19 +349,25 @@ def _html_blocks(path: Path, text: str, _field: str) -> list[Block]:
 
 
 def _html_leaves(node, source: list[str]):
-    """Yield (tag name, numbered lines) for each leaf block in document order; loose text in a container is a
-    paragraph of its own."""
+    """Yield (tag name, numbered lines) for each leaf block in document order; text and text-level elements
+    directly in a container are one paragraph (name "")."""
     from bs4 import NavigableString, Tag
 
-    for child in node.children:
+    run = []
+    for child in [*node.children, None]:
+        if isinstance(child, NavigableString) and type(child) is not NavigableString:
+            continue  # a comment, CDATA, a doctype
+        if type(child) is NavigableString or isinstance(child, Tag) and child.name in _HTML_INLINE:
+            run.append(child)
+            continue
+        if run and (lines := _html_lines(run, source, keep_space=False)):
+            yield "", lines
+        run = []
         if isinstance(child, Tag) and child.name in _HTML_LEAVES:
-            lines = _html_lines(child, source, keep_space=child.name == "pre")
-            if lines:
+            if lines := _html_lines([child], source, keep_space=child.name == "pre"):
                 yield child.name, lines
         elif isinstance(child, Tag) and child.name not in _HTML_DROPPED:
             yield from _html_leaves(child, source)
-        elif type(child) is NavigableString and child.strip():
-            yield "", _merge_parts([(_line_of(child, source), str(child))], keep_space=False)
 
 
 def _text_line(tag, source: list[str]) -> int:
@@ -384,18 +397,25 @@ def _line_of(string, source: list[str]) -> int:
     return (_text_line(element, source) if element is not None and element.sourceline else 1) + count
 
 
-_HTML_CELLS = {"td", "th"}
-_HTML_INLINE_BREAKS = {"br", "p", "div", "li", "dt", "dd"}  # inside a leaf block: a space, so words do not merge
-
-
-def _html_lines(tag, source: list[str], keep_space: bool) -> list[tuple[int, str]]:
-    """The text of a tag, line by line, each with its source line: every tag inside resets the line to where its
-    start tag ends, and the newlines in the text move it on. Script/style text is skipped (its newlines counted).
-    Cells of a table row on one line are joined with " | "."""
-    from bs4 import NavigableString, Tag
+def _html_lines(nodes: list, source: list[str], keep_space: bool) -> list[tuple[int, str]]:
+    """The text of some nodes (tags or strings), line by line, each with its source line."""
+    from bs4 import Tag
 
     parts: list[tuple[int, str]] = []
     filled: set[int] = set()  # lines that already hold some text
+    for node in nodes:
+        if isinstance(node, Tag):
+            _tag_parts(node, source, parts, filled)
+        else:
+            _add_text(parts, filled, _line_of(node, source), str(node))
+    return _merge_parts(parts, keep_space)
+
+
+def _tag_parts(tag, source: list[str], parts: list[tuple[int, str]], filled: set[int]) -> None:
+    """Every tag inside resets the line to where its start tag ends, and the newlines in the text move it on.
+    Script/style text is skipped (its newlines counted). Cells of a table row on one line are joined by " | "."""
+    from bs4 import NavigableString, Tag
+
     line = _text_line(tag, source)
     for element in tag.descendants:
         if isinstance(element, Tag):
@@ -403,12 +423,18 @@ def _html_lines(tag, source: list[str], keep_space: bool) -> list[tuple[int, str
             if line in filled and element.name in _HTML_CELLS | _HTML_INLINE_BREAKS:
                 parts.append((line, " | " if element.name in _HTML_CELLS else " "))
         elif isinstance(element, NavigableString):
-            pieces = str(element).split("\n")
             if type(element) is NavigableString and element.parent.name not in _HTML_DROPPED:
-                parts.append((line, str(element)))  # not a comment, CDATA or doctype, nor script
-                filled.update(line + i for i, piece in enumerate(pieces) if piece.strip())
-            line += len(pieces) - 1
-    return _merge_parts(parts, keep_space)
+                line = _add_text(parts, filled, line, str(element))  # not a comment, CDATA or doctype, nor script
+            else:
+                line += str(element).count("\n")
+
+
+def _add_text(parts: list[tuple[int, str]], filled: set[int], line: int, text: str) -> int:
+    """Add text that starts on `line`; return the line it ends on."""
+    pieces = text.split("\n")
+    parts.append((line, text))
+    filled.update(line + i for i, piece in enumerate(pieces) if piece.strip())
+    return line + len(pieces) - 1
 
 
 def _merge_parts(parts: list[tuple[int, str]], keep_space: bool) -> list[tuple[int, str]]:

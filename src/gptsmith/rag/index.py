@@ -37,6 +37,7 @@ TABLE = "chunks"
 FORMAT_VERSION = 1
 WRITE_BATCH_CHUNKS = 512  # chunks embedded and committed together: one LanceDB commit per batch of files
 GLOB_CHARS = set("*?[")
+SHOW_SKIPPED = 20  # skipped files listed in the printed summary (a folder of images would fill the screen)
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -324,12 +325,49 @@ def embed_and_write(table, todo: list[FileChunks], embedder: Embedder, chunking:
             replace_files(table, batch, vectors, chunking, embedder.dim)
 
 
+def read_changed_files(files: list[Path], before: dict, cfg: RagConfig, report: dict, progress: bool
+                       ) -> tuple[list[FileChunks], list[str]]:
+    """Hash every file; chunk those that are new or changed. Returns them, and the indexed files that now give no
+    chunks (emptied, unreadable): their old rows must go. Counts go into `report`."""
+    from tqdm import tqdm
+
+    chunking = chunking_key(cfg)
+    todo: list[FileChunks] = []
+    emptied: list[str] = []
+
+    def skip(source: str, reason: str) -> None:
+        report["skipped"].append({"path": source, "reason": reason})
+        if source in before:
+            emptied.append(source)
+
+    for path in tqdm(files, unit="file", desc="reading", disable=not progress, dynamic_ncols=True):
+        source = path.as_posix()
+        try:
+            sha = sha256_file(path)
+        except OSError as e:
+            skip(source, f"cannot read: {e.strerror or e}")
+            continue
+        report["files_read"] += 1
+        old = before.get(source)
+        if old and old[0] == sha and old[1] == chunking:
+            report["files_unchanged"] += 1
+            continue
+        try:
+            chunks = read_file_chunks(path, cfg)
+        except Exception as e:  # noqa: BLE001 - one bad document is counted and reported, never ends the run
+            skip(source, str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}")
+            continue
+        if chunks:
+            todo.append(FileChunks(source, sha, chunks))
+        else:
+            skip(source, "no text to index")
+    return todo, emptied
+
+
 def build_index(inputs: list[str], index_dir: str | Path, cfg: RagConfig, *, embedder: Embedder | None = None,
                 progress: bool = True, missing_ok: bool = False) -> dict:
     """Index (or update the index of) `inputs` into `index_dir`; returns the report (also printed when
     `progress`). `embedder`: an already loaded one (it must be the index's); else cfg.embedder is loaded."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     index_dir = Path(index_dir)
     if not inputs:
@@ -353,33 +391,7 @@ def build_index(inputs: list[str], index_dir: str | Path, cfg: RagConfig, *, emb
               "files_read": 0, "files_unchanged": 0, "files_updated": 0, "files_deleted": 0, "files_skipped": 0,
               "skipped": [{"path": p, "reason": r} for p, r in scan.skipped],
               "chunks": 0, "chunks_embedded": 0, "tokens": 0, "tokens_embedded": 0, "seconds": 0.0}
-    todo: list[FileChunks] = []
-    emptied: list[str] = []  # files that were indexed and now give no chunks (emptied, unreadable)
-    for path in tqdm(scan.files, unit="file", desc="reading", disable=not progress, dynamic_ncols=True):
-        source = path.as_posix()
-        try:
-            sha = sha256_file(path)
-        except OSError as e:
-            report["skipped"].append({"path": source, "reason": f"cannot read: {e.strerror or e}"})
-            emptied += [source] if source in before else []
-            continue
-        report["files_read"] += 1
-        old = before.get(source)
-        if old and old[0] == sha and old[1] == chunking:
-            report["files_unchanged"] += 1
-            continue
-        try:
-            chunks = read_file_chunks(path, cfg)
-        except Exception as e:  # noqa: BLE001 - one bad document is counted and reported, never ends the run
-            reason = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
-            report["skipped"].append({"path": source, "reason": reason})
-            emptied += [source] if source in before else []
-            continue
-        if not chunks:
-            report["skipped"].append({"path": source, "reason": "no text to index"})
-            emptied += [source] if source in before else []
-            continue
-        todo.append(FileChunks(source, sha, chunks))
+    todo, emptied = read_changed_files(scan.files, before, cfg, report, progress)
     present = {p.as_posix() for p in scan.files}
     gone = sorted(s for s in before if s not in present)
     delete_sources(table, gone + emptied)
@@ -421,7 +433,9 @@ def format_report(r: dict) -> str:
              f"files: {r['files_read']} read, {r['files_unchanged']} unchanged, {r['files_updated']} new or "
              f"changed ({r['chunks_embedded']} chunks, {r['tokens_embedded']} tokens embedded), "
              f"{r['files_deleted']} deleted, {r['files_skipped']} skipped; {r['seconds']:.1f} s"]
-    lines += [f"  skipped {s['path']}: {s['reason']}" for s in r["skipped"]]
+    lines += [f"  skipped {s['path']}: {s['reason']}" for s in r["skipped"][:SHOW_SKIPPED]]
+    if len(r["skipped"]) > SHOW_SKIPPED:
+        lines.append(f"  ... and {len(r['skipped']) - SHOW_SKIPPED} more skipped (all in the returned report)")
     return "\n".join(lines)
 
 

@@ -13,9 +13,9 @@ score (rerank, RRF, BM25 or cosine: the last stage's) is below it. Hit.scores ke
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
-import pyarrow as pa
 
 from gptsmith.config import RagConfig
 from gptsmith.errors import InputError
@@ -25,6 +25,7 @@ from gptsmith.rag.types import Chunk, Hit
 
 MODES = ("hybrid", "bm25", "vector")
 COLUMNS = ["id", "source", "heading", "start", "end", "unit", "n_tokens", "text"]
+QUERY_CACHE = 256  # query vectors kept: comparing modes, or a chat repeating a question, embeds it once
 
 
 def glob_to_like(pattern: str) -> str:
@@ -79,6 +80,7 @@ class Retriever:
         self.cfg = cfg or RagConfig()
         self.rerank_model = rerank
         self._cross_encoder = None
+        self._query_vectors: OrderedDict[str, object] = OrderedDict()
 
     @classmethod
     def open(cls, index_dir: str | Path, rerank: str | None = None, *, embedder: Embedder | None = None,
@@ -102,7 +104,24 @@ class Retriever:
     def __len__(self) -> int:
         return self.table.count_rows()
 
+    def chunks(self) -> list[tuple[str, Chunk]]:
+        """Every (id, chunk) of the index, in document order (by source, then line or page)."""
+        if self.table.count_rows() == 0:
+            return []
+        rows = self.table.search().select(COLUMNS).limit(None).to_arrow().to_pylist()
+        rows.sort(key=lambda r: (r["source"], r["start"], r["end"]))
+        return [(r["id"], row_chunk(r)) for r in rows]
+
     # ------------------------------------------------------------------------------------------ retrievers
+
+    def query_vector(self, query: str):
+        vec = self._query_vectors.pop(query, None)
+        if vec is None:
+            vec = self.embedder.embed([query])[0]
+        self._query_vectors[query] = vec
+        if len(self._query_vectors) > QUERY_CACHE:
+            self._query_vectors.popitem(last=False)
+        return vec
 
     def _bm25(self, query: str, n: int, where: str | None) -> list[tuple[dict, dict]]:
         q = self.table.search(query, query_type="fts").select(COLUMNS + ["_score"])
@@ -112,7 +131,7 @@ class Retriever:
         return [(r, {"bm25": float(r["_score"])}) for r in rows]
 
     def _vector(self, query: str, n: int, where: str | None) -> list[tuple[dict, dict]]:
-        vec = self.embedder.embed([query])[0]
+        vec = self.query_vector(query)
         q = self.table.search(vec, query_type="vector").distance_type("cosine").select(COLUMNS + ["_distance"])
         if where:
             q = q.where(where, prefilter=True)
@@ -122,7 +141,7 @@ class Retriever:
     def _hybrid(self, query: str, n: int, where: str | None) -> list[tuple[dict, dict]]:
         from lancedb.rerankers import RRFReranker
 
-        vec = self.embedder.embed([query])[0]
+        vec = self.query_vector(query)
         # No select(): each leg would need its own score column in it, and the one list cannot name both.
         q = (self.table.search(query_type="hybrid").vector(vec).text(query).distance_type("cosine")
              .rerank(RRFReranker(K=self.cfg.rrf_k, return_score="all")))
