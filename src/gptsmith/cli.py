@@ -151,10 +151,12 @@ def cmd_serve(args) -> None:
     from gptsmith.serve.app import serve
     cfg = _config(args, {"serve.host": args.host, "serve.port": args.port, "serve.db": args.db,
                          "serve.api_key": args.api_key or os.environ.get("GPTSMITH_API_KEY"),
-                         "serve.backend_url": args.backend_url, "serve.device": args.device})
-    if not args.model and not cfg.serve.backend_url:
-        raise UserError("serve needs --model DIR (a local model) or --backend-url URL (another OpenAI-compatible server)")
-    serve(args.model, cfg)
+                         "serve.backend_url": args.backend_url, "serve.device": args.device,
+                         "serve.watch": args.watch or None, "serve.watch_seconds": args.watch_seconds})
+    if not args.model and not cfg.serve.backend_url and not args.assistant:
+        raise UserError("serve needs --model DIR (a local model), --backend-url URL (another OpenAI-compatible "
+                        "server) or --assistant FILE...")
+    serve(args.model, cfg, args.assistant or ())
 
 
 def cmd_feedback_export(args) -> None:
@@ -381,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-url", help="front another OpenAI-compatible server instead of --model "
                                          "(its key, if any, from GPTSMITH_BACKEND_API_KEY)")
     p.add_argument("--device", help="where the local model runs: auto, cpu, cuda (serve.device)")
+    p.add_argument("--assistant", nargs="+", type=Path, metavar="FILE",
+                   help="assistant YAML files; each is served as its own model name (with --model: that one too)")
+    p.add_argument("--watch", action="store_true", help="re-index the assistants' RAG folders while serving, "
+                                                        "changed files only (serve.watch)")
+    p.add_argument("--watch-seconds", type=float, help="how often --watch looks for changes (serve.watch_seconds)")
 
     fb = sub.add_parser("feedback", help="The feedback store: export.")
     fb_sub = fb.add_subparsers(dest="feedback_command", metavar="STEP", required=True)

@@ -160,6 +160,9 @@ class ServeConfig(Section):
     session_hours: float = Field(168.0, gt=0, description="how long a browser login (the session cookie) lasts")
     auth_failures_per_minute: int = Field(10, ge=0, description="failed logins/API keys allowed per client IP a "
                                           "minute before it gets 429; 0 = no limit")
+    watch: bool = Field(False, description="re-index the served assistants' RAG folders while serving (changed "
+                        "files only), so edits show up without a restart")
+    watch_seconds: float = Field(5.0, gt=0, description="with watch: how often to look for changed files")
 
 
 class RagConfig(Section):

@@ -2,6 +2,7 @@
 
     gptsmith serve --model runs/sft --port 8000                       # local model, continuous batching
     gptsmith serve --backend-url http://localhost:11434/v1            # front Ollama / vLLM / a hosted API
+    gptsmith serve --assistant pydocs.yaml notes.yaml [--model DIR] [--watch]   # assistants, each its own model
 
 This module assembles the app: backend, store, the Server that holds the serving logic (server.py, streams.py),
 the routers (routes/openai.py, routes/ui.py, routes/auth.py), middleware and error handlers (errors.py). Every
@@ -21,12 +22,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from gptsmith.config import ProjectConfig
+from gptsmith.errors import InputError
 from gptsmith.serve.auth import Auth, Guard
 from gptsmith.serve.backends import Backend, ExternalBackend, LocalBackend, model_version
 from gptsmith.serve.errors import add_error_handlers
 from gptsmith.serve.routes import auth, openai, ui
 from gptsmith.serve.security import RequestShield
-from gptsmith.serve.server import Server
+from gptsmith.serve.embeddings import Embedders
+from gptsmith.serve.server import Served, Server
+from gptsmith.serve.watch import IndexWatcher
 from gptsmith.serve.store import Store
 
 log = logging.getLogger("gptsmith.serve")
@@ -68,23 +72,71 @@ def build_backend(cfg: ProjectConfig, model_dir=None, engine=None) -> Backend:
                         repetition_penalty=g.repetition_penalty, stream_interval=sc.stream_interval_s)
 
 
-def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend | None = None) -> FastAPI:
+def build_served(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend | None = None,
+                 assistants=()) -> list[Served]:
+    """The plain model (when --model, --backend-url, an engine or a backend is given) and each assistant, as
+    served names. Assistants over the same model directory (or over --model's) share one backend."""
+    served: list[Served] = []
+    local: dict[Path, Backend] = {}  # resolved model directory -> its one backend
+    if backend is not None or engine is not None or model_dir is not None or cfg.serve.backend_url:
+        backend = backend or build_backend(cfg, model_dir, engine)
+        if model_dir is not None and not cfg.serve.backend_url:
+            local[Path(model_dir).resolve()] = backend
+        served.append(Served(backend))
+    for path in assistants:
+        from gptsmith.assist import Assistant, load_assistant
+
+        profile = load_assistant(path)
+        if profile.backend_url:
+            b = ExternalBackend(profile.backend_url, os.environ.get(profile.api_key_env), profile.backend_model)
+        else:
+            where = Path(profile.model).resolve()
+            if where not in local:
+                local[where] = build_backend(cfg.model_copy(update={"serve": cfg.serve.model_copy(
+                    update={"backend_url": None})}), where)
+            b = local[where]
+        served.append(Served(b, Assistant.open(profile), profile.name, index_dir(profile)))
+    names = [s.name for s in served if s.name]  # an external plain model's name is known once it has started
+    if len(set(names)) != len(names):
+        raise InputError(f"two served models are named the same ({', '.join(names)}): give each assistant its own "
+                         "`name` (the model name clients ask for), not the model folder's name either")
+    if not served:
+        raise InputError("serve needs a model directory (--model), a backend URL (--backend-url) or an assistant "
+                         "(--assistant FILE)")
+    return served
+
+
+def index_dir(profile) -> str | None:
+    """The assistant's RAG index directory, as the folder watch refreshes it; None without RAG."""
+    return str(Path(profile.rag.index).resolve()) if profile.rag is not None else None
+
+
+def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend | None = None,
+               assistants=()) -> FastAPI:
     """The whole server as an ASGI app. `engine` (an already loaded gptsmith Engine) skips loading
-    `model_dir`; `backend` replaces both (tests, other backends)."""
+    `model_dir`; `backend` replaces both (tests, other backends); `assistants` are assistant YAML files, each
+    served as its own model name."""
     sc = cfg.serve
-    backend = backend or build_backend(cfg, model_dir, engine)
     store = Store(sc.db)
-    srv = Server(cfg, backend, store)
+    srv = Server(cfg, None, store, build_served(cfg, model_dir, engine, backend, assistants))
+    srv.embedders = Embedders(srv.served)
+    srv.watcher = IndexWatcher(srv.served, sc.watch_seconds)
 
     @asynccontextmanager
     async def lifespan(app):
-        await backend.start()
-        log.info("serving %s (%s); store %s", backend.name, backend.version, sc.db)
+        for b in srv.backends:
+            await b.start()
+        for s in srv.served:
+            log.info("serving %s (%s); store %s", s.name, s.backend.version, sc.db)
+        if sc.watch:
+            srv.watcher.start()
         try:
             yield
         finally:
+            srv.watcher.stop()
             await srv.close()
-            await backend.close()
+            for b in srv.backends:
+                await b.close()
             store.close()
 
     app = FastAPI(title="gptsmith", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -105,7 +157,7 @@ def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend
     return app
 
 
-def serve(model_dir, cfg: ProjectConfig) -> None:
+def serve(model_dir, cfg: ProjectConfig, assistants=()) -> None:
     """Run the server (blocking) on cfg.serve.host:port."""
     import uvicorn
 
@@ -117,8 +169,8 @@ def serve(model_dir, cfg: ProjectConfig) -> None:
     if sc.backend_url:
         from gptsmith.serve.backends import check_backend
         check_backend(sc.backend_url, os.environ.get("GPTSMITH_BACKEND_API_KEY"))
-    app = create_app(cfg, model_dir)
-    name = app.state.server.backend.name or sc.backend_url
+    app = create_app(cfg, model_dir, assistants=assistants)
+    name = ", ".join(s.name or sc.backend_url for s in app.state.server.served)
     print(f"gptsmith serve: {name} on http://{sc.host}:{sc.port}  (chat UI at /, OpenAI API at /v1, store {sc.db})",
           flush=True)
     uvicorn.run(app, host=sc.host, port=sc.port, log_level="info", timeout_graceful_shutdown=5)

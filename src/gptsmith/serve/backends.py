@@ -29,6 +29,8 @@ class GenParams:
     top_p: float | None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    top_k: int | None = None  # an assistant's; None: the server's (local models only, like repetition_penalty)
+    repetition_penalty: float | None = None
 
 
 @dataclass
@@ -94,6 +96,11 @@ class LocalBackend:
         resolved = self.engine.resolve(SamplingParams(top_k=self.top_k, repetition_penalty=self.repetition_penalty))
         return {"temperature": resolved.temperature, "top_p": resolved.top_p}
 
+    def count_tokens(self, messages: list[dict]) -> int:
+        """The length of `messages` in this model's tokens, as its chat template encodes them (an assistant's
+        context budget is counted with it)."""
+        return len(self.engine.chat_template_ids(messages))
+
     async def start(self) -> None:
         self.scheduler.start()
 
@@ -135,7 +142,9 @@ class LocalBackend:
         from gptsmith.engine import SamplingParams
 
         sp = SamplingParams(max_new_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                            top_k=self.top_k, repetition_penalty=self.repetition_penalty, stop=params.stop,
+                            top_k=self.top_k if params.top_k is None else params.top_k,
+                            repetition_penalty=self.repetition_penalty if params.repetition_penalty is None
+                            else params.repetition_penalty, stop=params.stop,
                             seed=params.seed)
         try:
             sp.validate()

@@ -6,7 +6,7 @@ a known field with a wrong type is a 400 in OpenAI's error shape.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_serializer
 
@@ -87,6 +87,8 @@ class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: TokenCount | None = None
+    include_reasoning: StrictBool = Field(False, description="a chain-of-thought assistant: also return its "
+                                          "reasoning, as `reasoning_content` (hidden by default)")
 
     def chat(self) -> list[dict]:
         """The messages as the engine's chat template takes them ("developer" is OpenAI's newer "system")."""
@@ -99,7 +101,38 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str]
 
 
+class EmbeddingRequest(Lenient):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+
 # ------------------------------------------------------------------------------------------- responses
+
+class Extras(BaseModel):
+    """A response that may carry fields of our own (an assistant's sources, what its context budget dropped, its
+    reasoning): sent only when set, so a plain model's replies are exactly OpenAI's and clients that do not know
+    them (the `openai` package) ignore them."""
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_extras(self, handler):
+        return {k: v for k, v in handler(self).items() if not (k in self.OPTIONAL and v is None)}
+
+
+class Source(BaseModel):
+    """One retrieved passage an assistant's answer may cite as [index]."""
+    index: int
+    citation: str
+    source: str
+    heading: str
+    start: int
+    end: int
+    unit: str
+    text: str
+    score: float
+    id: str = ""
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -107,10 +140,12 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(Extras):
+    OPTIONAL = ("reasoning_content",)
     role: Literal["assistant"] = "assistant"
     content: str
     refusal: None = None
+    reasoning_content: str | None = None  # a CoT assistant's reasoning, when the request asks for it
 
 
 class ChatChoice(BaseModel):
@@ -120,7 +155,8 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(Extras):
+    OPTIONAL = ("sources", "dropped")
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -128,6 +164,8 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    sources: list[Source] | None = None  # an assistant's retrieved passages, numbered as its answer cites them
+    dropped: dict[str, int] | None = None  # what the context budget left out: history_turns, chunks, examples
 
 
 class TextChoice(BaseModel):
@@ -151,6 +189,7 @@ class ChunkDelta(BaseModel):
     """What a chat stream chunk adds: the role (first chunk), some text, or nothing (the finishing chunk)."""
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler):  # OpenAI sends {} or {"content": ...}, never explicit nulls here
@@ -164,7 +203,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(Extras):
+    OPTIONAL = ("sources", "dropped")
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -172,6 +212,8 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None  # sent (null until the last chunk) only with stream_options.include_usage
+    sources: list[Source] | None = None  # an assistant's: in the first chunk
+    dropped: dict[str, int] | None = None
 
 
 class TextCompletionChunk(BaseModel):
@@ -196,6 +238,24 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: the little-endian float32 bytes, as OpenAI sends them
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -210,6 +270,7 @@ class ErrorResponse(BaseModel):
 # ------------------------------------------------------------------------------------------- the UI's API
 
 class UISettings(Lenient):
+    model: str | None = Field(None, max_length=200, description="the served model or assistant to answer with")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: TokenCount | None = None

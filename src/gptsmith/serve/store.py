@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, bindparam,
-                        create_engine, delete, event, func, or_, select)
+                        create_engine, delete, event, func, inspect, or_, select, text)
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from gptsmith.errors import InputError
@@ -87,6 +87,11 @@ class Message(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     finish_reason: Mapped[str | None] = mapped_column(String(20))  # None while streaming (or killed mid-answer)
+    # an assistant's answer: its chain of thought kept apart from the answer, the retrieved passages it was given
+    # (numbered as the model saw them) and what the context budget dropped (see ADDED_COLUMNS)
+    reasoning: Mapped[str | None] = mapped_column(StoredText)
+    sources: Mapped[list | None] = mapped_column(JSON)
+    dropped: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
     feedback: Mapped[Feedback | None] = relationship(back_populates="message", cascade="all, delete-orphan",
@@ -104,6 +109,28 @@ class Feedback(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     message: Mapped[Message] = relationship(back_populates="feedback")
+
+
+# Columns added to tables after their first release: a store created by an older gptsmith gets them at startup
+ADDED_COLUMNS = {"messages": ("reasoning", "sources", "dropped")}
+
+
+def add_missing_columns(engine) -> None:
+    """ALTER TABLE ... ADD COLUMN for each of ADDED_COLUMNS an older database lacks (create_all makes new tables
+    only). Nullable columns, so old rows stay valid. Idempotent, and safe when two servers start together: a
+    column another process added meanwhile is not an error."""
+    for table_name, names in ADDED_COLUMNS.items():
+        table = Base.metadata.tables[table_name]
+        for name in names:
+            if name in {c["name"] for c in inspect(engine).get_columns(table_name)}:
+                continue
+            kind = table.c[name].type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table_name} ADD COLUMN {name} {kind}'))
+            except (OperationalError, ProgrammingError):
+                if name not in {c["name"] for c in inspect(engine).get_columns(table_name)}:
+                    raise
 
 
 def database_url(db_url: str) -> URL:
@@ -158,7 +185,7 @@ def message_dict(m: Message, with_feedback: bool = True) -> dict:
          "model_name": m.model_name, "model_version": m.model_version, "sampling": m.sampling,
          "latency_s": m.latency_s, "ttft_s": m.ttft_s, "prompt_tokens": m.prompt_tokens,
          "completion_tokens": m.completion_tokens, "finish_reason": m.finish_reason,
-         "created_at": iso_utc(m.created_at)}
+         "reasoning": m.reasoning, "sources": m.sources, "dropped": m.dropped, "created_at": iso_utc(m.created_at)}
     if with_feedback:
         fb = m.feedback
         d["feedback"] = None if fb is None else {"rating": fb.rating, "comment": fb.comment,
@@ -200,6 +227,7 @@ class Store:
         self.url = db_url
         self.engine = make_engine(db_url)
         Base.metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite lets one writer in at a time and makes the others poll with sleeps of up to 100 ms (its busy
         # handler); queueing our own writers on a lock wakes the next one as soon as the previous commits.

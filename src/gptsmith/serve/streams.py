@@ -19,7 +19,7 @@ from gptsmith.serve.backends import GenParams, Prompt
 from gptsmith.serve.schemas import (APIError, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                                     ChunkDelta, SamplingFields, TextChoice, TextCompletion, TextCompletionChunk,
                                     Usage)
-from gptsmith.serve.server import ClientGone, Server, as_api_error, drain
+from gptsmith.serve.server import AssistPlan, ClientGone, Served, Server, as_api_error, dropped_dict, drain
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = "data: [DONE]\n\n"
@@ -55,11 +55,14 @@ class Job:
 class Completion:
     """One /v1 request: `n` choices for every target, answered whole or streamed as OpenAI does."""
 
-    def __init__(self, srv: Server, kind: str, body: SamplingFields, targets: list[Target]):
+    def __init__(self, srv: Server, kind: str, body: SamplingFields, targets: list[Target],
+                 served: Served | None = None, plan: AssistPlan | None = None, include_reasoning: bool = False):
         self.srv, self.kind, self.body, self.targets = srv, kind, body, targets
+        self.served, self.plan = served or srv.served[0], plan
+        self.include_reasoning = include_reasoning  # a CoT answer's reasoning is sent only when asked for
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created, self.t0 = int(time.time()), time.monotonic()
-        self.model, self.fingerprint = srv.backend.name, srv.backend.version
+        self.model, self.fingerprint = self.served.name, self.served.backend.version
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.jobs: list[Job] = []
         self._text_templates: dict[int, tuple[str, str]] = {}
@@ -70,7 +73,8 @@ class Completion:
             for j in range(self.body.n):
                 # seed + j: the n choices differ from each other, and the same request gives the same n answers
                 p = params if params.seed is None else replace(params, seed=params.seed + j)
-                msg = await self.srv.new_answer(t.conv_id, t.parent_id, t.prompt, p)
+                msg = await self.srv.new_answer(t.conv_id, t.parent_id, t.prompt, p, served=self.served,
+                                                plan=self.plan)
                 self.jobs.append(Job(i * self.body.n + j, t.prompt, p, msg["id"]))
 
     def usage(self, results: list[dict]) -> Usage:
@@ -82,7 +86,18 @@ class Completion:
         return Usage(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
 
     def run(self, job: Job, emit=None):
-        return self.srv.run_choice(job.prompt, job.params, job.msg_id, self.t0, emit=emit, request_id=self.id)
+        return self.srv.run_choice(job.prompt, job.params, job.msg_id, self.t0, emit=emit, request_id=self.id,
+                                   served=self.served, plan=self.plan)
+
+    def extras(self) -> dict:
+        """An assistant's sources and what its context budget dropped (sent once: whole reply, first chunk)."""
+        if self.plan is None:
+            return {}
+        return {"sources": self.plan.sources, "dropped": dropped_dict(self.plan.dropped)}
+
+    def message(self, result: dict) -> dict:
+        reasoning = result.get("reasoning") if self.include_reasoning else None
+        return {"content": result["content"], "reasoning_content": reasoning}
 
     # ------------------------------------------------------------------------------------------ whole reply
     async def reply(self, request: Request) -> ChatCompletion | TextCompletion | Response:
@@ -95,8 +110,8 @@ class Completion:
         common = dict(id=self.id, created=self.created, model=self.model, system_fingerprint=self.fingerprint,
                       usage=self.usage(results))
         if self.kind == "chat":
-            return ChatCompletion(**common, choices=[
-                ChatChoice(index=job.index, message={"content": r["content"]}, finish_reason=r["finish_reason"])
+            return ChatCompletion(**common, **self.extras(), choices=[
+                ChatChoice(index=job.index, message=self.message(r), finish_reason=r["finish_reason"])
                 for job, r in zip(self.jobs, results)])
         return TextCompletion(**common, choices=[
             TextChoice(index=job.index, text=r["content"], finish_reason=r["finish_reason"])
@@ -104,12 +119,18 @@ class Completion:
 
     # ------------------------------------------------------------------------------------------ stream
     def chunk(self, idx: int | None, text: str | None = None, finish: str | None = None, first: bool = False,
-              usage: Usage | None = None) -> ChatCompletionChunk | TextCompletionChunk:
-        """One chunk for choice `idx`, or (idx None) the final usage-only chunk."""
+              usage: Usage | None = None, reasoning: str | None = None) -> ChatCompletionChunk | TextCompletionChunk:
+        """One chunk for choice `idx`, or (idx None) the final usage-only chunk. The first chunk of a choice
+        carries an assistant's sources."""
         common = dict(id=self.id, created=self.created, model=self.model, system_fingerprint=self.fingerprint,
                       usage=usage)
         if self.kind == "chat":
-            delta = ChunkDelta(role="assistant", content="") if first else ChunkDelta(content=text or None)
+            if first:
+                delta = ChunkDelta(role="assistant", content="")
+                if idx == 0:  # once per reply, not once per choice
+                    common |= self.extras()
+            else:
+                delta = ChunkDelta(content=text or None, reasoning_content=reasoning or None)
             choices = [] if idx is None else [ChatChunkChoice(index=idx, delta=delta, finish_reason=finish)]
             return ChatCompletionChunk(**common, choices=choices)
         choices = [] if idx is None else [TextChoice(index=idx, text=text or "", finish_reason=finish)]
@@ -159,20 +180,26 @@ class Completion:
 
     async def _job(self, job: Job, queue: asyncio.Queue) -> None:
         try:
-            result = await self.run(job, emit=lambda text: queue.put_nowait((job.index, "text", text)))
+            result = await self.run(job, emit=lambda text, kind: queue.put_nowait((job.index, kind, text)))
             queue.put_nowait((job.index, "done", result))
         except Exception as e:  # every failure reaches the client, or its stream would wait forever
             queue.put_nowait((job.index, "error", as_api_error(e, self.id)))
 
     def _render(self, items: list, results: dict[int, dict]) -> tuple[str, APIError | None]:
         """SSE text for a batch of queued items; text per choice is merged until something else comes."""
-        out, pending = [], {}
+        out, pending, thinking = [], {}, {}
         for idx, what, val in items + [(None, "flush", None)]:
-            if what == "text":
+            if what == "content":
                 pending[idx] = pending.get(idx, "") + val
                 continue
+            if what == "reasoning":  # a CoT answer's reasoning: only to a client that asked for it
+                if self.include_reasoning:
+                    thinking[idx] = thinking.get(idx, "") + val
+                continue
+            out += [self.chunk_sse(self.chunk(i, reasoning=t)) for i, t in thinking.items()]
             out += [self.text_sse(i, t) for i, t in pending.items()]
             pending.clear()
+            thinking.clear()
             if what == "done":
                 results[idx] = val
                 out.append(self.chunk_sse(self.chunk(idx, finish=val["finish_reason"])))
@@ -190,6 +217,8 @@ class UITurn:
     prompt: Prompt
     params: GenParams
     t0: float
+    served: Served | None = None
+    plan: AssistPlan | None = None
 
 
 def ui_stream(srv: Server, request: Request, turn: UITurn) -> StreamingResponse:
@@ -209,6 +238,9 @@ async def _ui_events(srv: Server, request: Request, turn: UITurn):
                 last_check = time.monotonic()
                 if await request.is_disconnected():
                     return
+            thinking = "".join(val for what, val in items if what == "reasoning")
+            if thinking:  # a CoT answer's reasoning, which the UI keeps behind its "show reasoning" toggle
+                yield sse({"type": "reasoning", "text": thinking})
             text = "".join(val for what, val in items if what == "delta")
             if text:
                 yield sse({"type": "delta", "text": text})
@@ -227,7 +259,8 @@ async def _ui_job(srv: Server, turn: UITurn, queue: asyncio.Queue) -> None:
     msg_id = turn.answer["id"]
     try:
         await srv.run_choice(turn.prompt, turn.params, msg_id, turn.t0, request_id=f"answer {msg_id}",
-                             emit=lambda t: queue.put_nowait(("delta", t)))
+                             served=turn.served, plan=turn.plan,
+                             emit=lambda t, kind: queue.put_nowait(("delta" if kind == "content" else kind, t)))
         queue.put_nowait(("done", msg_id))
     except Exception as e:  # every failure reaches the client, or its stream would wait forever
         queue.put_nowait(("error", as_api_error(e, f"answer {msg_id}")))

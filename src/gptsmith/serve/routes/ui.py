@@ -15,7 +15,7 @@ from gptsmith.serve.backends import Prompt
 from gptsmith.serve.routes import ServerDep
 from gptsmith.serve.schemas import (INT64_MAX, APIError, ConversationCreate, ConversationPatch, FeedbackIn,
                                     SamplingFields, SendMessage, UISettings)
-from gptsmith.serve.server import Server
+from gptsmith.serve.server import Served, Server
 from gptsmith.serve.streams import UITurn, ui_stream
 
 STATIC = FilePath(__file__).parent.parent / "static"
@@ -29,10 +29,21 @@ async def index():
 
 @router.get("/api/info")
 async def info(srv: ServerDep):
+    """The default model's facts (top level) and every served model and assistant (`models`, for the picker)."""
     sc = srv.sc
-    return {"model": srv.backend.name, "version": srv.backend.version, "max_context": srv.backend.max_context,
-            "max_tokens_limit": sc.max_tokens_limit, "auth": bool(sc.api_key),
-            "defaults": srv.sampling_defaults | {"max_tokens": srv.default_max_tokens}}
+    models = [_model_info(srv, s) for s in srv.served]
+    return models[0] | {"model": models[0]["id"], "models": models, "max_tokens_limit": sc.max_tokens_limit,
+                        "auth": bool(sc.api_key)}
+
+
+def _model_info(srv: Server, served: Served) -> dict:
+    b, a = served.backend, served.assistant
+    max_tokens = srv.assistant_max_tokens(served) if a is not None else srv.default_max_tokens
+    mine = {k: getattr(a.profile.sampling, k) for k in ("temperature", "top_p")} if a is not None else {}
+    return {"id": served.name, "version": b.version, "max_context": b.max_context, "assistant": a is not None,
+            "rag": served.index_dir is not None,
+            "defaults": srv.defaults_for(served) | {k: v for k, v in mine.items() if v is not None}
+            | {"max_tokens": max_tokens}}
 
 
 @router.get("/api/conversations")
@@ -85,13 +96,17 @@ async def send_message(conv_id: str, body: SendMessage, request: Request, srv: S
     parent_id, content, regeneration_of = _turn(conv, body)
     settings = UISettings.model_validate({**(conv["settings"] or {}),
                                           **(body.settings.model_dump(exclude_none=True) if body.settings else {})})
+    served = srv.check_model(settings.model)  # the conversation's model or assistant (the picker); default: the first
     srv.check_request(SamplingFields(), settings.max_tokens)
     system_prompt = conv["system_prompt"] if body.system_prompt is None else body.system_prompt
     history = await asyncio.to_thread(srv.store.context_for, conv_id, parent_id, system_prompt)
     if content is not None:
         history.append({"role": "user", "content": content})
-    prompt, max_tokens = await srv.prepare(Prompt(messages=history), settings.max_tokens, fit=True)
-    params = srv.params(settings.temperature, settings.top_p, max_tokens)
+    plan = await srv.assist(served, history, settings.max_tokens)
+    max_tokens = settings.max_tokens or (plan.sampling.get("max_tokens") if plan else None)
+    prompt, max_tokens = await srv.prepare(Prompt(messages=plan.messages if plan else history), max_tokens,
+                                           fit=True, served=served)
+    params = srv.params(settings.temperature, settings.top_p, max_tokens, served=served, plan=plan)
     # checked: now store the settings, the question (before generation: a crash mid-answer keeps it), the answer
     if body.system_prompt is not None or body.settings is not None:
         await asyncio.to_thread(srv.store.update_conversation, conv_id, system_prompt=body.system_prompt,
@@ -101,8 +116,8 @@ async def send_message(conv_id: str, body: SendMessage, request: Request, srv: S
         user_msg = await asyncio.to_thread(srv.store.add_message, conv_id, "user", content, parent_id)
         parent_id = user_msg["id"]
     t0 = time.monotonic()
-    answer = await srv.new_answer(conv_id, parent_id, prompt, params, regeneration_of)
-    return ui_stream(srv, request, UITurn(user_msg, answer, prompt, params, t0))
+    answer = await srv.new_answer(conv_id, parent_id, prompt, params, regeneration_of, served, plan)
+    return ui_stream(srv, request, UITurn(user_msg, answer, prompt, params, t0, served, plan))
 
 
 def _turn(conv: dict, body: SendMessage) -> tuple[int | None, str | None, int | None]:

@@ -46,6 +46,98 @@ function button(label, cls, onClick, title) {
   return b;
 }
 
+// ------------------------------------------------------------------------------------------- assistants
+// An assistant's answer cites its retrieved passages as [1], [2]...: each number becomes a button that opens
+// the passage (its citation and text) in a panel; the list under the answer shows every passage it was given.
+function renderAnswer(el, text, sources) {
+  renderMarkdown(el, text);
+  if (sources && sources.length) linkCitations(el, sources);
+}
+
+function citeButton(src) {
+  const b = button(`[${src.index}]`, "cite", () => showSource(src), src.citation);
+  b.dataset.index = src.index;
+  return b;
+}
+
+function linkCitations(el, sources) {
+  const byIndex = new Map(sources.map((s) => [String(s.index), s]));
+  const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+  const nodes = [];
+  while (walker.nextNode()) if (!walker.currentNode.parentElement.closest("pre, code")) nodes.push(walker.currentNode);
+  for (const node of nodes) {
+    const parts = node.textContent.split(/(\[\d+\])/);
+    if (parts.length === 1) continue;
+    const frag = document.createDocumentFragment();
+    for (const part of parts) {
+      const src = /^\[(\d+)\]$/.test(part) && byIndex.get(part.slice(1, -1));
+      frag.append(src ? citeButton(src) : document.createTextNode(part));
+    }
+    node.replaceWith(frag);
+  }
+}
+
+function sourcesElement(sources, dropped) {
+  const box = document.createElement("div");
+  box.className = "sources";
+  for (const src of sources || []) {
+    const row = document.createElement("div");
+    row.className = "source";
+    const where = document.createElement("span");
+    where.className = "where";
+    where.textContent = src.citation;
+    row.append(citeButton(src), where);
+    box.append(row);
+  }
+  const left = Object.entries(dropped || {}).filter(([, n]) => n);
+  if (left.length) {
+    const note = document.createElement("span");
+    note.className = "note dropped";
+    note.textContent = "left out to fit the context: " + left.map(([k, n]) => `${n} ${k.replace("_", " ")}`).join(", ");
+    box.append(note);
+  }
+  box.hidden = !box.childElementCount;
+  return box;
+}
+
+function reasoningElement(text) {
+  const details = document.createElement("details");
+  details.className = "reasoning";
+  const summary = document.createElement("summary");
+  summary.textContent = "Show reasoning";
+  const body = document.createElement("div");
+  body.className = "reasoning-text";
+  body.textContent = text || "";
+  details.append(summary, body);
+  details.hidden = !text;
+  return details;
+}
+
+function showSource(src) {
+  $("#source-citation").textContent = `[${src.index}] ${src.citation}`;
+  $("#source-meta").textContent = `score ${Number(src.score).toFixed(3)}`;
+  $("#source-text").textContent = src.text;
+  $("#source-panel").hidden = false;
+}
+
+function selectedModel() {
+  const picker = $("#model-picker");
+  return picker.value || (state.info && state.info.model) || null;
+}
+
+function showModel(name) {
+  const models = (state.info && state.info.models) || [];
+  const picker = $("#model-picker");
+  if (name && models.some((m) => m.id === name)) picker.value = name;
+  $("#model").textContent = selectedModel() || "";
+}
+
+function modelDefaults() {
+  const models = (state.info && state.info.models) || [];
+  const m = models.find((x) => x.id === selectedModel());
+  return (m && m.defaults) || (state.info && state.info.defaults) || {};
+}
+
 function messageElement(m) {
   const div = document.createElement("div");
   div.className = `msg ${m.role}`;
@@ -55,8 +147,15 @@ function messageElement(m) {
   role.textContent = m.role === "user" ? "You" : m.role === "assistant" ? (m.model_name || "Assistant") : m.role;
   const content = document.createElement("div");
   content.className = "content";
-  if (m.role === "assistant") renderMarkdown(content, m.content); else content.textContent = m.content;
-  div.append(role, content);
+  if (m.role === "assistant") renderAnswer(content, m.content, m.sources); else content.textContent = m.content;
+  div.append(role);
+  if (m.role === "assistant") div.append(reasoningElement(m.reasoning));
+  div.append(content);
+  if (m.role === "assistant") div.append(sourcesElement(m.sources, m.dropped));
+  if (m.role === "assistant" && m.reasoning && !m.content && m.finish_reason) {
+    content.textContent = "(no answer: the model stopped while still reasoning; show the reasoning to read it)";
+    content.classList.add("muted");
+  }
   const actions = document.createElement("div");
   actions.className = "actions";
   if (m.role === "user") {
@@ -107,7 +206,8 @@ function renderConversation() {
   box.scrollTop = box.scrollHeight;
   $("#title").textContent = (state.conv && state.conv.title) || "New chat";
   const s = (state.conv && state.conv.settings) || {};
-  const d = (state.info && state.info.defaults) || {};
+  if (state.conv) showModel(s.model);
+  const d = modelDefaults();
   $("#system-prompt").value = (state.conv && state.conv.system_prompt) || "";
   $("#temperature").value = s.temperature ?? d.temperature ?? "";
   $("#top-p").value = s.top_p ?? d.top_p ?? "";
@@ -149,7 +249,11 @@ async function refresh() {
 function currentSettings() {
   const num = (sel) => { const v = $(sel).value; return v === "" ? null : Number(v); };
   const s = { temperature: num("#temperature"), top_p: num("#top-p"), max_tokens: num("#max-tokens") };
-  return Object.fromEntries(Object.entries(s).filter(([, v]) => v !== null && !Number.isNaN(v)));
+  const out = Object.fromEntries(Object.entries(s).filter(([, v]) => v !== null && !Number.isNaN(v)));
+  // the picked model or assistant, stored with the chat; a one-model server stores none (a renamed model dir
+  // must not break the chats made before)
+  const model = $("#model-picker").hidden ? null : selectedModel();
+  return model ? { ...out, model } : out;
 }
 
 async function ensureConversation() {
@@ -200,7 +304,8 @@ async function send(body, pendingUser) {
   box.append(answer);
   box.scrollTop = box.scrollHeight;
   const content = answer.querySelector(".content");
-  let text = "", frame = 0;
+  const reasoning = answer.querySelector("details.reasoning");
+  let text = "", thought = "", sources = null, frame = 0;
   state.controller = new AbortController();
   setStreaming(true);
   try {
@@ -220,10 +325,17 @@ async function send(body, pendingUser) {
         buf = buf.slice(cut + 2);
         if (!line.startsWith("data:")) continue;
         const ev = JSON.parse(line.slice(5));
-        if (ev.type === "start") answer.dataset.id = ev.assistant_message.id;
-        else if (ev.type === "delta") {
+        if (ev.type === "start") {
+          answer.dataset.id = ev.assistant_message.id;
+          sources = ev.assistant_message.sources;
+          answer.querySelector(".sources").replaceWith(sourcesElement(sources, ev.assistant_message.dropped));
+        } else if (ev.type === "delta") {
           text += ev.text;
-          if (!frame) frame = requestAnimationFrame(() => { frame = 0; renderMarkdown(content, text); box.scrollTop = box.scrollHeight; });
+          if (!frame) frame = requestAnimationFrame(() => { frame = 0; renderAnswer(content, text, sources); box.scrollTop = box.scrollHeight; });
+        } else if (ev.type === "reasoning") {
+          thought += ev.text;
+          reasoning.querySelector(".reasoning-text").textContent = thought;
+          reasoning.hidden = false;
         } else if (ev.type === "error") showError(ev.error.message);
       }
     }
@@ -324,6 +436,16 @@ $("#input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("#composer").requestSubmit(); }
 });
 $("#stop").addEventListener("click", stop);
+$("#source-close").addEventListener("click", () => { $("#source-panel").hidden = true; });
+$("#model-picker").addEventListener("change", () => {
+  $("#model").textContent = selectedModel() || "";
+  const d = modelDefaults();  // the new model's own defaults, unless this chat set its own
+  const s = (state.conv && state.conv.settings) || {};
+  $("#temperature").value = s.temperature ?? d.temperature ?? "";
+  $("#top-p").value = s.top_p ?? d.top_p ?? "";
+  $("#max-tokens").value = s.max_tokens ?? d.max_tokens ?? "";
+  saveSettings().catch((e) => showError(e.message));
+});
 $("#new-chat").addEventListener("click", () => openConversation(null).then(() => $("#input").focus()));
 let searchTimer = 0;
 $("#search").addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(loadConversations, 200); });
@@ -339,7 +461,15 @@ for (const sel of ["#system-prompt", "#temperature", "#top-p", "#max-tokens"]) {
 (async function init() {
   try {
     state.info = await getJSON("/api/info");
-    $("#model").textContent = state.info.model;
+    const picker = $("#model-picker");
+    picker.replaceChildren(...(state.info.models || []).map((m) => {
+      const o = document.createElement("option");
+      o.value = m.id;
+      o.textContent = m.assistant ? `${m.id} (assistant)` : m.id;
+      return o;
+    }));
+    picker.hidden = (state.info.models || []).length < 2;
+    showModel(state.info.model);
     $("#logout-form").hidden = !state.info.auth;
     renderConversation();
     await loadConversations();
