@@ -159,11 +159,9 @@ def synthetic_index(base: dict[str, list], n: int, out: Path, embedder, seed: in
 
 
 def time_queries(fn, queries: list[str], retriever=None) -> list[float]:
-    from gptsmith.rag.evaluate import forget_query_vectors
-
     fn(queries[0])  # warm-up
     if retriever is not None:
-        forget_query_vectors(retriever)  # every query embedded anew, as a new question is
+        retriever.clear_cache()  # every query embedded anew, as a new question is
     times = []
     for q in queries:
         t0 = time.perf_counter()

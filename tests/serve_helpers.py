@@ -178,3 +178,21 @@ class ScriptedBackend:
         if self.then_raise is not None:
             raise self.then_raise
         yield Chunk("", "stop", 3, len(self.pieces))
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (apt-get install -y chromium); Playwright drives it
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@contextlib.contextmanager
+def chromium(*extra_args: str):
+    """A headless Debian chromium under Playwright, closed on exit (the browser tests skip when it is missing)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + list(extra_args))
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -281,6 +281,9 @@ class CannedRetriever:
     def __init__(self, rankings: dict[tuple[str, bool], dict[str, list[str]]]):
         self.rankings, self.calls = rankings, []
 
+    def clear_cache(self):
+        pass
+
     def search(self, query, top_k=5, mode="hybrid", rerank=False, **_):
         from gptsmith.rag.types import Hit
 

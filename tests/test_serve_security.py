@@ -15,7 +15,7 @@ import openai
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from serve_helpers import free_port, running
+from serve_helpers import CHROMIUM, chromium, free_port, running
 from starlette.routing import Mount
 
 from gptsmith.config import load_config
@@ -25,7 +25,6 @@ from gptsmith.serve.routes import route_table
 from gptsmith.serve.auth import COOKIE, key_ok
 from gptsmith.serve.store import Store
 
-CHROMIUM = "/usr/bin/chromium"
 KEY = "s3cret-key"
 LOOPBACK = "http://127.0.0.1:8000"  # TestClient's scope["server"] comes from this URL: a loopback connection
 
@@ -343,8 +342,6 @@ def snapshot(store: Store) -> list:
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing: apt-get install -y chromium")
 def test_browser_attack_from_another_origin_changes_nothing(tmp_path, tiny_model_dir):
-    from playwright.sync_api import sync_playwright
-
     db = f"sqlite:///{tmp_path / 'victim.db'}"
     store = Store(db)
     conv = store.create_conversation(title="private")
@@ -353,13 +350,10 @@ def test_browser_attack_from_another_origin_changes_nothing(tmp_path, tiny_model
     store.set_feedback(a["id"], rating=1, correction="my correction")
     before = snapshot(store)
     app = create_app(load_config(None, {"serve.db": db, "serve.rate_limit_per_minute": 0}), tiny_model_dir)
-    with running(app) as url, sync_playwright() as p:
+    with running(app) as url, chromium("--host-resolver-rules=MAP evil.example 127.0.0.1") as browser:
         port = int(url.rsplit(":", 1)[1])
         attacker = serve_page(ATTACK_PAGE % {"target": url, "msg": a["id"], "conv": conv["id"],
                                              "model": tiny_model_dir.name})
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--host-resolver-rules=MAP evil.example 127.0.0.1"])
         try:
             page = browser.new_page()
             statuses = []
@@ -384,7 +378,6 @@ def test_browser_attack_from_another_origin_changes_nothing(tmp_path, tiny_model
                                  "'application/json'}, body: JSON.stringify({title: 'mine'})}).then(r => r.status)")
             assert made == 200
         finally:
-            browser.close()
             attacker.shutdown()
     after = snapshot(store)
     assert [c for c in after if c["title"] != "mine"] == before  # no feedback, chat or conversation changed

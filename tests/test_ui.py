@@ -6,13 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_helpers import DecodeGate, long_context_model, running
+from serve_helpers import CHROMIUM, DecodeGate, chromium, long_context_model, running
 
 from gptsmith.config import load_config
 from gptsmith.serve.app import create_app
 from gptsmith.serve.store import Store
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -21,16 +20,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 def last_answer(store: Store) -> dict:

@@ -5,13 +5,12 @@ thought stays behind a "show reasoning" toggle."""
 import os
 
 import pytest
-from serve_helpers import ScriptedBackend, running
+from serve_helpers import CHROMIUM, ScriptedBackend, chromium, running
 
 from gptsmith.config import RagConfig, load_config
 from gptsmith.serve.app import create_app
 from gptsmith.serve.store import Store
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} is missing: apt-get install -y chromium")
 TUPLES = "# Tuples\n\nA tuple is an immutable sequence: once made, its items never change.\n"
@@ -20,16 +19,8 @@ LISTS = "# Lists\n\nA list is a mutable sequence: append and remove change it in
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 def test_pick_an_assistant_and_open_a_cited_passage(browser, tmp_path, tiny_model_dir):

@@ -528,14 +528,6 @@ def _percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))] if ordered else 0.0
 
 
-def forget_query_vectors(retriever) -> None:
-    """Empty the retriever's cache of query vectors (it keeps recent ones so that one question asked in several
-    modes embeds once), so a setting's latency includes embedding the question."""
-    cache = getattr(retriever, "_query_vectors", None)
-    if cache is not None:
-        cache.clear()
-
-
 def evaluate(retriever, questions: Sequence[QARecord], index_chunks: dict[str, Chunk], top_k: int = 10,
              match: str = "chunk", has_reranker: bool = False,
              on_progress: Callable[[int], None] | None = None) -> EvalReport:
@@ -550,7 +542,7 @@ def evaluate(retriever, questions: Sequence[QARecord], index_chunks: dict[str, C
     results = []
     for name, kwargs in eval_modes(has_reranker):
         retriever.search(questions[0].question, top_k=top_k, **kwargs)  # warm-up: loads models, opens the table
-        forget_query_vectors(retriever)  # each setting pays for embedding its queries, as a new question does
+        retriever.clear_cache()  # each setting pays for embedding its queries, as a new question does
         totals, latencies = Counter(), []
         for q, (is_relevant, n_relevant) in zip(questions, judges):
             t0 = time.perf_counter()

@@ -114,6 +114,10 @@ class Retriever:
 
     # ------------------------------------------------------------------------------------------ retrievers
 
+    def clear_cache(self) -> None:
+        """Forget the recent query vectors (kept so one question searched in several modes is embedded once)."""
+        self._query_vectors.clear()
+
     def query_vector(self, query: str):
         vec = self._query_vectors.pop(query, None)
         if vec is None:
