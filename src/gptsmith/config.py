@@ -217,11 +217,18 @@ def all_keys(model: type[BaseModel] = ProjectConfig, prefix: str = "") -> list[s
     return keys
 
 
+def closest_key(key: str, keys: list[str]) -> str | None:
+    """The valid dotted key a mistyped one most likely meant: the closest spelling, else the same name in
+    another section (a bare `lr` -> `pretrain.lr`). Also used for assistant profiles."""
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    return close[0] if close else None
+
+
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    if not close:  # a bare key without its section: `lr` -> `pretrain.lr`
-        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
-    return f" Did you mean '{close[0]}'?" if close else " Run `gptsmith config show` for every key."
+    close = closest_key(key, all_keys())
+    return f" Did you mean '{close}'?" if close else " Run `gptsmith config show` for every key."
 
 
 def _format_error(err: ValidationError, source: str) -> str:

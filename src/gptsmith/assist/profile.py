@@ -17,7 +17,6 @@ profile works from any working directory; a path that does not exist is an error
 
 from __future__ import annotations
 
-import difflib
 import re
 import types
 import typing
@@ -27,6 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gptsmith.config import closest_key
 from gptsmith.errors import InputError
 
 
@@ -112,10 +112,8 @@ def profile_keys(model: type[BaseModel] = AssistantProfile, prefix: str = "") ->
 
 def _suggest(key: str) -> str:
     keys = profile_keys()
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    if not close:  # a key in the wrong section: `top_k` at the top level -> `rag.top_k`
-        close = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
-    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(keys)}."
+    close = closest_key(key, keys)  # `top_k` at the top level -> `rag.top_k`
+    return f" Did you mean '{close}'?" if close else f" Valid keys: {', '.join(keys)}."
 
 
 def _format_error(err: ValidationError, source: Path) -> str:
