@@ -55,7 +55,8 @@ def _load_base(model_id: str, cfg, device: str):
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise InputError("--qlora needs the bitsandbytes package: pip install bitsandbytes") from None
+            raise InputError("--qlora needs the bitsandbytes package: pip install 'gptsmith[qlora]' "
+                             "(or pip install bitsandbytes)") from None
         from transformers import BitsAndBytesConfig
         bf16 = torch.cuda.is_bf16_supported()
         kwargs["quantization_config"] = BitsAndBytesConfig(
