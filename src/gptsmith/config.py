@@ -231,12 +231,18 @@ def _suggest(key: str) -> str:
     return f" Did you mean '{close}'?" if close else " Run `gptsmith config show` for every key."
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source, suggest=_suggest) -> str:
+    """One line per problem, each naming the file and the dotted key; an unknown key gets `suggest(key)` (the
+    closest valid one). Also used for assistant profiles, with their own `suggest`."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'.{_suggest(key)}")
+            lines.append(f"{source}: unknown key '{key}'.{suggest(key)}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: '{key}' is required")
+        elif not key:  # a check across fields (model validator)
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{source}: '{key}': {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -310,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return ProjectConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
 
 
 CONFIG_HEADER = ("gptsmith config: every key, with what it does above it. Use it with --config FILE; "

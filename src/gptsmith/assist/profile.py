@@ -26,7 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gptsmith.config import closest_key
+from gptsmith.config import closest_key, format_validation_error
 from gptsmith.errors import InputError
 
 
@@ -116,21 +116,6 @@ def _suggest(key: str) -> str:
     return f" Did you mean '{close}'?" if close else f" Valid keys: {', '.join(keys)}."
 
 
-def _format_error(err: ValidationError, source: Path) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'.{_suggest(key)}")
-        elif e["type"] == "missing":
-            lines.append(f"{source}: '{key}' is required")
-        elif not key:
-            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"{source}: '{key}': {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
-
-
 def _resolve_paths(profile: AssistantProfile, base: Path, source: Path) -> AssistantProfile:
     """Relative paths from the YAML file's folder; every path must exist (the error names the field)."""
     def need(path: Path, field: str, what: str) -> Path:
@@ -163,7 +148,7 @@ def parse_assistant(tree: object, source: Path, base: Path | None = None) -> Ass
     try:
         profile = AssistantProfile.model_validate(tree)
     except ValidationError as e:
-        raise AssistantError(_format_error(e, source)) from None
+        raise AssistantError(format_validation_error(e, source, _suggest)) from None
     if not NAME_PATTERN.match(profile.name):
         raise AssistantError(f"{source}: 'name': {profile.name!r} must be 1-64 letters, digits, '.', '_', ':' or '-' "
                              "(it becomes the model id clients ask for)")
