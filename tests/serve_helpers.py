@@ -196,3 +196,12 @@ def chromium(*extra_args: str):
             yield browser
         finally:
             browser.close()
+
+
+def watched_page(browser):
+    """A new page and the list its script errors and dialogs (alert() from injected markup) are recorded in: a UI
+    test ends by asserting the list is empty."""
+    page, errors = browser.new_page(), []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("dialog", lambda d: errors.append(f"dialog: {d.message}") or d.dismiss())
+    return page, errors

@@ -2,11 +2,10 @@
 regenerate, thumbs, correction, conversation list, login, and no script injection from model output."""
 
 import os
-import time
 from pathlib import Path
 
 import pytest
-from serve_helpers import CHROMIUM, DecodeGate, chromium, long_context_model, running
+from serve_helpers import CHROMIUM, DecodeGate, chromium, long_context_model, running, wait_for, watched_page
 
 from gptsmith.config import load_config
 from gptsmith.serve.app import create_app
@@ -31,26 +30,13 @@ def last_answer(store: Store) -> dict:
     return max((m for m in msgs if m["role"] == "assistant"), key=lambda m: m["id"])
 
 
-def wait_for(fn, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_chat_in_browser(browser, tokenizer_dir, tmp_path, monkeypatch):
     model = long_context_model(tmp_path / "long", tokenizer_dir, 2048)
     db = f"sqlite:///{tmp_path / 'ui.db'}"
     app = create_app(load_config(None, {"serve.db": db, "serve.rate_limit_per_minute": 0}), model)
     store = Store(db)
     with running(app) as url:
-        page = browser.new_page()
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("dialog", lambda d: errors.append(f"dialog: {d.message}") or d.dismiss())
+        page, errors = watched_page(browser)
         page.goto(url)
         page.wait_for_selector("#model:has-text('long')")
 
@@ -74,12 +60,12 @@ def test_chat_in_browser(browser, tokenizer_dir, tmp_path, monkeypatch):
         # thumbs up and a correction, checked in the store
         page.locator(".msg.assistant .thumb-up").last.click()
         page.wait_for_selector(".msg.assistant .thumb-up[aria-pressed=true]")
-        assert wait_for(lambda: (last_answer(store)["feedback"] or {}).get("rating") == 1)
+        assert wait_for(lambda: (last_answer(store)["feedback"] or {}).get("rating") == 1, timeout=15)
         page.locator(".msg.assistant .correct").last.click()
         page.fill("#feedback-text", "Hello! How can I help?")
         page.click("#feedback-save")
         page.wait_for_selector(".msg.assistant .correction")
-        assert wait_for(lambda: last_answer(store)["feedback"]["correction"] == "Hello! How can I help?")
+        assert wait_for(lambda: last_answer(store)["feedback"]["correction"] == "Hello! How can I help?", timeout=15)
 
         # regenerate: a second version of the same turn
         page.locator(".msg.assistant .regenerate").last.click()
@@ -95,12 +81,12 @@ def test_chat_in_browser(browser, tokenizer_dir, tmp_path, monkeypatch):
             page.fill("#input", "Now write a very long answer")
             page.click("#send")
             page.wait_for_selector(".msg.assistant.streaming")
-            assert wait_for(lambda: last_answer(store)["content"])  # streaming, and already partly stored
+            assert wait_for(lambda: last_answer(store)["content"], timeout=15)  # streaming, and already partly stored
             page.click("#stop")
             page.wait_for_selector(".msg.assistant .finish:has-text('stopped')")
         finally:
             gate.release()
-        stopped = wait_for(lambda: (a := last_answer(store))["finish_reason"] and a)
+        stopped = wait_for(lambda: (a := last_answer(store))["finish_reason"] and a, timeout=15)
         assert stopped["finish_reason"] == "cancelled"
         assert 0 < stopped["completion_tokens"] < 1500 and stopped["content"]
         ARTIFACTS.mkdir(exist_ok=True)
@@ -178,7 +164,7 @@ def test_refused_message_is_not_kept(browser, tiny_model_dir, tmp_path):
         assert page.input_value("#input") == too_long
         page.fill("#input", "Shorter now")
         page.keyboard.press("Enter")
-        wait_for(lambda: page.locator(".msg.assistant:not(.streaming) .actions .thumb-up").count() == 2)
+        wait_for(lambda: page.locator(".msg.assistant:not(.streaming) .actions .thumb-up").count() == 2, timeout=15)
         page.close()
     conv = store.list_conversations(source="ui")[0]
     msgs = store.get_conversation(conv["id"], all_messages=True)["messages"]

@@ -5,7 +5,7 @@ thought stays behind a "show reasoning" toggle."""
 import os
 
 import pytest
-from serve_helpers import CHROMIUM, ScriptedBackend, chromium, running
+from serve_helpers import CHROMIUM, ScriptedBackend, chromium, running, watched_page
 
 from gptsmith.config import RagConfig, load_config
 from gptsmith.serve.app import create_app
@@ -40,10 +40,7 @@ def test_pick_an_assistant_and_open_a_cited_passage(browser, tmp_path, tiny_mode
     app = create_app(load_config(None, {"serve.db": db, "serve.rate_limit_per_minute": 0}), tiny_model_dir,
                      backend=backend, assistants=[tmp_path / "pydocs.yaml"])
     with running(app) as url:
-        page = browser.new_page()
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("dialog", lambda d: errors.append(f"dialog: {d.message}") or d.dismiss())
+        page, errors = watched_page(browser)
         page.goto(url)
         picker = page.locator("#model-picker")
         picker.wait_for(state="visible")
