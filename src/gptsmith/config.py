@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 import json
 import textwrap
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,14 +208,21 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message says which key and how to fix it."""
 
 
+def _section(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside `X`, `X | None` or `Optional[X]` (a section, optional or not), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next((a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return None
+
+
 def all_keys(model: type[BaseModel] = ProjectConfig, prefix: str = "") -> list[str]:
+    """Every valid key of `model` as a dotted path (pretrain.lr, rag.top_k, ...); assistant profiles use it too."""
     keys = []
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += all_keys(ann, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
+        sub = _section(field.annotation)
+        keys += all_keys(sub, f"{prefix}{name}.") if sub else [prefix + name]
     return keys
 
 

@@ -18,15 +18,13 @@ profile works from any working directory; a path that does not exist is an error
 from __future__ import annotations
 
 import re
-import types
-import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gptsmith.config import closest_key, format_validation_error
+from gptsmith.config import all_keys, closest_key, format_validation_error
 from gptsmith.errors import InputError
 
 
@@ -92,26 +90,8 @@ class AssistantProfile(_Strict):
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
-def _section(annotation) -> type[BaseModel] | None:
-    """The pydantic model inside `X`, `X | None` or `Optional[X]`, else None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return next((a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    return None
-
-
-def profile_keys(model: type[BaseModel] = AssistantProfile, prefix: str = "") -> list[str]:
-    """Every valid key as a dotted path: name, rag.top_k, sampling.temperature, ..."""
-    keys = []
-    for name, field in model.model_fields.items():
-        sub = _section(field.annotation)
-        keys += profile_keys(sub, f"{prefix}{name}.") if sub else [prefix + name]
-    return keys
-
-
 def _suggest(key: str) -> str:
-    keys = profile_keys()
+    keys = all_keys(AssistantProfile)
     close = closest_key(key, keys)  # `top_k` at the top level -> `rag.top_k`
     return f" Did you mean '{close}'?" if close else f" Valid keys: {', '.join(keys)}."
 
