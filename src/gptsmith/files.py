@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +113,29 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
             yield lineno, line.rstrip(b"\r\n")
 
 
-async def aiter_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+def _complete_lines(pending: str) -> tuple[list[str], str]:
+    """The finished lines in `pending` (CR of CRLF removed) and the unfinished rest."""
+    *lines, rest = pending.split("\n")
+    return [line.removesuffix("\r") for line in lines], rest
+
+
+def split_lines(chunks: Iterable[str]) -> Iterator[str]:
     r"""The lines of a text stream (an HTTP body of server-sent events) ending at "\n" or "\r\n" only, for the
-    reason iter_lines gives: httpx's Response.aiter_lines() splits like str.splitlines()."""
+    reason iter_lines gives: httpx's Response.iter_lines() splits like str.splitlines()."""
+    pending = ""
+    for chunk in chunks:
+        lines, pending = _complete_lines(pending + chunk)
+        yield from lines
+    if pending:
+        yield pending.removesuffix("\r")
+
+
+async def aiter_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """split_lines for an async stream (httpx's Response.aiter_text())."""
     pending = ""
     async for chunk in chunks:
-        pending += chunk
-        *lines, pending = pending.split("\n")
+        lines, pending = _complete_lines(pending + chunk)
         for line in lines:
-            yield line.removesuffix("\r")
+            yield line
     if pending:
         yield pending.removesuffix("\r")

@@ -13,6 +13,7 @@ from gptsmith.assist.profile import AssistantProfile
 from gptsmith.assist.prompt import Assistant, approx_count_tokens
 from gptsmith.assist.reasoning import ReasoningFilter
 from gptsmith.errors import InputError
+from gptsmith.files import split_lines
 from gptsmith.rag.types import Hit
 
 DEFAULT_BACKEND_CONTEXT = 4096
@@ -106,7 +107,7 @@ class RemoteModel:
                     r.read()
                     raise InputError(f"backend {self.base}/chat/completions answered {r.status_code}: "
                                      f"{r.text[:300]}")
-                for line in r.iter_lines():
+                for line in split_lines(r.iter_text()):  # not iter_lines: it splits at U+2028 too
                     if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                         continue
                     choice = (json.loads(line[5:]).get("choices") or [{}])[0]
