@@ -18,7 +18,7 @@ from conftest import python_doc_texts
 from gptsmith.config import ProjectConfig, save_config
 from gptsmith.errors import InputError
 from gptsmith.train.common import (checkpoint_dirs, find_latest_checkpoint, lr_multiplier, save_checkpoint)
-from gptsmith.train.pretrain import evaluate, pretrain, read_manifest
+from gptsmith.train.pretrain import evaluate, pretrain
 
 PRETRAIN = dict(seq_len=64, batch_size=8, max_steps=30, eval_every=10, save_every=10, warmup_steps=5,
                 eval_batches=4, lr=3e-3)

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import threading
 import uuid
-from datetime import timezone
 
 import httpx
 import pytest

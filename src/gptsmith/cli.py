@@ -181,7 +181,7 @@ def cmd_export_gguf(args) -> None:
 
 
 def cmd_rag_index(args) -> None:
-    from gptsmith.rag.index import build_index, read_manifest, refresh
+    from gptsmith.rag.index import build_index, read_manifest
     cfg = _config(args, {"rag.index": args.index, "rag.embedder": args.embedder,
                          "rag.chunk_tokens": args.chunk_tokens, "rag.chunk_overlap": args.chunk_overlap})
     if not cfg.rag.index:

@@ -53,14 +53,6 @@ class RateLimiter:
             tokens = self._tokens(client, time.monotonic())
         return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
-    def forget(self, client: str) -> None:
-        with self._lock:
-            self._buckets.pop(client, None)
-
-    def clients(self) -> int:
-        """How many clients the table holds now."""
-        return len(self._buckets)
-
     def _sweep(self, now: float) -> None:
         if now - self._last_sweep < self.sweep_s:
             return

@@ -6,7 +6,7 @@ a known field with a wrong type is a 400 in OpenAI's error shape.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_serializer
 
@@ -304,10 +304,3 @@ class FeedbackIn(Lenient):
     comment: str | None = None
     correction: str | None = Field(None, description="a better answer written by the user")
 
-
-class LoginIn(Lenient):
-    key: str
-
-
-def dump(model: BaseModel | dict[str, Any]) -> dict:
-    return model.model_dump(mode="json") if isinstance(model, BaseModel) else model

@@ -174,7 +174,6 @@ class Server:
         self._flusher: asyncio.Task | None = None
         self._final_writes: set[asyncio.Future] = set()  # final saves of cancelled answers, still running
         self._defaults = {id(s.backend): self._sampling_defaults(s.backend) for s in self.served}
-        self.sampling_defaults = self._defaults[id(self.backend)]
 
     @property
     def backends(self) -> list[Backend]:

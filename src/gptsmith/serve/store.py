@@ -18,7 +18,7 @@ from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, 
                         create_engine, delete, event, func, inspect, or_, select, text)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from gptsmith.errors import InputError
 
