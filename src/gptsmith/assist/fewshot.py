@@ -76,6 +76,9 @@ class FewShotLibrary:
         self.vectors = vectors
         self.embedder = embedder
         self.source = source
+        # The question's vector; Assistant.open points this at its retriever's query_vector (same embedder,
+        # cached), so a question is embedded once for retrieval and example selection together.
+        self.query_vector = lambda question: self.embedder.embed([question])[0]
 
     @classmethod
     def load(cls, path: str | Path, embedder: Embedder | None = None) -> "FewShotLibrary":
@@ -95,7 +98,7 @@ class FewShotLibrary:
         similar one."""
         if k <= 0 or not self.examples:
             return []
-        q = np.asarray(self.embedder.embed([question]), dtype=np.float32)[0]
+        q = np.asarray(self.query_vector(question), dtype=np.float32)
         scores = self.vectors @ q
         chosen, used = [], 0
         for i in np.argsort(-scores, kind="stable"):

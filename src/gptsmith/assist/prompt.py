@@ -115,6 +115,8 @@ class Assistant:
         examples = None
         if profile.few_shot is not None and profile.few_shot.k > 0:
             examples = FewShotLibrary.load(profile.few_shot.file, embedder)
+            if retriever is not None:
+                examples.query_vector = retriever.query_vector
         return cls(profile, retriever, examples)
 
     @property
