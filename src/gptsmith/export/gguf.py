@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from gptsmith.errors import InputError
+from gptsmith.files import atomic_output
 
 DTYPES = ("f16", "q8_0", "f32")
 
@@ -342,11 +342,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
     vocab = read_vocab(tokenizer_json, shape.vocab_size, tok_path)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, "llama")
+    with atomic_output(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
         write_metadata(writer, shape, vocab, tokenizer, dtype, model_dir.resolve().name)
         n_tensors = 0
         for name, w in llama_tensors(model_dir, shape):
@@ -357,8 +354,4 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return GgufExport(out, dtype, vocab.pre, n_tensors, out.stat().st_size, shape.vocab_size)
