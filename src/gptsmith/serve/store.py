@@ -18,7 +18,7 @@ from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, 
                         create_engine, delete, event, func, inspect, or_, select, text)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
 
 from gptsmith.errors import InputError
 
@@ -265,7 +265,9 @@ class Store:
             c = s.get(Conversation, conv_id)
             if c is None:
                 return None
-            msgs = list(s.scalars(select(Message).where(Message.conversation_id == conv_id).order_by(Message.id)))
+            # feedback with the messages in one more query, not one lazy SELECT per message in message_dict
+            msgs = list(s.scalars(select(Message).where(Message.conversation_id == conv_id)
+                                  .options(selectinload(Message.feedback)).order_by(Message.id)))
             shown = msgs if all_messages else branch(msgs)
             children: dict[int | None, list[int]] = {}
             for m in msgs:
