@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptsmith.device import select_device  # noqa: F401  (the one device rule; trainers import it from here too)
 from gptsmith.files import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from gptsmith.config import ProjectConfig, load_config, save_config
 from gptsmith.data.shards import TokenShards, read_manifest, separator_id
+from gptsmith.device import select_device
 from gptsmith.errors import InputError
 from gptsmith.files import sha256_file
 from gptsmith.model import (build_model, count_params, flops_per_token, llama_config, resolve_shape,
@@ -35,7 +36,7 @@ from gptsmith.model import (build_model, count_params, flops_per_token, llama_co
 from gptsmith.train.common import (Dist, LRSchedule, MetricsLog, StopOnSigint, all_reduce_mean, autocast,
                                    autocast_dtype, dist_from_env, find_latest_checkpoint, init_distributed,
                                    load_checkpoint, param_groups, peak_flops, rng_state, save_checkpoint,
-                                   seed_everything, select_device, set_rng_state, setup_backends)
+                                   seed_everything, set_rng_state, setup_backends)
 
 __all__ = ["pretrain", "evaluate", "read_manifest", "TokenShards", "batch_rng", "lm_loss", "sample_text"]
 
