@@ -10,6 +10,7 @@ Stage modules are imported inside each handler so `gptsmith --help` answers inst
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -152,11 +153,33 @@ def cmd_serve(args) -> None:
     cfg = _config(args, {"serve.host": args.host, "serve.port": args.port, "serve.db": args.db,
                          "serve.api_key": args.api_key or os.environ.get("GPTSMITH_API_KEY"),
                          "serve.backend_url": args.backend_url, "serve.device": args.device,
-                         "serve.watch": args.watch or None, "serve.watch_seconds": args.watch_seconds})
-    if not args.model and not cfg.serve.backend_url and not args.assistant:
-        raise UserError("serve needs --model DIR (a local model), --backend-url URL (another OpenAI-compatible "
-                        "server) or --assistant FILE...")
+                         "serve.watch": args.watch or None, "serve.watch_seconds": args.watch_seconds,
+                         "serve.registry": str(args.registry) if args.registry else None})
+    if not args.model and not cfg.serve.backend_url and not args.assistant and not cfg.serve.registry:
+        raise UserError("serve needs --model DIR (a local model), --registry DIR (a model registry's live version), "
+                        "--backend-url URL (another OpenAI-compatible server) or --assistant FILE...")
     serve(args.model, cfg, args.assistant or ())
+
+
+def cmd_models(args) -> None:
+    """`gptsmith models list|show|add|promote|rollback --registry DIR` (gptsmith.registry)."""
+    from gptsmith.registry import Registry, print_version, print_versions
+    reg = Registry.open(args.registry, create=args.models_command == "add")
+    if args.models_command == "list":
+        print_versions(reg)
+    elif args.models_command == "show":
+        info = reg.show(args.version)
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            print_version(info)
+    elif args.models_command == "add":
+        version = reg.add(args.model_dir, parent=args.parent, method=args.method, data=args.data, move=args.move)
+        print(f"added {args.model_dir} to {reg.root} as {version} (candidate); make it live with "
+              f"`gptsmith models promote {version} --registry {args.registry}`")
+    else:
+        result = reg.promote(args.version) if args.models_command == "promote" else reg.rollback()
+        print(result["message"])
 
 
 def cmd_feedback_export(args) -> None:
@@ -388,6 +411,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="re-index the assistants' RAG folders while serving, "
                                                         "changed files only (serve.watch)")
     p.add_argument("--watch-seconds", type=float, help="how often --watch looks for changes (serve.watch_seconds)")
+
+    p.add_argument("--registry", type=Path, metavar="DIR", help="serve the live version of this model registry "
+                   "(`gptsmith models`) and switch to a newly promoted one without a restart (serve.registry)")
+
+    models = sub.add_parser("models", help="The model registry: list, show, add, promote, rollback versions.")
+    models_sub = models.add_subparsers(dest="models_command", metavar="STEP", required=True)
+    registry_help = "the registry folder (registry.json + versions/)"
+    p = add("list", "List the registry's versions: status (live, candidate, retired), parent, method.", cmd_models,
+            models_sub)
+    p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
+    p = add("show", "Show one version: lineage (parent, method, data with hashes), metrics, eval results.",
+            cmd_models, models_sub)
+    p.add_argument("version", help="version id, e.g. v3")
+    p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    p = add("add", "Copy a model directory into the registry as a new candidate version (the registry is created "
+                   "when missing).", cmd_models, models_sub)
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="model directory (pretrain, sft, dpo, kto output)")
+    p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
+    p.add_argument("--parent", metavar="VERSION", help="the registry version this model was trained from")
+    p.add_argument("--method", help="how it was made (sft, dpo, kto, ...); default: its lineage's stage")
+    p.add_argument("--data", nargs="+", type=Path, metavar="FILE",
+                   help="files it was trained on (recorded with their sha256); default: its lineage's data")
+    p.add_argument("--move", action="store_true", help="move the directory in instead of copying it")
+    p = add("promote", "Make a version live (the live one is retired); `serve --registry` switches to it.",
+            cmd_models, models_sub)
+    p.add_argument("version", help="version id, e.g. v3")
+    p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
+    p = add("rollback", "Make the previously live version live again.", cmd_models, models_sub)
+    p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
 
     fb = sub.add_parser("feedback", help="The feedback store: export.")
     fb_sub = fb.add_subparsers(dest="feedback_command", metavar="STEP", required=True)

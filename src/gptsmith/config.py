@@ -165,6 +165,9 @@ class ServeConfig(Section):
     watch: bool = Field(False, description="re-index the served assistants' RAG folders while serving (changed "
                         "files only), so edits show up without a restart")
     watch_seconds: float = Field(5.0, gt=0, description="with watch: how often to look for changed files")
+    registry: str | None = Field(None, description="model registry folder (`gptsmith models`): serve its live "
+                                 "version under the registry's name, switching to a newly promoted one without a restart")
+    registry_seconds: float = Field(2.0, gt=0, description="with registry: how often to look for a new live version")
 
 
 class RagConfig(Section):

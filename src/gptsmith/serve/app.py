@@ -12,6 +12,7 @@ server killed mid-answer still holds the question and the partial answer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from gptsmith.serve.errors import add_error_handlers
 from gptsmith.serve.routes import auth, openai, ui
 from gptsmith.serve.security import RequestShield
 from gptsmith.serve.embeddings import Embedders
+from gptsmith.serve.registry_watch import InFlight, RegistryWatcher
 from gptsmith.serve.server import Served, Server
 from gptsmith.serve.watch import IndexWatcher
 from gptsmith.serve.store import Store
@@ -51,7 +53,10 @@ def set_torch_threads(n: int) -> int:
     return n
 
 
-def build_backend(cfg: ProjectConfig, model_dir=None, engine=None) -> Backend:
+def build_backend(cfg: ProjectConfig, model_dir=None, engine=None, name: str | None = None,
+                  version: str | None = None) -> Backend:
+    """`name` and `version` (both; serve --registry: the registry's name, "v3") replace the folder's name and
+    the hash of its files."""
     sc = cfg.serve
     if sc.backend_url:
         return ExternalBackend(sc.backend_url, os.environ.get("GPTSMITH_BACKEND_API_KEY"), sc.backend_model)
@@ -62,11 +67,12 @@ def build_backend(cfg: ProjectConfig, model_dir=None, engine=None) -> Backend:
         engine = Engine.load(model_dir, device=sc.device)
         if engine.device.type == "cpu":
             set_torch_threads(sc.torch_threads)
-    if model_dir is not None:
-        name, version = Path(model_dir).resolve().name, model_version(Path(model_dir))
-    else:
-        name = Path(str(getattr(engine.model.config, "name_or_path", "") or "model")).name or "model"
-        version = name
+    if name is None or version is None:
+        if model_dir is not None:
+            name, version = Path(model_dir).resolve().name, model_version(Path(model_dir))
+        else:
+            name = Path(str(getattr(engine.model.config, "name_or_path", "") or "model")).name or "model"
+            version = name
     g = cfg.generate
     return LocalBackend(engine, name, version, sc.max_batch_size, top_k=g.top_k,
                         repetition_penalty=g.repetition_penalty, stream_interval=sc.stream_interval_s)
@@ -117,8 +123,12 @@ def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend
     `model_dir`; `backend` replaces both (tests, other backends); `assistants` are assistant YAML files, each
     served as its own model name."""
     sc = cfg.serve
+    registry = registry_watcher(cfg, model_dir, engine, backend)  # serve --registry: its live version, followed
+    backend = registry.backend if registry else backend
     store = Store(sc.db)
     srv = Server(cfg, None, store, build_served(cfg, model_dir, engine, backend, assistants))
+    if registry:
+        registry.attach(srv)
     srv.embedders = Embedders(srv.served)
     srv.watcher = IndexWatcher(srv.served, sc.watch_seconds)
 
@@ -130,10 +140,14 @@ def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend
             log.info("serving %s (%s); store %s", s.name, s.backend.version, sc.db)
         if sc.watch:
             srv.watcher.start()
+        if registry:
+            registry.start(asyncio.get_running_loop())
         try:
             yield
         finally:
             srv.watcher.stop()
+            if registry:
+                await registry.stop()
             await srv.close()
             for b in srv.backends:
                 await b.close()
@@ -143,6 +157,8 @@ def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend
     app.state.server = srv
     app.state.auth = Auth(sc.api_key, sc.session_hours, sc.auth_failures_per_minute)
     # middleware: the only place it is added; the last added is the outermost
+    if registry:  # innermost: counts the requests a version switch must let finish
+        app.add_middleware(InFlight, epochs=registry.epochs)
     app.add_middleware(Guard, auth=app.state.auth, max_body_bytes=sc.max_body_bytes,
                        rate_limit_per_minute=sc.rate_limit_per_minute)
     if sc.cors_origins:  # outside Guard, so preflight requests are answered before the key check
@@ -155,6 +171,16 @@ def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def registry_watcher(cfg: ProjectConfig, model_dir, engine, backend) -> RegistryWatcher | None:
+    """serve --registry: the watcher holding the registry's live version (loaded); None without a registry."""
+    if not cfg.serve.registry:
+        return None
+    if model_dir is not None or engine is not None or backend is not None or cfg.serve.backend_url:
+        raise InputError("serve --registry serves the registry's live version: leave out --model and "
+                         "--backend-url (assistants may still be added with --assistant)")
+    return RegistryWatcher.open(cfg)
 
 
 def serve(model_dir, cfg: ProjectConfig, assistants=()) -> None:

@@ -180,6 +180,13 @@ class Server:
         """Each backend once, however many names it is served under."""
         return list({id(s.backend): s.backend for s in self.served}.values())
 
+    def replace_served(self, old: Served, new: Served) -> None:
+        """Serve `new` in `old`'s place (serve --registry switching versions). Requests that already hold `old`
+        finish on it; the next check_model returns `new`."""
+        self._defaults[id(new.backend)] = self._sampling_defaults(new.backend)
+        self.served[self.served.index(old)] = new
+        self.backend = self.served[0].backend
+
     def _sampling_defaults(self, backend: Backend) -> dict:
         """Temperature and top_p for a request that leaves them out: the config's when set, else the model's
         (its generation_config.json, else gptsmith's defaults: LocalBackend.sampling_defaults); None behind an
