@@ -308,3 +308,42 @@ def test_serve_registry_needs_a_live_version(reg, models, tmp_path):
     reg.promote("v1")
     with pytest.raises(InputError, match="leave out --model"):
         create_app(cfg, models["a"])
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="/usr/bin/chromium is missing: apt-get install -y "
+                    "chromium")
+def test_ui_shows_the_version_that_answered_each_message(reg, models, tmp_path):
+    from serve_helpers import chromium, watched_page
+
+    from gptsmith.serve.app import create_app
+
+    reg.add(models["a"])
+    reg.add(models["b"])
+    reg.promote("v1")
+    cfg = load_config(None, {"serve.db": f"sqlite:///{tmp_path / 'ui.db'}", "serve.registry": str(reg.root),
+                             "serve.registry_seconds": 0.05, "serve.rate_limit_per_minute": 0})
+    app = create_app(cfg)
+    with running(app) as url, chromium() as browser:
+        page, errors = watched_page(browser)
+        page.goto(url)
+        page.wait_for_selector("#model:has-text('chat')")
+        page.click("#settings-toggle")
+        page.fill("#max-tokens", "6")
+        page.fill("#input", "first question")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".msg.assistant:not(.streaming) .actions .thumb-up")
+        assert page.locator(".msg.assistant .version").last.inner_text() == "v1"
+
+        reg.promote("v2")
+        wait_for(lambda: httpx.get(url + "/api/info").json()["version"] == "v2", what="the server on v2")
+        page.fill("#input", "second question")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant:not(.streaming) .thumb-up').length == 2")
+        wait_for(lambda: page.locator(".msg.assistant .version").all_inner_texts() == ["v1", "v2"],
+                 what="each answer labelled with its version")
+        assert page.locator(".msg.assistant .role").all_inner_texts() == ["chat", "chat"]
+        page.reload()  # rendered again from the store
+        page.locator("#conversations li .open").first.click()
+        wait_for(lambda: page.locator(".msg.assistant .version").all_inner_texts() == ["v1", "v2"],
+                 what="the versions shown from the stored messages")
+        assert errors == []

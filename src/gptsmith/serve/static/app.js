@@ -138,6 +138,17 @@ function modelDefaults() {
   return (m && m.defaults) || (state.info && state.info.defaults) || {};
 }
 
+// which version of the model wrote an answer (a registry's "v3", else the model folder's name and weights hash),
+// from the model_version stored with it; shown at the right of the answer's name
+function versionElement(m) {
+  const el = document.createElement("span");
+  el.className = "version";
+  el.textContent = m.model_version || "";
+  el.title = "the model version that wrote this answer";
+  el.hidden = !m.model_version;
+  return el;
+}
+
 function messageElement(m) {
   const div = document.createElement("div");
   div.className = `msg ${m.role}`;
@@ -148,6 +159,7 @@ function messageElement(m) {
   const content = document.createElement("div");
   content.className = "content";
   if (m.role === "assistant") renderAnswer(content, m.content, m.sources); else content.textContent = m.content;
+  if (m.role === "assistant") div.append(versionElement(m));  // before the name: it floats right on its line
   div.append(role);
   if (m.role === "assistant") div.append(reasoningElement(m.reasoning));
   div.append(content);
@@ -327,6 +339,7 @@ async function send(body, pendingUser) {
         const ev = JSON.parse(line.slice(5));
         if (ev.type === "start") {
           answer.dataset.id = ev.assistant_message.id;
+          answer.querySelector(".version").replaceWith(versionElement(ev.assistant_message));
           sources = ev.assistant_message.sources;
           answer.querySelector(".sources").replaceWith(sourcesElement(sources, ev.assistant_message.dropped));
         } else if (ev.type === "delta") {
