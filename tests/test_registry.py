@@ -176,7 +176,11 @@ def test_concurrent_adds_from_processes(reg, models):
     assert statuses(reg) == {"v1": "candidate", "v2": "candidate", "v3": "candidate"}
 
 
-def test_models_cli(reg, models, capsys):
+def test_models_cli(reg, models, capsys, tmp_path):
+    assert main(["models", "add", str(models["a"]), "--registry", str(tmp_path / "new"), "--name", "bot"]) == 0
+    assert Registry.open(tmp_path / "new").name == "bot" and Registry.open(tmp_path / "new").live() is None
+    assert main(["models", "add", str(models["a"]), "--registry", str(reg.root), "--name", "other"]) == 2
+    assert "is named 'chat'" in capsys.readouterr().err
     assert main(["models", "add", str(models["a"]), "--registry", str(reg.root)]) == 0
     assert main(["models", "add", str(models["b"]), "--registry", str(reg.root), "--parent", "v1",
                  "--method", "kto"]) == 0

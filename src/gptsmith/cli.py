@@ -164,7 +164,7 @@ def cmd_serve(args) -> None:
 def cmd_models(args) -> None:
     """`gptsmith models list|show|add|promote|rollback --registry DIR` (gptsmith.registry)."""
     from gptsmith.registry import Registry, print_version, print_versions
-    reg = Registry.open(args.registry, create=args.models_command == "add")
+    reg = Registry.open(args.registry, create=args.models_command == "add", name=getattr(args, "name", None))
     if args.models_command == "list":
         print_versions(reg)
     elif args.models_command == "show":
@@ -435,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", type=Path, metavar="FILE",
                    help="files it was trained on (recorded with their sha256); default: its lineage's data")
     p.add_argument("--move", action="store_true", help="move the directory in instead of copying it")
+    p.add_argument("--name", help="a new registry's model name, the one `serve --registry` answers to (default: "
+                                  "the registry folder's name)")
     p = add("promote", "Make a version live (the live one is retired); `serve --registry` switches to it.",
             cmd_models, models_sub)
     p.add_argument("version", help="version id, e.g. v3")

@@ -112,7 +112,10 @@ class Registry:
         folder's name: the model name `serve --registry` answers to)."""
         reg = cls(Path(root).resolve())
         if reg.file.is_file():
-            reg.read()  # a clear error now for a file that is not a registry
+            state = reg.read()  # a clear error now for a file that is not a registry
+            if name is not None and name != state.get("name"):
+                raise InputError(f"registry {reg.root} is named '{state.get('name')}'; a name is given only to a new "
+                                 "registry (leave --name out, or use another folder)")
             return reg
         if not create:
             raise InputError(f"{reg.root} is not a model registry ({REGISTRY_FILE} is missing); create one with "

@@ -164,8 +164,13 @@ class RegistryWatcher:
             log.error("version %s of registry %s does not load (%s); still serving %s. Fix it and promote again, "
                       "or roll back.", version, self.registry.root, self.failed[version], self.live)
             return None
-        future = asyncio.run_coroutine_threadsafe(self._switch(backend, version), self._loop)
-        future.result()
+        try:
+            asyncio.run_coroutine_threadsafe(self._switch(backend, version), self._loop).result()
+        except Exception as e:
+            self.failed[version] = f"{type(e).__name__}: {e}"
+            log.exception("switching to version %s of registry %s failed; still serving %s", version,
+                          self.registry.root, self.live)
+            return None
         return version
 
     async def _switch(self, backend, version: str) -> None:
