@@ -3,6 +3,7 @@
     gptsmith serve --model runs/sft --port 8000                       # local model, continuous batching
     gptsmith serve --backend-url http://localhost:11434/v1            # front Ollama / vLLM / a hosted API
     gptsmith serve --assistant pydocs.yaml notes.yaml [--model DIR] [--watch]   # assistants, each its own model
+    gptsmith serve --registry reg                                     # a model registry's live version, followed
 
 This module assembles the app: backend, store, the Server that holds the serving logic (server.py, streams.py),
 the routers (routes/openai.py, routes/ui.py, routes/auth.py), middleware and error handlers (errors.py). Every
