@@ -113,7 +113,8 @@ def fit_strengths(wins: np.ndarray, prior_sd: float | None = None) -> np.ndarray
         g = wins * expit(-d)  # d nll / d d[i, j] = -g[i, j]
         return nll, g.sum(axis=0) - g.sum(axis=1) + precision * theta
 
-    result = minimize(loss, np.zeros(p), jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 10_000})
+    result = minimize(loss, np.zeros(p), jac=True, method="L-BFGS-B",
+                      options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 10_000})
     return result.x - result.x.mean()  # only differences are identified: center them
 
 
@@ -168,3 +169,30 @@ def leaderboard(votes: Iterable, n_bootstrap: int = 200, seed: int = 0, confiden
                      "bt": bt_now[name], "bt_ci": _interval(bt_samples[name], confidence),
                      "votes": n, "wins": wins, "ties": n - wins - losses, "losses": losses})
     return sorted(rows, key=lambda r: (-r["bt"], r["name"]))
+
+
+def print_leaderboard(rows: list[dict], n_votes: int, console=None) -> None:
+    """The leaderboard as a table in the terminal (rich), best first."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if not rows:
+        console.print("no arena votes yet: vote in the web UI's Arena (gptsmith serve with two or more models)")
+        return
+
+    def interval(ci: list[float] | None) -> str:
+        return "" if ci is None else f"{ci[0]:.0f}-{ci[1]:.0f}"
+
+    table = Table(title=f"Arena leaderboard: {n_votes} votes", box=box.SIMPLE_HEAD,
+                  caption="Bradley-Terry (BT) and online Elo ratings with 95% bootstrap intervals; W/T/L: "
+                          "wins, ties (incl. both bad), losses")
+    table.add_column("#", justify="right")
+    table.add_column("model", overflow="fold")  # a name is never cut short
+    for name in ("BT", "BT 95% CI", "Elo", "Elo 95% CI", "votes", "W/T/L"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for i, r in enumerate(rows, 1):
+        table.add_row(str(i), r["name"], f"{r['bt']:.0f}", interval(r["bt_ci"]), f"{r['elo']:.0f}",
+                      interval(r["elo_ci"]), str(r["votes"]), f"{r['wins']}/{r['ties']}/{r['losses']}")
+    console.print(table)
