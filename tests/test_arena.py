@@ -20,7 +20,8 @@ from gptsmith.serve.server import Served
 from gptsmith.serve.store import AlreadyVoted, Store
 
 ALPHA, BETA = "model-alpha-7", "model-beta-7"
-ANSWERS = {ALPHA: "First answer.", BETA: "Second answer."}
+# model output is untrusted: the browser test checks the markdown renders and the markup does not run
+ANSWERS = {ALPHA: "**First** answer.", BETA: 'Second answer.<img src=x onerror="window.__xss=1">'}
 
 
 def arena_app(tmp_path, monkeypatch, names=(ALPHA, BETA), released=True):
