@@ -117,6 +117,31 @@ def test_arena_end_to_end(tmp_path, monkeypatch, capsys):
                      "rejected": [{"role": "assistant", "content": ANSWERS[model_b]}]}]
 
 
+def test_arena_with_a_model_and_an_assistant(tiny_model_dir, tmp_path):
+    """Real served names: a local model and an assistant over it (one loaded model, two names) answer a battle;
+    only the answers' own text could name anything before the vote."""
+    bot = tmp_path / "bot.yaml"
+    bot.write_text(f"name: helper-z9\nmodel: {tiny_model_dir}\nsystem_prompt: You answer in one word.\n")
+    cfg = load_config(None, {"serve.db": f"sqlite:///{tmp_path / 'real.db'}", "serve.rate_limit_per_minute": 0})
+    names = {tiny_model_dir.name, "helper-z9"}
+    with running(create_app(cfg, tiny_model_dir, assistants=[str(bot)])) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        with client.stream("POST", "/api/arena/battles", json={"content": "Hello", "max_tokens": 6}) as r:
+            assert r.status_code == 200
+            events = list(sse_events(r))
+        for e in events:  # everything but the models' own words
+            e.pop("text", None)
+            (e.get("answer") or {}).pop("content", None)
+            for side in "ab":
+                ((e.get("battle") or {}).get(side) or {}).pop("content", None)
+            assert not any(name in json.dumps(e) for name in names), e
+        battle_id = events[0]["battle_id"]
+        stored = client.get(f"/api/arena/battles/{battle_id}").json()
+        assert {stored[s]["finish_reason"] for s in "ab"} <= {"stop", "length"}
+        voted = client.post(f"/api/arena/battles/{battle_id}/vote", json={"winner": "b"}).json()
+        assert {voted["model_a"], voted["model_b"]} == names
+
+
 def test_vote_waits_for_both_answers(tmp_path, monkeypatch):
     """While an answer is still streaming the vote is refused (409); once both have ended it counts."""
     app, _, backends = arena_app(tmp_path, monkeypatch, released=False)
