@@ -189,6 +189,18 @@ def cmd_feedback_export(args) -> None:
     print(f"wrote {n} {args.format} examples to {args.out}")
 
 
+def cmd_leaderboard(args) -> None:
+    import json
+
+    from gptsmith.eval.ratings import print_leaderboard
+    from gptsmith.serve.arena import stored_leaderboard
+    board = stored_leaderboard(_config(args, {"serve.db": args.db}).serve.db, args.bootstrap)
+    if args.json:
+        print(json.dumps(board, indent=2))
+    else:
+        print_leaderboard(board["models"], board["votes"])
+
+
 def cmd_quickstart(args) -> None:
     from gptsmith.quickstart import quickstart
     cfg = _config(args, {"model.preset": args.preset})
@@ -450,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="SQLAlchemy URL of the store (serve.db; default sqlite:///gptsmith.db)")
     p.add_argument("--format", choices=["sft", "dpo", "kto"], required=True, help="training data format")
     p.add_argument("--out", type=Path, required=True, help="output JSONL")
+
+    p = add("leaderboard", "Rate the models from the web UI's blind-arena votes: Bradley-Terry and Elo with "
+                           "bootstrap intervals.", cmd_leaderboard)
+    p.add_argument("--db", help="SQLAlchemy URL of the store (serve.db; default sqlite:///gptsmith.db)")
+    p.add_argument("--json", action="store_true", help="print the ratings as JSON instead of a table")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples for the intervals")
 
     p = add("quickstart", "Build a small chatbot from the embedded data: prepare, tokenizer, pretrain, fine-tune.",
             cmd_quickstart)

@@ -6,9 +6,9 @@
     gptsmith serve --registry reg                                     # a model registry's live version, followed
 
 This module assembles the app: backend, store, the Server that holds the serving logic (server.py, streams.py),
-the routers (routes/openai.py, routes/ui.py, routes/auth.py), middleware and error handlers (errors.py). Every
-answer, from the UI or from /v1, is written to the store while it streams (when, exactly: server.py), so a
-server killed mid-answer still holds the question and the partial answer.
+the routers (routes/openai.py, routes/ui.py, routes/arena.py, routes/auth.py), middleware and error handlers
+(errors.py). Every answer, from the UI or from /v1, is written to the store while it streams (when, exactly:
+server.py), so a server killed mid-answer still holds the question and the partial answer.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from gptsmith.errors import InputError
 from gptsmith.serve.auth import Auth, Guard
 from gptsmith.serve.backends import Backend, ExternalBackend, LocalBackend, model_version
 from gptsmith.serve.errors import add_error_handlers
-from gptsmith.serve.routes import auth, openai, ui
+from gptsmith.serve.routes import arena, auth, openai, ui
 from gptsmith.serve.security import RequestShield
 from gptsmith.serve.embeddings import Embedders
 from gptsmith.serve.registry_watch import InFlight, RegistryWatcher
@@ -168,7 +168,7 @@ def create_app(cfg: ProjectConfig, model_dir=None, engine=None, backend: Backend
     # outermost: Host (DNS rebinding), Origin (cross-site writes) and JSON content type before anything else
     app.add_middleware(RequestShield, allowed_hosts=sc.allowed_hosts, cors_origins=sc.cors_origins)
     add_error_handlers(app)
-    for router in (openai.router, ui.router, auth.router):
+    for router in (openai.router, ui.router, arena.router, auth.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

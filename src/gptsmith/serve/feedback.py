@@ -6,7 +6,9 @@
   better answer) and every thumbs-up answer that has no correction. A correction wins over the thumb on the
   same message because the user wrote it to replace the answer.
 - dpo: `{"prompt": [...history], "chosen": [assistant], "rejected": [assistant]}`: a correction over the answer
-  it corrects, and, among answers to the same turn (regenerations), every thumbs-up one over every thumbs-down one.
+  it corrects; among answers to the same turn (regenerations), every thumbs-up one over every thumbs-down one;
+  and every blind-arena vote for A or B (serve/arena.py): the winner's answer over the loser's, the prompt being
+  the history before the battle. A tie or "both bad" vote says neither is better, so it gives no pair.
 - kto: `{"prompt": [...history], "completion": [assistant], "label": bool}` for every thumbs-up/down answer.
 
 The prompt is the conversation's system prompt plus the branch of messages the answer replied to.
@@ -22,7 +24,7 @@ from sqlalchemy import func, select
 
 from gptsmith.errors import InputError
 from gptsmith.files import atomic_write_text
-from gptsmith.serve.store import Conversation, Message, Store, branch, history
+from gptsmith.serve.store import ArenaBattle, Conversation, Message, Store, branch, history
 
 FORMATS = ("sft", "dpo", "kto")
 
@@ -73,17 +75,45 @@ def build_examples(store: Store, fmt: str) -> list[dict]:
                         for bad in downs:
                             out.append({"prompt": prompt(good), "chosen": _assistant(good.content),
                                         "rejected": _assistant(bad.content)})
+        if fmt == "dpo":
+            out += [pair for pair in arena_pairs(s) if pair not in out]  # not twice when also thumbed up/down
     return out
 
 
-def export(db_url: str, fmt: str, out: str | Path) -> int:
-    """Write the examples as JSONL, atomically; returns how many were written."""
+def arena_pairs(s) -> list[dict]:
+    """A DPO pair per arena battle voted A or B whose answers are still stored, in the order of the votes."""
+    out = []
+    battles = s.scalars(select(ArenaBattle).where(ArenaBattle.winner.in_(("a", "b")))
+                        .order_by(ArenaBattle.voted_at, ArenaBattle.id)).all()
+    for b in battles:
+        conv = s.get(Conversation, b.conversation_id) if b.conversation_id is not None else None
+        if conv is None:  # the conversation was deleted: the vote still counts for the ratings, the texts are gone
+            continue
+        msgs = list(s.scalars(select(Message).where(Message.conversation_id == conv.id)))
+        by_id = {m.id: m for m in msgs}
+        a, other = by_id.get(b.message_a_id), by_id.get(b.message_b_id)
+        if a is None or other is None:
+            continue
+        chosen, rejected = (a, other) if b.winner == "a" else (other, a)
+        if chosen.content.strip() and chosen.content != rejected.content:
+            out.append({"prompt": history(conv, branch(msgs, chosen.parent_id)), "chosen": _assistant(chosen.content),
+                        "rejected": _assistant(rejected.content)})
+    return out
+
+
+def open_store(db_url: str) -> Store:
+    """The store `gptsmith serve` wrote; a clear error, instead of a new empty database, when its file is missing."""
     if db_url.startswith("sqlite:///") and db_url != "sqlite:///:memory:":
         path = Path(db_url.removeprefix("sqlite:///"))
         if not path.is_file():
             raise InputError(f"feedback store not found: {path} (serve.db = {db_url}); pass the store `gptsmith serve` "
                              "used: --db URL, or serve.db in --config FILE")
-    store = Store(db_url)
+    return Store(db_url)
+
+
+def export(db_url: str, fmt: str, out: str | Path) -> int:
+    """Write the examples as JSONL, atomically; returns how many were written."""
+    store = open_store(db_url)
     try:
         rows = build_examples(store, fmt)
     finally:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, bindparam,
-                        create_engine, delete, event, func, inspect, or_, select, text)
+                        create_engine, delete, event, func, inspect, or_, select, text, update)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
@@ -111,6 +111,31 @@ class Feedback(Base):
     message: Mapped[Message] = relationship(back_populates="feedback")
 
 
+class ArenaBattle(Base):
+    """One blind-arena battle: a user message (in a conversation of its own, source "arena") answered by two
+    served models as sibling assistant messages, and the user's vote. The answers' model names stay off the
+    messages until the vote (the battle row holds them), so nothing the UI can fetch gives them away. Deleting
+    the conversation keeps the vote (its message links become NULL): the leaderboard still counts it."""
+    __tablename__ = "arena_battles"
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str | None] = mapped_column(ForeignKey("conversations.id", ondelete="SET NULL"),
+                                                        index=True)
+    user_message_id: Mapped[int | None] = mapped_column(RowId, ForeignKey("messages.id", ondelete="SET NULL"))
+    message_a_id: Mapped[int | None] = mapped_column(RowId, ForeignKey("messages.id", ondelete="SET NULL"))
+    message_b_id: Mapped[int | None] = mapped_column(RowId, ForeignKey("messages.id", ondelete="SET NULL"))
+    model_a: Mapped[str] = mapped_column(String(200))
+    model_b: Mapped[str] = mapped_column(String(200))
+    version_a: Mapped[str | None] = mapped_column(String(200))
+    version_b: Mapped[str | None] = mapped_column(String(200))
+    winner: Mapped[str | None] = mapped_column(String(20))  # a | b | tie | both_bad; None until the vote
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    voted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class AlreadyVoted(Exception):
+    """The battle has its vote; a battle is voted exactly once."""
+
+
 # Columns added to tables after their first release: a store created by an older gptsmith gets them at startup
 ADDED_COLUMNS = {"messages": ("reasoning", "sources", "dropped")}
 
@@ -191,6 +216,18 @@ def message_dict(m: Message, with_feedback: bool = True) -> dict:
         d["feedback"] = None if fb is None else {"rating": fb.rating, "comment": fb.comment,
                                                   "correction": fb.correction}
     return d
+
+
+def battle_dict(b: ArenaBattle, messages: dict[int, Message]) -> dict:
+    """A battle with its question and both answers' text (None for an answer whose conversation was deleted)."""
+    def answer(msg_id):
+        m = messages.get(msg_id)
+        return None if m is None else {"message_id": m.id, "content": m.content, "finish_reason": m.finish_reason}
+
+    question = messages.get(b.user_message_id)
+    return {"id": b.id, "conversation_id": b.conversation_id, "prompt": None if question is None else question.content,
+            "a": answer(b.message_a_id), "b": answer(b.message_b_id), "model_a": b.model_a, "model_b": b.model_b,
+            "winner": b.winner, "created_at": iso_utc(b.created_at), "voted_at": iso_utc(b.voted_at)}
 
 
 def conversation_dict(c: Conversation) -> dict:
@@ -392,3 +429,57 @@ class Store:
             fb.updated_at = utcnow()
             s.add(fb)
             return {"rating": fb.rating, "comment": fb.comment, "correction": fb.correction}
+
+    # arena ---------------------------------------------------------------------------------------------
+    def add_battle(self, conv_id: str, user_message_id: int, message_a_id: int, message_b_id: int, model_a: str,
+                   model_b: str, version_a: str | None = None, version_b: str | None = None) -> dict:
+        """Record a battle over two stored answers, and take the model names off those answers until the vote."""
+        with self._writing(), self.Session.begin() as s:
+            b = ArenaBattle(conversation_id=conv_id, user_message_id=user_message_id, message_a_id=message_a_id,
+                            message_b_id=message_b_id, model_a=model_a, model_b=model_b, version_a=version_a,
+                            version_b=version_b)
+            s.add(b)
+            s.execute(update(Message).where(Message.id.in_((message_a_id, message_b_id)))
+                      .values(model_name=None, model_version=None))
+            s.flush()
+            return self._battle(s, b)
+
+    def get_battle(self, battle_id: int) -> dict | None:
+        if not 0 < battle_id <= MAX_ROW_ID:
+            return None
+        with self.Session() as s:
+            b = s.get(ArenaBattle, battle_id)
+            return None if b is None else self._battle(s, b)
+
+    def _battle(self, s, b: ArenaBattle) -> dict:
+        ids = [i for i in (b.user_message_id, b.message_a_id, b.message_b_id) if i is not None]
+        return battle_dict(b, {m.id: m for m in s.scalars(select(Message).where(Message.id.in_(ids)))})
+
+    def vote_battle(self, battle_id: int, winner: str) -> dict | None:
+        """Record the vote (a | b | tie | both_bad) and put the model names back on the answers; None when there is
+        no such battle, AlreadyVoted when it has its vote. One conditional UPDATE decides, so of two votes racing
+        (two tabs, two server processes) exactly one counts."""
+        if not 0 < battle_id <= MAX_ROW_ID:
+            return None
+        with self._writing(), self.Session.begin() as s:
+            voted = s.execute(update(ArenaBattle).where(ArenaBattle.id == battle_id, ArenaBattle.winner.is_(None))
+                              .values(winner=winner, voted_at=utcnow()))
+            b = s.get(ArenaBattle, battle_id)
+            if b is None:
+                return None
+            if voted.rowcount != 1:
+                raise AlreadyVoted(f"battle {battle_id} already has its vote ({b.winner})")
+            for msg_id, name, version in ((b.message_a_id, b.model_a, b.version_a),
+                                          (b.message_b_id, b.model_b, b.version_b)):
+                if msg_id is not None:
+                    s.execute(update(Message).where(Message.id == msg_id)
+                              .values(model_name=name, model_version=version))
+            return self._battle(s, b)
+
+    def list_votes(self) -> list[dict]:
+        """Every voted battle as {model_a, model_b, winner}, in the order the votes came (what Elo needs)."""
+        with self.Session() as s:
+            rows = s.execute(select(ArenaBattle.model_a, ArenaBattle.model_b, ArenaBattle.winner)
+                             .where(ArenaBattle.winner.is_not(None))
+                             .order_by(ArenaBattle.voted_at, ArenaBattle.id))
+            return [{"model_a": a, "model_b": b, "winner": w} for a, b, w in rows]

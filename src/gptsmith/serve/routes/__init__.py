@@ -1,6 +1,7 @@
 """The server's routes, one router per concern: openai.py (/v1, what API clients use), ui.py (the web UI's page
-and its /api), auth.py (login and logout). Routes parse requests and shape replies; the serving logic they share
-is the Server (serve/server.py) that every route gets through the `ServerDep` dependency."""
+and its /api), arena.py (the blind arena and the leaderboard), auth.py (login and logout). Routes parse
+requests and shape replies; the serving logic they share is the Server (serve/server.py) that every route gets
+through the `ServerDep` dependency."""
 
 from __future__ import annotations
 

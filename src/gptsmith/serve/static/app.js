@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { convId: null, conv: null, info: null, controller: null, streaming: false };
+const state = { convId: null, conv: null, info: null, controller: null, streaming: false, mode: "chat", battle: null };
 
 // ------------------------------------------------------------------------------------------- server calls
 async function api(path, options = {}) {
@@ -245,6 +245,7 @@ async function loadConversations() {
 
 async function openConversation(id) {
   if (state.streaming) stop();
+  setMode("chat");
   state.convId = id;
   state.conv = id ? await getJSON(`/api/conversations/${id}`) : null;
   showError("");
@@ -437,14 +438,177 @@ $("#feedback-dialog").addEventListener("close", async () => {
   } catch (e) { showError(e.message); }
 });
 
+// ------------------------------------------------------------------------------------------- arena
+// Two anonymous models answer the same message, side by side as "Model A" and "Model B"; the server names
+// them only in its answer to the vote.
+function setMode(mode) {
+  if (state.mode === mode) return;
+  if (state.streaming) stop();
+  state.mode = mode;
+  for (const m of ["chat", "arena", "leaderboard"]) $(`#mode-${m}`).setAttribute("aria-pressed", String(m === mode));
+  $("#messages").hidden = mode !== "chat";
+  $("#arena").hidden = mode !== "arena";
+  $("#leaderboard").hidden = mode !== "leaderboard";
+  $("#composer").hidden = mode === "leaderboard";
+  for (const sel of ["#settings-toggle", "#model", "#model-picker"]) $(sel).classList.toggle("off", mode !== "chat");
+  if (mode !== "chat") $("#settings").hidden = true;
+  $("#title").textContent = mode === "arena" ? "Arena" : mode === "leaderboard" ? "Leaderboard"
+    : (state.conv && state.conv.title) || "New chat";
+  showError("");
+  if (mode === "leaderboard") loadLeaderboard().catch((e) => showError(e.message));
+}
+
+async function readEvents(res, onEvent) {
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const line = buf.slice(0, cut).trim();
+      buf = buf.slice(cut + 2);
+      if (line.startsWith("data:")) onEvent(JSON.parse(line.slice(5)));
+    }
+  }
+}
+
+function arenaSide(side) { return $(`#arena-${side}`); }
+
+function showArenaAnswer(side, answer) {
+  const el = arenaSide(side);
+  renderMarkdown(el.querySelector(".content"), answer.content);
+  const reason = answer.finish_reason;
+  el.querySelector(".finish").textContent = !reason || reason === "stop" ? ""
+    : { cancelled: "stopped", length: "cut at max tokens", error: "failed" }[reason] || reason;
+  el.classList.toggle("streaming", !reason);
+}
+
+function resetArena(question) {
+  state.battle = null;
+  $("#arena-question").hidden = false;
+  $("#arena-question .content").textContent = question;
+  for (const side of ["a", "b"]) {
+    const el = arenaSide(side);
+    el.hidden = false;
+    el.classList.remove("winner");
+    el.querySelector(".role").textContent = `Model ${side.toUpperCase()}`;
+    showArenaAnswer(side, { content: "", finish_reason: null });
+  }
+  $("#arena-vote").hidden = true;
+  $("#arena-result").hidden = true;
+  for (const b of document.querySelectorAll("#arena-vote button")) { b.disabled = false; b.setAttribute("aria-pressed", "false"); }
+}
+
+async function startBattle(question) {
+  if (state.streaming) return;
+  showError("");
+  resetArena(question);
+  const texts = { a: "", b: "" };
+  let frame = 0;
+  state.controller = new AbortController();
+  setStreaming(true);
+  try {
+    const res = await api("/api/arena/battles", { method: "POST", body: { content: question },
+                                                  signal: state.controller.signal });
+    await readEvents(res, (ev) => {
+      if (ev.type === "start") state.battle = { id: ev.battle_id };
+      else if (ev.type === "delta") {
+        texts[ev.side] += ev.text;
+        if (!frame) frame = requestAnimationFrame(() => {
+          frame = 0;
+          for (const side of ["a", "b"]) renderMarkdown(arenaSide(side).querySelector(".content"), texts[side]);
+        });
+      } else if (ev.type === "error") showError(`Model ${ev.side.toUpperCase()}: ${ev.error.message}`);
+    });
+  } catch (e) {
+    if (e.name !== "AbortError") showError(e.message);
+    if (!state.battle && !$("#input").value) $("#input").value = question;  // refused: give the text back
+  } finally {
+    state.controller = null;
+    setStreaming(false);
+    if (frame) cancelAnimationFrame(frame);
+    // what the server stored is what is voted on (a stopped answer is saved a moment after the stop)
+    if (state.battle) setTimeout(() => loadBattle().catch((e) => showError(e.message)), state.stopped ? 300 : 0);
+    else for (const side of ["a", "b"]) arenaSide(side).hidden = true;
+    state.stopped = false;
+  }
+}
+
+async function loadBattle() {
+  const battle = await getJSON(`/api/arena/battles/${state.battle.id}`);
+  state.battle = battle;
+  for (const side of ["a", "b"]) if (battle[side]) showArenaAnswer(side, battle[side]);
+  if (battle.winner) showVerdict(battle);
+  else $("#arena-vote").hidden = false;
+}
+
+const VERDICTS = { a: "A is better", b: "B is better", tie: "Tie", both_bad: "Both bad" };
+
+async function vote(winner) {
+  if (!state.battle || state.battle.winner) return;
+  for (const b of document.querySelectorAll("#arena-vote button")) b.disabled = true;
+  try {
+    const battle = await getJSON(`/api/arena/battles/${state.battle.id}/vote`, { method: "POST", body: { winner } });
+    state.battle = battle;
+    showVerdict(battle);
+  } catch (e) {
+    showError(e.message);
+    for (const b of document.querySelectorAll("#arena-vote button")) b.disabled = false;
+  }
+}
+
+function showVerdict(battle) {
+  for (const side of ["a", "b"]) {
+    const el = arenaSide(side);
+    el.querySelector(".role").textContent = `Model ${side.toUpperCase()}: ${battle[`model_${side}`]}`;
+    el.classList.toggle("winner", battle.winner === side);
+  }
+  for (const b of document.querySelectorAll("#arena-vote button")) {
+    b.disabled = true;
+    b.setAttribute("aria-pressed", String(b.dataset.winner === battle.winner));
+  }
+  $("#arena-vote").hidden = false;
+  const result = $("#arena-result");
+  result.textContent = `You voted "${VERDICTS[battle.winner]}". A was ${battle.model_a}, B was ${battle.model_b}. `
+    + "Send another message for a new battle.";
+  result.hidden = false;
+}
+
+async function loadLeaderboard() {
+  const board = await getJSON("/api/leaderboard");
+  const fmt = (x) => Math.round(x).toString();
+  const interval = (ci) => (ci ? `${fmt(ci[0])} to ${fmt(ci[1])}` : "");
+  $("#leaderboard-summary").textContent = board.votes
+    ? `${board.votes} vote${board.votes === 1 ? "" : "s"}. Ratings on the Elo scale (a model 400 points above `
+      + "another is expected to win 10 times out of 11); intervals are 95% bootstrap intervals."
+    : "No votes yet: compare two models in the Arena.";
+  $("#leaderboard-table tbody").replaceChildren(...board.models.map((r, i) => {
+    const tr = document.createElement("tr");
+    for (const v of [i + 1, r.name, fmt(r.bt), interval(r.bt_ci), fmt(r.elo), interval(r.elo_ci), r.votes, r.wins,
+                     r.ties, r.losses]) {
+      const td = document.createElement("td");
+      td.textContent = String(v);
+      tr.append(td);
+    }
+    return tr;
+  }));
+  $("#leaderboard-table").hidden = !board.models.length;
+}
+
 // ------------------------------------------------------------------------------------------- wiring
 $("#composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("#input").value;
   if (!text.trim() || state.streaming) return;
   $("#input").value = "";
-  send({ content: text, parent_id: lastMessageId() }, text);
+  if (state.mode === "arena") startBattle(text);
+  else send({ content: text, parent_id: lastMessageId() }, text);
 });
+for (const m of ["chat", "arena", "leaderboard"]) $(`#mode-${m}`).addEventListener("click", () => setMode(m));
+for (const b of document.querySelectorAll("#arena-vote button")) b.addEventListener("click", () => vote(b.dataset.winner));
 $("#input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("#composer").requestSubmit(); }
 });
