@@ -514,7 +514,7 @@ def eval_bar_plot(run: dict, plot_dir: Path) -> dict | None:
 # ---------------------------------------------------------------------------------------------- samples
 
 def generate_samples(model_dir: Path, n: int, device: str, max_new_tokens: int, notes: list[str],
-                     chat: bool | None) -> list[dict]:
+                     chat: bool) -> list[dict]:
     """n short greedy generations: chat prompts through the chat template for a chat model, text continuations
     (a new document: the separator, then the prompt) for a base model."""
     if n <= 0:
@@ -529,7 +529,6 @@ def generate_samples(model_dir: Path, n: int, device: str, max_new_tokens: int, 
         notes.append(f"samples: the model cannot be loaded ({e})")
         return []
     params = engine.resolve(SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0))
-    chat = bool(engine.tokenizer.chat_template) if chat is None else chat
     prompts = list(CHAT_PROMPTS if chat else TEXT_PROMPTS)[:n]
     try:
         if chat:
@@ -567,7 +566,9 @@ def build_report(model_dir: str | os.PathLike, plot_dir: Path, samples: int = 3,
             rep.plots.append(bar)
     for p in rep.plots:
         p["png"] = (plot_dir / p["file"]).read_bytes()
-    rep.samples = generate_samples(model_dir, samples, device, max_new_tokens, notes, rep.model.get("chat_template"))
+    # a pretrained model carries the tokenizer's chat template but was never taught to chat: it continues text
+    chat = bool(rep.model.get("chat_template")) and rep.training.get("stage") != "pretrain"
+    rep.samples = generate_samples(model_dir, samples, device, max_new_tokens, notes, chat)
     return rep
 
 
