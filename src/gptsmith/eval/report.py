@@ -369,14 +369,15 @@ def _pyplot():
     return plt
 
 
-def curve_plots(records: list[dict], plot_dir: Path) -> list[dict]:
+def curve_plots(records: list[dict], plot_dir: Path, stage: str | None = None) -> list[dict]:
     """loss.png (train + validation, drawn by the trainers' own save_loss_plot) and lr.png when the LR was logged."""
     from gptsmith.train.common import save_loss_plot
 
     plots = []
     train, val = _series(records, "train/loss"), _series(records, "val/loss")
     if train or val:
-        save_loss_plot(plot_dir / "loss.png", train=train, val=val, title="loss")
+        unit = "nats / token" if stage in (None, "pretrain") else "nats / assistant token"  # sft: answers only
+        save_loss_plot(plot_dir / "loss.png", train=train, val=val, ylabel=f"loss ({unit})", title=stage)
         plots.append({"title": "Loss (train and validation)", "file": "loss.png"})
     lr = _series(records, "train/lr")
     if lr:
@@ -558,7 +559,7 @@ def build_report(model_dir: str | os.PathLike, plot_dir: Path, samples: int = 3,
     rep.chain = lineage_chain(model_dir, notes)
     rep.compression = compression(model_dir, rep.chain, notes)
     rep.training = training_summary(_lineage(model_dir, []))
-    rep.plots = curve_plots(training_records(model_dir, notes), plot_dir)
+    rep.plots = curve_plots(training_records(model_dir, notes), plot_dir, rep.training.get("stage"))
     rep.evals, rep.compares = eval_results(model_dir, notes)
     if rep.evals:
         bar = eval_bar_plot(rep.evals[-1], plot_dir)
