@@ -164,6 +164,10 @@ def test_eval_and_compare_results_appear_in_both_outputs(pretrained, tmp_path):
     (model / "eval" / "broken.json").write_text('{"kind": "eval", "suites": [')
     (model / "eval" / "other.json").write_text(json.dumps({"kind": "leaderboard", "rows": []}))
     (model / "eval" / "future.json").write_text(json.dumps({"kind": "eval", "format": 99, "suites": []}))
+    (model / "eval" / "odd.json").write_text(json.dumps({"kind": "eval", "format": 1, "suites": {"a": 1}}))
+    (model / "eval" / "half.json").write_text(json.dumps({"kind": "compare", "format": 1, "a": [], "wins_a": "x"}))
+    (model / "eval" / "shape.json").write_text(json.dumps({"kind": "eval", "format": 1, "target": "t",
+                                                           "suites": [{"primary": ["x"], "metrics": [1]}, 7]}))
 
     md_path, html_path = write_report(model, samples=0)
     md, html = md_path.read_text(), html_path.read_text()
@@ -176,12 +180,13 @@ def test_eval_and_compare_results_appear_in_both_outputs(pretrained, tmp_path):
         # seen from this model (B): 7 wins, 3 ties, 10 losses, win rate 1 - 0.575 with the interval flipped
         assert "42.5% [30.0%, 55.0%]" in text and "40.0% [20.0%, 60.0%]" in text
         assert "judge-model" in text
-        for bad in ("broken.json", "other.json", "future.json"):
+        for bad in ("broken.json", "other.json", "future.json", "odd.json", "half.json"):
             assert bad in text  # a note names each file that was left out
         assert "not valid JSON" in text
         assert XSS not in text  # markup in a model name is shown, never run
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert XSS in "".join(Page(html).text)  # ... and reads as the name itself
+    assert "shape.json" in md  # a result of an unexpected shape still gets its heading, with what it has
     row = next(line for line in md.splitlines() if line.startswith("| quiz"))
     assert row.startswith("| quiz\\|mc |") and row.count(" | ") == 6  # a | in a name keeps the table's columns
     compare_row = next(line for line in md.splitlines() if "judge-model" in line)
@@ -219,6 +224,11 @@ def test_unreadable_lineage_is_a_note(tiny_model_dir, tmp_path):
     (model / "gptsmith_lineage.json").write_text("{not json")
     md = write_report(model, samples=0)[0].read_text().replace("\\_", "_")  # Markdown escapes _
     assert "gptsmith_lineage.json" in md and "not valid JSON" in md and "## Model" in md
+    (model / "gptsmith_lineage.json").write_text(json.dumps({"stage": 3, "parent_model": 5, "metrics": [1],
+                                                             "data": {"manifest": 7, "workdir": ["x"]}}))
+    (model / "config.json").write_text("[]")
+    md = write_report(model, samples=0)[0].read_text()
+    assert "## Lineage" in md and "not a JSON object" in md
 
 
 def test_a_report_that_fails_is_a_warning_not_a_failed_run(tiny_model_dir, monkeypatch, capsys):

@@ -36,6 +36,7 @@ from gptsmith.model import LINEAGE_FILENAME
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 PLOTS_DIR = "report"  # beside report.md: the PNGs the Markdown links to
+PLOT_FILES = {"loss.png", "lr.png", "eval.png"}
 MAX_LINEAGE_DEPTH = 12  # a lineage loop (a model dir re-used as its own ancestor) must not loop forever
 MAX_SOURCES_SHOWN = 20
 HASH_CHECK_MAX_BYTES = 256 << 20  # re-hash data files up to this size to tell whether they changed since training
@@ -75,16 +76,19 @@ def _read_json(path: Path, notes: list[str], what: str) -> Any:
     return None
 
 
-def _lineage(model_dir: Path, notes: list[str]) -> dict:
-    path = model_dir / LINEAGE_FILENAME
-    if not path.is_file():
-        return {}
-    found = _read_json(path, notes, "lineage")
+def _read_object(path: Path, notes: list[str], what: str) -> dict:
+    """A JSON file that must hold an object: its content, or {} with a note."""
+    found = _read_json(path, notes, what)
     if not isinstance(found, dict):
         if found is not None:
-            notes.append(f"lineage {path}: not a JSON object; left out")
+            notes.append(f"{what} {path}: not a JSON object; left out")
         return {}
     return found
+
+
+def _lineage(model_dir: Path, notes: list[str]) -> dict:
+    path = model_dir / LINEAGE_FILENAME
+    return _read_object(path, notes, "lineage") if path.is_file() else {}
 
 
 def _safetensors_params(files: list[Path], notes: list[str]) -> int | None:
@@ -113,7 +117,7 @@ def model_summary(model_dir: Path, notes: list[str]) -> dict:
     info: dict[str, Any] = {"kind": "model"}
     adapter = model_dir / "adapter_config.json"
     if adapter.is_file():
-        cfg = _read_json(adapter, notes, "adapter config") or {}
+        cfg = _read_object(adapter, notes, "adapter config")
         info.update(kind="LoRA adapter", peft_type=cfg.get("peft_type"), lora_r=cfg.get("r"),
                     lora_alpha=cfg.get("lora_alpha"), target_modules=_sorted_names(cfg.get("target_modules")),
                     base_model=cfg.get("base_model_name_or_path"),
@@ -125,7 +129,7 @@ def model_summary(model_dir: Path, notes: list[str]) -> dict:
             notes.append(f"base model {base} of the adapter is not a local directory: its shape is not shown")
     config_path = model_dir / "config.json"
     if config_path.is_file():
-        cfg = _read_json(config_path, notes, "model config") or {}
+        cfg = _read_object(config_path, notes, "model config")
         text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
         pick = lambda *keys: next((text[k] for k in keys if text.get(k) is not None), None)  # noqa: E731
         info.update(
@@ -187,8 +191,7 @@ def lineage_chain(model_dir: Path, notes: list[str]) -> list[dict]:
         lineage = _lineage(current, notes)
         entry = {"ref": str(current), "status": status if lineage or status == "this model"
                  else "found, without a lineage file",
-                 "stage": lineage.get("stage"), "metrics": lineage.get("metrics") or {},
-                 "data": data_summary(lineage, notes) if lineage else None}
+                 "stage": lineage.get("stage"), "data": data_summary(lineage, notes) if lineage else None}
         chain.append(entry)
         current = None
         for ref in _parents(lineage):
@@ -197,7 +200,7 @@ def lineage_chain(model_dir: Path, notes: list[str]) -> list[dict]:
                 break
             missing = _is_path(ref)
             chain.append({"ref": ref, "status": "missing" if missing else "not a local directory (a hub id?)",
-                          "stage": None, "metrics": {}, "data": None})
+                          "stage": None, "data": None})
             if missing:
                 notes.append(f"parent model {ref} no longer exists, so its lineage (and the data it was trained on) "
                              f"cannot be shown")
@@ -233,7 +236,7 @@ def data_summary(lineage: dict, notes: list[str]) -> dict | None:
             if isinstance(manifest, dict):
                 out.update(_manifest_summary(manifest))
         return out
-    metrics = lineage.get("metrics") or {}
+    metrics = lineage.get("metrics") if isinstance(lineage.get("metrics"), dict) else {}
     return {"kind": "conversations", "path": data.get("path"), "sha256": data.get("sha256"),
             "package": data.get("package"), "format": lineage.get("data_format"),
             "state": "built in" if data.get("package") else _file_state(data.get("path"), data.get("sha256")),
@@ -333,7 +336,7 @@ def training_records(model_dir: Path, notes: list[str]) -> list[dict]:
                     key=lambda p: int(p.parent.name.rsplit("-", 1)[-1]) if p.parent.name.rsplit("-", 1)[-1].isdigit()
                     else -1)
     if states:
-        state = _read_json(states[-1], notes, "trainer state") or {}
+        state = _read_object(states[-1], notes, "trainer state")
         return history_records(state.get("log_history") or [])
     return records
 
@@ -434,7 +437,8 @@ def _eval_entry(path: Path, r: dict, notes: list[str]) -> dict | None:
         if not isinstance(s, dict):
             continue
         metrics = s.get("metrics") if isinstance(s.get("metrics"), dict) else {}
-        primary = s.get("primary") if s.get("primary") in metrics else next(iter(metrics), None)
+        primary = s.get("primary") if isinstance(s.get("primary"), str) and s["primary"] in metrics \
+            else next(iter(metrics), None)
         hib = s.get("higher_is_better") if isinstance(s.get("higher_is_better"), dict) else {}
         rows.append({"suite": str(s.get("name", "?")), "kind": s.get("kind"), "primary": primary,
                      "value": metrics.get(primary) if primary else None, "n": s.get("n"), "k_shot": s.get("k_shot"),
@@ -485,7 +489,8 @@ def eval_results(model_dir: Path, notes: list[str]) -> tuple[list[dict], list[di
         if r.get("format") != 1:
             notes.append(f"{path}: result format {r.get('format')!r} is not one this gptsmith reads (1); left out")
             continue
-        entry = _eval_entry(path, r, notes) if r["kind"] == "eval" else _compare_entry(path, r, model_dir, notes)
+        entry = _part(notes, str(path), lambda: _eval_entry(path, r, notes) if r["kind"] == "eval"
+                      else _compare_entry(path, r, model_dir, notes), None)
         if entry:
             (evals if r["kind"] == "eval" else compares).append(entry)
     evals.sort(key=lambda e: (e["created"], e["file"]))
@@ -548,6 +553,16 @@ def generate_samples(model_dir: Path, n: int, device: str, max_new_tokens: int, 
 
 # ---------------------------------------------------------------------------------------------- building
 
+def _part(notes: list[str], name: str, build, default):
+    """One part of the report, or `default` and a note: a hand-edited or foreign file of an unexpected shape
+    costs that part only, never the report (the files' own problems are noted more precisely inside)."""
+    try:
+        return build()
+    except Exception as e:
+        notes.append(f"{name}: left out ({type(e).__name__}: {e})")
+        return default
+
+
 def build_report(model_dir: str | os.PathLike, plot_dir: Path, samples: int = 3, device: str = "auto",
                  max_new_tokens: int = 32) -> Report:
     """Read everything the report shows; PNGs are written into plot_dir."""
@@ -555,16 +570,20 @@ def build_report(model_dir: str | os.PathLike, plot_dir: Path, samples: int = 3,
     rep = Report(model_dir=model_dir.resolve(), name=model_dir.resolve().name,
                  created=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     notes = rep.notes
-    rep.model = model_summary(model_dir, notes)
-    rep.chain = lineage_chain(model_dir, notes)
-    rep.compression = compression(model_dir, rep.chain, notes)
-    rep.training = training_summary(_lineage(model_dir, []))
-    rep.plots = curve_plots(training_records(model_dir, notes), plot_dir, rep.training.get("stage"))
+    rep.model = _part(notes, "model", lambda: model_summary(model_dir, notes), {"kind": "model"})
+    rep.chain = _part(notes, "lineage", lambda: lineage_chain(model_dir, notes), [])
+    rep.compression = _part(notes, "tokenizer compression", lambda: compression(model_dir, rep.chain, notes),
+                            {"bytes_per_token": None, "source": "not measurable"})
+    rep.training = _part(notes, "training metrics", lambda: training_summary(_lineage(model_dir, [])), {})
+    records = _part(notes, "metrics.jsonl", lambda: training_records(model_dir, notes), [])
+    rep.plots = curve_plots(records, plot_dir, rep.training.get("stage"))
     rep.evals, rep.compares = eval_results(model_dir, notes)
     if rep.evals:
         bar = eval_bar_plot(rep.evals[-1], plot_dir)
         if bar:
             rep.plots.append(bar)
+    for name in PLOT_FILES - {p["file"] for p in rep.plots}:  # an earlier report's plot of what is gone now
+        (plot_dir / name).unlink(missing_ok=True)
     for p in rep.plots:
         p["png"] = (plot_dir / p["file"]).read_bytes()
     # a pretrained model carries the tokenizer's chat template but was never taught to chat: it continues text
