@@ -273,4 +273,5 @@ def test_sft_writes_a_report_that_follows_its_parent_back_to_the_data(pretrained
                                                                 "sft.lora_alpha": 8}))
     md = (adapter / "report.md").read_text()
     assert "LoRA adapter" in md and "adapter parameters" in md and pre["data"]["manifest_sha256"] in md
+    assert md.count("**User:**") == 2  # samples of the adapter merged into its base in memory
     check_self_contained((adapter / "report.html").read_text())

@@ -519,18 +519,43 @@ def eval_bar_plot(run: dict, plot_dir: Path) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- samples
 
+def _engine(model_dir: Path, device: str):
+    from gptsmith.engine import Engine
+    return Engine.load(model_dir, device=device)
+
+
+def _adapter_engine(adapter_dir: Path, device: str):
+    """An Engine on a LoRA adapter merged into its base in memory (what `gptsmith merge-lora` would save)."""
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptsmith.device import select_device
+    from gptsmith.engine import Engine
+    from gptsmith.engine.params import read_generation_config
+
+    base = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    if not base or not Path(base).is_dir():
+        raise FileNotFoundError(f"the adapter's base model {base} is not a local directory")
+    dev = select_device(device)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    defaults, eos = read_generation_config(base)
+    return Engine(model, tokenizer, dev, set(eos), defaults)
+
+
 def generate_samples(model_dir: Path, n: int, device: str, max_new_tokens: int, notes: list[str],
                      chat: bool) -> list[dict]:
     """n short greedy generations: chat prompts through the chat template for a chat model, text continuations
     (a new document: the separator, then the prompt) for a base model."""
+    from gptsmith.engine import SamplingParams
+
     if n <= 0:
         return []
-    if not (model_dir / "config.json").is_file():
-        notes.append("samples: this directory has no full model (a LoRA adapter: `gptsmith merge-lora` makes one)")
-        return []
     try:
-        from gptsmith.engine import Engine, SamplingParams
-        engine = Engine.load(model_dir, device=device)
+        engine = _adapter_engine(model_dir, device) if (model_dir / "adapter_config.json").is_file() \
+            else _engine(model_dir, device)
     except Exception as e:
         notes.append(f"samples: the model cannot be loaded ({e})")
         return []
