@@ -177,7 +177,8 @@ def _parents(lineage: dict) -> list[str]:
 
 def lineage_chain(model_dir: Path, notes: list[str]) -> list[dict]:
     """This model, its parent, the parent's parent ...: each with its stage, status and data, nearest first.
-    A parent that no longer exists ends the chain with status "missing"; a hub model with status "hub"."""
+    A parent path that no longer exists ends the chain with status "missing" (and a note); a parent that is not a
+    local directory (a hub id) ends it too, as nothing local records its data."""
     chain: list[dict] = []
     seen: set[str] = set()
     current: Path | None = model_dir.resolve()
