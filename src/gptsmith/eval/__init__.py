@@ -1,1 +1,1 @@
-"""Evaluation: scores, task suites, side-by-side judging, ratings and the report card."""
+"""Evaluation: bits-per-byte, task suites, lm-eval tasks, judged comparisons, arena ratings and the report card."""
