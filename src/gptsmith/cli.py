@@ -215,6 +215,15 @@ def cmd_export_gguf(args) -> None:
           f"pre-tokenizer '{r.pre_tokenizer}'): llama.cpp loads it, e.g. `llama-cli -m {r.path}`")
 
 
+def cmd_report(args) -> None:
+    from gptsmith.eval.report import write_report
+    _config(args, {})  # no config key applies, but a bad --config file or override must not pass silently
+    if args.samples < 0:
+        raise UserError(f"--samples must be 0 (no samples) or more, not {args.samples}")
+    md, html = write_report(args.model_dir, out_dir=args.out, samples=args.samples, device=args.device)
+    print(f"wrote {md}\nwrote {html}")
+
+
 def cmd_rag_index(args) -> None:
     from gptsmith.rag.index import build_index, read_manifest
     cfg = _config(args, {"rag.index": args.index, "rag.embedder": args.embedder,
@@ -484,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="GGUF file to write")
     p.add_argument("--dtype", choices=["f16", "q8_0", "f32"], default="f16",
                    help="weight type of the matrices (norms stay f32)")
+
+    p = add("report", "Write a model directory's report card: data, tokenizer compression, loss curves, validation "
+                      "bits-per-byte, eval results and comparisons, samples and lineage, as report.md (plots in "
+                      "report/) and a self-contained report.html.", cmd_report)
+    p.add_argument("model_dir", type=Path, metavar="DIR", help="model or LoRA adapter directory (pretrain/sft output)")
+    p.add_argument("--samples", type=int, default=3, metavar="N", help="short greedy generations to show; 0 = none")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write the report here instead of into DIR")
+    p.add_argument("--device", default="auto", help="where the samples are generated: auto, cpu, cuda")
 
     rag = sub.add_parser("rag", help="Retrieval over your documents: index, query, questions, eval.")
     rag_sub = rag.add_subparsers(dest="rag_command", metavar="STEP", required=True)

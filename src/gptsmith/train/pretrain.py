@@ -656,6 +656,8 @@ def finish(run: PretrainRun, stop_reason: str) -> dict:
         save_model_dir(run.model, run.tokenizer, run.out_dir, lineage=lineage)
         run.log.close()
         tqdm.write(f"saved {run.out_dir} at step {run.step}: val loss {res['loss']:.4f}, {res['bpb']:.4f} bits/byte")
+        from gptsmith.eval.report import report_after_training
+        report_after_training(run.out_dir, device=str(run.device))
     return metrics
 
 

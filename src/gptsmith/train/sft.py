@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from gptsmith.config import ProjectConfig, save_config
 from gptsmith.data.chat_formats import CHATTERBOT, Messages, conversation_hash, load_chat_data, split_conversations
 from gptsmith.errors import InputError
-from gptsmith.files import atomic_write_json, sha256_file, write_dir
+from gptsmith.files import atomic_write_json, atomic_write_text, sha256_file, write_dir
 from gptsmith.model import LINEAGE_FILENAME, default_generation_config, read_lineage, save_model_dir
 from gptsmith.tokenizer import ASSISTANT, CHAT_TEMPLATE, END_OF_TURN, PAD, SYSTEM, USER, encode_chat
 
@@ -467,6 +467,9 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
         if before is not None:
             metrics.update(val_loss_before=before["val_loss"], val_bpb_before=before["val_bpb"])
     save_loss_plot(trainer.state.log_history, out / "loss.png")
+    from gptsmith.eval.report import history_records  # the curves in metrics.jsonl, as pretrain writes them
+    atomic_write_text(out / "metrics.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in history_records(trainer.state.log_history)))
 
     tokenizer = trainer.processing_class
     lineage = {"stage": "sft", **identity, "data_format": loaded.format, "mode": "qlora" if s.qlora else "lora" if s.lora else "full",
@@ -484,6 +487,8 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
     atomic_write_json(out / "sft_metrics.json", metrics)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     print(f"sft: wrote {out} {shown}")
+    from gptsmith.eval.report import report_after_training
+    report_after_training(out, device=s.device)
     return metrics
 
 
