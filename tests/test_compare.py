@@ -185,12 +185,13 @@ def test_a_judge_that_always_says_a_over_http_makes_every_pair_a_tie(always_a_ju
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url)
-        result = compare(f"{url}/v1", answer_model, prompts_txt, url, out_dir=tmp_path / "out", max_tokens=8,
-                         judge_max_tokens=16)
+        result = compare(f"{url}/v1", answer_model, prompts_txt, f"{url}#always-a", out_dir=tmp_path / "out",
+                         max_tokens=8, judge_max_tokens=16)
     finally:
         proc.kill()
         proc.wait()
-    assert result["judge_method"] == "text" and result["a"]["kind"] == "backend"
+    assert result["judge_method"] == "text" and result["a"]["kind"] == result["judge"]["kind"] == "backend"
+    assert result["judge"]["name"] == "always-a" and result["judge"]["ref"] == f"{url}/v1"
     assert [i["prompt"] for i in result["items"]] == ["What is a list?", "How do I open a file?", "What does yield do?"]
     assert all(i["judgment_ab"] == i["judgment_ba"] == "[[A]]" for i in result["items"])
     assert all((i["verdict_ab"], i["verdict_ba"], i["result"]) == ("a", "b", "tie") for i in result["items"])
