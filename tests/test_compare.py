@@ -247,7 +247,8 @@ class _Page(HTMLParser):
 def test_the_page_shows_both_answers_escaped_and_loads_nothing(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "x1", "prompt": "Say <b>hi</b>"}\n'
-                       '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}\n')
+                       '{"messages": [{"role": "system", "content": "Be brief."}, '
+                       '{"role": "user", "content": "Hi"}]}\n')
     a = FakeTarget("alpha", ["<script>alert('a')</script> long answer from A", "short"])
     b = FakeTarget("beta", ['B says <img src="https://example.com/x.png"> & more'])
     judge = FakeTarget("judge", ["A explains better. [[A]]", "[[C]]", "[[B]]", "no verdict"])  # ab, ab, ba, ba

@@ -241,7 +241,10 @@ def compare(a, b, prompts_file, judge, out_dir=None, max_tokens: int = 256, seed
         raise InputError(f"limit must be at least 1, got {limit}")
     if max_tokens < 1:
         raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
+    from gptsmith.files import sha256_file
+
     prompts = load_prompts(prompts_file)[:limit]
+    source = {"source": str(Path(prompts_file).resolve()), "version": "sha256:" + sha256_file(prompts_file)[:16]}
     opened: dict[str, object] = {}
     try:
         ta, tb, tj = (_target(x, opened, device) for x in (a, b, judge))
@@ -249,9 +252,7 @@ def compare(a, b, prompts_file, judge, out_dir=None, max_tokens: int = 256, seed
     finally:
         for target in opened.values():
             target.close()
-    from gptsmith.files import sha256_file
-
-    result["prompts"] = {"source": str(Path(prompts_file).resolve()), "version": "sha256:" + sha256_file(prompts_file)[:16]}
+    result["prompts"] = source
     out = Path(out_dir) if out_dir is not None else default_out_dir(result["a"]["name"], result["b"]["name"])
     files = write_result(result, out)
     return {**result, "files": files}

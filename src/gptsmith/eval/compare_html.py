@@ -32,11 +32,12 @@ judge: {{ judge.kind }} {{ judge.ref }} ({{ judge_method }} verdicts), each pair
 positions swapped; a verdict that changes with the order counts as a tie.<br>
 prompts: {{ prompts.source }} ({{ prompts.version }}), {{ n }} judged, created {{ created }}</p>
 <table class="summary">
-<tr><th>wins A</th><th>ties</th><th>wins B</th><th>win rate A (95% CI)</th><th>length-controlled win rate A (95% CI)</th>
-<th>unparsed verdicts</th></tr>
+<tr><th>wins A</th><th>ties</th><th>wins B</th><th>win rate A (95% CI)</th>
+<th>length-controlled win rate A (95% CI)</th><th>unparsed verdicts</th></tr>
 <tr><td>{{ wins_a }}</td><td>{{ ties }}</td><td>{{ wins_b }}</td>
 <td>{{ pct(win_rate_a) }} ({{ pct(ci[0]) }} to {{ pct(ci[1]) }})</td>
-<td>{{ pct(length_controlled.win_rate_a) }} ({{ pct(length_controlled.ci[0]) }} to {{ pct(length_controlled.ci[1]) }})</td>
+{% set lc = length_controlled %}
+<td>{{ pct(lc.win_rate_a) }} ({{ pct(lc.ci[0]) }} to {{ pct(lc.ci[1]) }})</td>
 <td>{{ unparsed }} of {{ 2 * n }}</td></tr>
 </table>
 <p class="meta">Win rate = (wins + ties / 2) / n. Length control: {{ length_controlled.method }}.</p>
