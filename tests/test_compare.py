@@ -226,7 +226,7 @@ def test_a_model_against_itself_ties_on_every_prompt_from_the_cli(answer_model, 
     assert all(i["answer_a"] == i["answer_b"] for i in result["items"])
     assert all(i["verdict_ab"] in ("a", "b", "tie") and i["verdict_ba"] in ("a", "b", "tie") for i in result["items"])
     printed = capsys.readouterr().out
-    assert "win rate A" in printed and str(out / "compare.html") in printed
+    assert "win rate A [95% CI]" in printed and "50.0% [50.0, 50.0]" in printed and str(out / "compare.html") in printed
 
 
 # ---------------------------------------------------------------------------------------------- html

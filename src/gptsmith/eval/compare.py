@@ -333,15 +333,16 @@ def render_summary(result: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    def rate(value: float, ci: list[float]) -> str:
+        return f"{100 * value:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
     lc = result["length_controlled"]
     table = Table(title=f"{result['a']['name']} (A) vs {result['b']['name']} (B) on {result['n']} prompts, judged by "
                         f"{result['judge']['name']} ({result['judge_method']} verdicts, both orders)")
-    for column in ("wins A", "ties", "wins B", "win rate A", "95% CI", "LC win rate A", "LC 95% CI"):
+    for column in ("wins A", "ties", "wins B", "win rate A [95% CI]", "length-controlled [95% CI]"):
         table.add_column(column, justify="right")
-    table.add_row(str(result["wins_a"]), str(result["ties"]), str(result["wins_b"]), pct(result["win_rate_a"]),
-                  f"{pct(result['ci'][0])} to {pct(result['ci'][1])}", pct(lc["win_rate_a"]),
-                  f"{pct(lc['ci'][0])} to {pct(lc['ci'][1])}")
+    table.add_row(str(result["wins_a"]), str(result["ties"]), str(result["wins_b"]),
+                  rate(result["win_rate_a"], result["ci"]), rate(lc["win_rate_a"], lc["ci"]))
     console.print(table)
     if result["unparsed"]:
         console.print(f"[yellow]{result['unparsed']} of {2 * result['n']} judgments had no [[A]]/[[B]]/[[C]] "
@@ -350,6 +351,6 @@ def render_summary(result: dict, console=None) -> None:
     files = result.get("files") or {}
     for label, key in (("result", "json"), ("side by side", "html")):
         if key in files:
-            console.print(f"{label}: {files[key]}")
+            console.print(f"{label}: {files[key]}", soft_wrap=True)  # a path stays one line
     for copy in files.get("copies", []):
-        console.print(f"copy: {copy}")
+        console.print(f"copy: {copy}", soft_wrap=True)
