@@ -257,7 +257,8 @@ def test_the_page_shows_both_answers_escaped_and_loads_nothing(tmp_path):
     page = _Page()
     page.feed(html)
     text = "".join(page.text)
-    assert "script" not in page.tags and "img" not in page.tags and page.links == []
+    assert "script" not in page.tags and "img" not in page.tags and page.links == []  # nothing to load
+    assert "url(" not in html and "@import" not in html
     assert "&lt;script&gt;alert(&#39;a&#39;)&lt;/script&gt;" in html
     assert "<script>alert('a')</script> long answer from A" in text  # shown as text
     assert 'B says <img src="https://example.com/x.png"> & more' in text
@@ -306,8 +307,10 @@ def test_unknown_targets_and_bad_numbers_are_refused(tmp_path, prompts_txt):
         compare(str(tmp_path / "nope"), fake, prompts_txt, fake, out_dir=tmp_path / "out")
     with pytest.raises(InputError, match="not a model directory"):
         compare(fake, fake, prompts_txt, str(tmp_path), out_dir=tmp_path / "out")
-    with pytest.raises(InputError, match="limit"):
+    with pytest.raises(InputError, match="--limit must be at least 1"):
         compare(fake, fake, prompts_txt, fake, limit=0)
+    with pytest.raises(InputError, match="--max-tokens must be at least 1"):
+        compare(fake, fake, prompts_txt, fake, max_tokens=0)
     assert not (tmp_path / "out").exists()
 
 

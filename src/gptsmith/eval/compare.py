@@ -237,10 +237,9 @@ def compare(a, b, prompts_file, judge, out_dir=None, max_tokens: int = 256, seed
     "compare" contract, written to `out_dir` (default ./compare-<A>-vs-<B>/) as compare.json and compare.html.
     a, b, judge: Targets or spec strings (URL, assistant .yaml, model folder). The returned dict also holds
     "files": the paths written (not part of the JSON file)."""
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be at least 1, got {limit}")
-    if max_tokens < 1:
-        raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
+    for flag, value in (("--limit", limit), ("--max-tokens", max_tokens), ("--judge-max-tokens", judge_max_tokens)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
     from gptsmith.files import sha256_file
 
     prompts = load_prompts(prompts_file)[:limit]
