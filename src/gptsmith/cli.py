@@ -273,6 +273,14 @@ def cmd_rag_eval(args) -> None:
              json_out=args.json, cfg=cfg.rag)
 
 
+def cmd_compare(args) -> None:
+    from gptsmith.eval.compare import compare, render_summary
+    _config(args, {})  # no config keys: this only rejects a mistyped flag or override
+    render_summary(compare(args.a, args.b, args.prompts, args.judge, out_dir=args.out, max_tokens=args.max_tokens,
+                           seed=args.seed, limit=args.limit, judge_max_tokens=args.judge_max_tokens,
+                           device=args.device))
+
+
 def cmd_config_show(args) -> None:
     from gptsmith.config import to_yaml
     print(to_yaml(_config(args, {})), end="")
@@ -546,6 +554,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match", choices=["chunk", "overlap"], default="chunk", help="relevant = the question's own "
                    "chunk, or any chunk of its source whose lines overlap it")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the figures as JSON")
+
+    p = add("compare", "Compare two models, assistants or backends on the same prompts: a judge model rates each "
+                       "pair of answers twice with the positions swapped (disagreement = tie); prints win/tie/loss, "
+                       "the win rate of A with a bootstrap CI and a length-controlled win rate, and writes "
+                       "compare.json + a side-by-side compare.html.", cmd_compare)
+    p.add_argument("a", metavar="A", help="model folder, assistant .yaml or http(s) OpenAI-compatible URL")
+    p.add_argument("b", metavar="B", help="the other one (same kinds as A)")
+    p.add_argument("--prompts", type=Path, required=True, metavar="FILE",
+                   help='.jsonl with {"prompt": "..."} or {"messages": [...]} a line (optional "id"), or .txt '
+                        "with one prompt a line")
+    p.add_argument("--judge", required=True, metavar="URL_OR_DIR",
+                   help="an OpenAI-compatible URL or assistant .yaml (verdict read from its text), or a local "
+                        "model folder (verdict read from its log-probabilities after '[[')")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="where compare.json and compare.html go (default ./compare-<A>-vs-<B>/)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest answer of A and B in tokens")
+    p.add_argument("--judge-max-tokens", type=int, default=512,
+                   help="longest judgment of a text judge in tokens (explanation + verdict)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the answers and of the bootstrap")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--device", default="auto", help="where local models run: auto, cpu, cuda")
 
     cfg = sub.add_parser("config", help="Show the effective config.")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="STEP", required=True)

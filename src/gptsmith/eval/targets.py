@@ -174,10 +174,12 @@ def open_target(model: str | Path | None = None, assistant: str | Path | None = 
 
 
 def target_from_spec(spec: str, device: str = "auto") -> Target:
-    """`compare A B` and `--judge X` take one string each: an http(s) URL is a backend, a .yaml/.yml file an
-    assistant, anything else a model folder."""
+    """`compare A B` and `--judge X` take one string each: an http(s) URL is a backend (URL#NAME picks the model
+    NAME of a server that serves several; without it, the first it lists), a .yaml/.yml file an assistant,
+    anything else a model folder."""
     if spec.startswith(("http://", "https://")):
-        return open_target(backend=spec, device=device)
+        url, _, model = spec.partition("#")
+        return open_target(backend=url, backend_model=model or None, device=device)
     if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
         return open_target(assistant=spec, device=device)
     if not Path(spec).exists():
