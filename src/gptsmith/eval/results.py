@@ -53,7 +53,7 @@ def read_result(path: str | Path) -> dict:
     except FileNotFoundError:
         raise InputError(f"{path}: no such result file; give a JSON file written by `gptsmith eval`") from None
     except ValueError as e:
-        raise InputError(f"{path}: not a JSON result file ({e})") from None
+        raise InputError(f"{path}: not a `gptsmith eval` result file (not JSON: {e})") from None
     if not isinstance(result, dict) or result.get("kind") != "eval" or not isinstance(result.get("suites"), list):
         raise InputError(f'{path}: not a `gptsmith eval` result (no "kind": "eval" with "suites")')
     return result
