@@ -90,9 +90,10 @@ def test_bits_per_byte_equals_a_hand_computation(chat_target):
     assert item["bytes"] == len(text.encode()) and item["tokens"] == len(ids) - 1
 
 
-def test_a_document_longer_than_the_context_is_scored_in_sliding_windows(chat_target):
+@pytest.mark.parametrize("stride", [100, 255])
+def test_a_document_longer_than_the_context_is_scored_in_sliding_windows(chat_target, stride):
     engine = chat_target.engine
-    context, stride = engine.max_context, 100
+    context = engine.max_context
     text = " ".join(python_doc_texts(40))[:6000]
     ids = [engine.tokenizer.bos_token_id] + encode_text(engine.tokenizer, text)
     assert len(ids) > 2 * context
@@ -110,6 +111,8 @@ def test_a_document_longer_than_the_context_is_scored_in_sliding_windows(chat_ta
         bits -= logps[begin][t - begin - 1, ids[t]].item() / math.log(2)
     assert item["tokens"] == len(ids) - 1  # every token exactly once
     assert item["nll_bits"] == pytest.approx(bits, rel=1e-4)
+    with pytest.raises(InputError, match="stride 256 must be between 1 and the model's context - 1"):
+        score_documents(engine, [Document("long", text)], stride=context)
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +270,17 @@ def test_k_shot_uses_the_chat_template_for_a_chat_model_and_plain_text_for_a_bas
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
     (plain_msg,) = suites.generation_messages(base_target, gen, 0, 2, 0)
     assert plain_msg["content"].endswith("\n\n0+1=\n") and plain_msg["content"].count("\n\n") == 2
+
+
+def test_a_generation_prompt_too_long_drops_shots_then_is_named(chat_target, tmp_path):
+    records = [{"prompt": "many words here " * 5, "answer": "x"} for _ in range(6)]
+    records.append({"id": "huge", "prompt": "word " * 300, "answer": "x"})
+    items = suites.load_suite(write_jsonl(tmp_path / "g.jsonl", records)).items
+    msgs = suites.generation_messages(chat_target, items, 0, 5, 0, max_tokens=16)
+    assert len(chat_target.engine.chat_template_ids(msgs)) + 16 <= chat_target.engine.max_context
+    assert 1 < len(msgs) < 11  # some shots kept, some dropped
+    with pytest.raises(InputError, match=r"item huge \(line 7\): the prompt is \d+ tokens"):
+        suites.score_generation(chat_target, items, max_tokens=4)
 
 
 # ---------------------------------------------------------------------------------------------- generation

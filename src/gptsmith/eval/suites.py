@@ -282,12 +282,6 @@ def _mc_batches(requests: list[Request], vocab: int, batch_size: int):
         i += n
 
 
-def _keeps_logits(model) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def _forward_logprobs(model, batch: list[Request], pad: int, device, keep_ok: bool) -> list[float]:
     """Summed log-probability of each request's continuation from one forward pass over the right-padded batch
     (a causal model never sees the padding after a row's tokens). Only the positions that predict continuation
@@ -315,13 +309,15 @@ def choice_logprobs(target, items: list[dict], k_shot: int = 0, seed: int = 0, b
     the continuation, its UTF-8 bytes)."""
     from tqdm.auto import tqdm
 
+    from gptsmith.eval.text import keeps_logits
+
     target._need_engine("multiple-choice scoring")
     engine = target.engine
     n_items = len(items) if n_items is None else n_items
     requests = [r for i in range(n_items) for r in item_requests(target, items, i, k_shot, seed)]
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     vocab = engine.model.get_output_embeddings().weight.shape[0]
-    keep_ok = _keeps_logits(engine.model)
+    keep_ok = keeps_logits(engine.model)
     out = [[(0.0, 0)] * len(it["choices"]) for it in items[:n_items]]
     with torch.inference_mode(), tqdm(total=len(requests), desc="choices", unit="choice", leave=False) as bar:
         for batch in _mc_batches(requests, vocab, batch_size):
@@ -408,11 +404,7 @@ def _can_be_shot(item: dict) -> bool:
     return bool(item["answers"]) and item["match"] != "regex"
 
 
-def generation_messages(target, items: list[dict], index: int, k_shot: int, seed: int) -> list[dict]:
-    """The conversation asked for item index: k shots as user/assistant turns (chat), or for a base model one
-    text of "prompt\\nanswer" paragraphs ending with the item's prompt and a newline."""
-    item = items[index]
-    shots = pick_shots(items, index, k_shot, seed, _can_be_shot)
+def _generation_prompt(target, item: dict, shots: list[dict]) -> list[dict]:
     system = [{"role": "system", "content": item["system"]}] if item["system"] else []
     if target.is_chat:
         turns = [m for s in shots for m in ({"role": "user", "content": s["prompt"]},
@@ -421,6 +413,28 @@ def generation_messages(target, items: list[dict], index: int, k_shot: int, seed
     blocks = [f"{s['prompt']}\n{s['answers'][0]}" for s in shots]
     text = "\n\n".join(([item["system"]] if item["system"] else []) + blocks + [item["prompt"] + "\n"])
     return [{"role": "user", "content": text}]
+
+
+def generation_messages(target, items: list[dict], index: int, k_shot: int, seed: int,
+                        max_tokens: int | None = None) -> list[dict]:
+    """The conversation asked for item index: k shots as user/assistant turns (chat), or for a base model one
+    text of "prompt\\nanswer" paragraphs ending with the item's prompt and a newline. On a local model, shots are
+    dropped (last first) until the prompt leaves `max_tokens` for the reply; an item whose prompt alone does not
+    fit the context is named in the error."""
+    item = items[index]
+    shots = pick_shots(items, index, k_shot, seed, _can_be_shot)
+    engine = target.engine
+    while True:
+        messages = _generation_prompt(target, item, shots)
+        if engine is None or target.assistant is not None:  # a backend or an assistant fits its own prompt
+            return messages
+        n = len(engine.chat_template_ids(messages) if target.is_chat else engine.encode(messages[0]["content"]))
+        if n + (max_tokens or 0) <= engine.max_context or (not shots and n < engine.max_context):
+            return messages
+        if not shots:
+            raise InputError(f"item {item['id']} (line {item['line']}): the prompt is {n} tokens; the model's "
+                             f"context is {engine.max_context}. Shorten the prompt or leave the item out")
+        shots = shots[:-1]
 
 
 def score_generation(target, items: list[dict], k_shot: int = 0, seed: int = 0, max_tokens: int = 256,
@@ -437,7 +451,7 @@ def score_generation(target, items: list[dict], k_shot: int = 0, seed: int = 0, 
         by_limit.setdefault(item["max_tokens"] or max_tokens, []).append(i)
     with tqdm(total=len(scored), desc="replies", unit="item", leave=False) as bar:
         for limit, indices in by_limit.items():
-            convs = [generation_messages(target, items, i, k_shot, seed) for i in indices]
+            convs = [generation_messages(target, items, i, k_shot, seed, limit) for i in indices]
             for i, answer in zip(indices, target.replies(convs, max_tokens=limit, temperature=0.0, seed=seed)):
                 outputs[i] = answer
             bar.update(len(indices))

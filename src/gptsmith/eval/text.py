@@ -123,18 +123,30 @@ def _batches(windows: list[Window], vocab: int, batch_size: int | None):
         i += n
 
 
-def _forward_nll(model, batch: list[Window], pad: int, device) -> list[tuple[float, int]]:
+def _forward_nll(model, batch: list[Window], pad: int, device, keep_ok: bool) -> list[tuple[float, int]]:
     """(sum of nats, tokens) over each window's scored tokens, from one forward pass of the right-padded batch.
-    No attention mask is needed: padding only follows a window's tokens, and a causal model never looks ahead."""
+    No attention mask is needed: padding only follows a window's tokens, and a causal model never looks ahead.
+    Logits are made only from the first position that predicts a scored token on (logits_to_keep): a window
+    after the first scores just its last `stride` tokens."""
     width = max(len(w.ids) for w in batch)
     ids = torch.tensor([w.ids + [pad] * (width - len(w.ids)) for w in batch], device=device)
-    logits = model(input_ids=ids, use_cache=False).logits
+    offset = min(w.first for w in batch) - 1 if keep_ok else 0
+    kwargs = {"logits_to_keep": width - offset} if keep_ok else {}
+    logits = model(input_ids=ids, use_cache=False, **kwargs).logits
     rows = torch.cat([torch.full((len(w.ids) - w.first,), r, dtype=torch.long) for r, w in enumerate(batch)])
     cols = torch.cat([torch.arange(w.first, len(w.ids)) for w in batch])
     rows, cols = rows.to(device), cols.to(device)
-    nll = torch.nn.functional.cross_entropy(logits[rows, cols - 1].float(), ids[rows, cols], reduction="none")
+    nll = torch.nn.functional.cross_entropy(logits[rows, cols - 1 - offset].float(), ids[rows, cols],
+                                            reduction="none")
     sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, nll.double())
     return [(s, len(w.ids) - w.first) for s, w in zip(sums.tolist(), batch)]
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes logits_to_keep (transformers' causal LMs do): logits only where needed."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def separator(tokenizer) -> int:
@@ -153,20 +165,21 @@ def score_documents(engine, docs: list[Document], stride: int | None = None, bat
 
     context = engine.max_context
     stride = stride or max(1, context // 2)
-    if not 0 < stride <= context:
-        raise InputError(f"stride {stride} must be between 1 and the model's context ({context})")
+    if not 0 < stride < context:  # a window must keep one token of history to predict its first new token
+        raise InputError(f"stride {stride} must be between 1 and the model's context - 1 ({context - 1})")
     sep = separator(engine.tokenizer)
     windows = []
     for i, doc in enumerate(docs):
         windows += document_windows([sep] + encode_text(engine.tokenizer, doc.text), context, stride, i)
     vocab = engine.model.get_output_embeddings().weight.shape[0]
+    keep_ok = keeps_logits(engine.model)
     nats = [0.0] * len(docs)
     tokens = [0] * len(docs)
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else sep
     with torch.inference_mode(), tqdm(total=sum(len(w.ids) - w.first for w in windows), desc=desc, unit="tok",
                                       unit_scale=True, leave=False) as bar:
         for batch in _batches(windows, vocab, batch_size):
-            for w, (nll, n) in zip(batch, _forward_nll(engine.model, batch, pad, engine.device)):
+            for w, (nll, n) in zip(batch, _forward_nll(engine.model, batch, pad, engine.device, keep_ok)):
                 nats[w.doc] += nll
                 tokens[w.doc] += n
                 bar.update(n)
