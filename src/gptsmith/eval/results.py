@@ -104,12 +104,10 @@ def shown_metrics(suite: dict) -> list[str]:
 
 def _paired(base_items: list[dict], new_items: list[dict], metric: str, seed: int):
     """(diff, lo, hi) of new - base over items already aligned by id."""
-    if metric in TEXT_METRICS and _has_text_items(base_items) and _has_text_items(new_items):
-        den = "bytes" if metric == "bpb" else "tokens"
-        if metric == "ppl":
-            return None  # ppl depends on each model's tokenizer; bpb is the comparable number
-        return stats.paired_ratio_diff_ci([b["nll_bits"] for b in base_items], [b[den] for b in base_items],
-                                          [n["nll_bits"] for n in new_items], [n[den] for n in new_items], seed=seed)
+    if metric == "bpb" and _has_text_items(base_items) and _has_text_items(new_items):
+        return stats.paired_ratio_diff_ci([b["nll_bits"] for b in base_items], [b["bytes"] for b in base_items],
+                                          [n["nll_bits"] for n in new_items], [n["bytes"] for n in new_items],
+                                          seed=seed)
     a, b = _values(base_items, metric), _values(new_items, metric)
     if a is None or b is None:
         return None
@@ -125,7 +123,8 @@ def _compare_suite(suite: dict, base: dict, seed: int) -> list[dict]:
         notes.append(f"suite version changed ({base.get('version')} -> {suite.get('version')}): compared on the "
                      f"{len(new_items)} items both runs have")
     rows = []
-    for metric in shown_metrics(suite):
+    # ppl depends on each model's tokenizer (a baseline may have another): bpb is the text number to compare
+    for metric in [m for m in shown_metrics(suite) if not (m == "ppl" and suite.get("kind") == "text")]:
         higher = suite.get("higher_is_better", {}).get(metric, True)
         row = {"suite": suite["name"], "metric": metric, "n": len(new_items), "base": None, "new": None,
                "diff": None, "lo": None, "hi": None, "significant": False, "better": None, "note": "; ".join(notes)}

@@ -50,7 +50,9 @@ def suite_version(path: str | Path) -> str:
 def _builtin(name: str) -> Path | None:
     try:
         from gptsmith.eval.builtin import resolve
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name not in ("gptsmith.eval.builtin",):
+            raise
         return None
     return resolve(name)
 
@@ -120,7 +122,9 @@ def _task_suite(target, spec: SuiteSpec, k_shot: int, limit: int | None, seed: i
 def _lm_eval_suites(target, spec: SuiteSpec, k_shot: int | None, limit: int | None, seed: int) -> list[dict]:
     try:
         from gptsmith.eval.lmeval import run_tasks
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name != "gptsmith.eval.lmeval":
+            raise
         raise InputError(f"{spec.source}: lm-eval tasks are not available in this gptsmith ({e})") from None
     return run_tasks(target, list(spec.tasks), include_path=spec.include_path, limit=limit, k_shot=k_shot, seed=seed)
 
