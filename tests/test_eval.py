@@ -196,7 +196,7 @@ def test_acc_norm_corrects_the_length_bias_of_raw_log_probability():
     assert suites.choose([(-1.0, 5), (-3.0, 5)]) == (0, 0)
 
 
-def _train_on_answers(target, items, steps=150):
+def _train_on_answers(target, items, steps=60):
     """Teach the model the right answers in exactly the form the suite scores them (chat template + reply)."""
     engine = target.engine
     seqs = [engine.chat_template_ids([{"role": "user", "content": it["question"]}])
@@ -271,6 +271,16 @@ def test_k_shot_uses_the_chat_template_for_a_chat_model_and_plain_text_for_a_bas
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
     (plain_msg,) = suites.generation_messages(base_target, gen, 0, 2, 0)
     assert plain_msg["content"].endswith("\n\n0+1=\n") and plain_msg["content"].count("\n\n") == 2
+
+
+def test_an_assistant_is_scored_on_the_prompt_it_builds(tiny_model_dir, tmp_path):
+    bot = tmp_path / "bot.yaml"
+    bot.write_text(f"name: bot\nmodel: {tiny_model_dir}\nsystem_prompt: Answer in one word.\n")
+    target = open_target(assistant=bot, device="cpu")
+    items = suites.load_suite(write_jsonl(tmp_path / "mc.jsonl", mc_records())).items
+    (req, *_) = suites.item_requests(target, items, 0, k_shot=0, seed=0)
+    assert "Answer in one word." in target.engine.tokenizer.decode(req.context)
+    assert len(suites.score_multiple_choice(target, items[:2])) == 2
 
 
 def test_a_generation_prompt_too_long_drops_shots_then_is_named(chat_target, tmp_path):
@@ -491,7 +501,7 @@ def test_cli_eval_on_a_text_folder_and_a_suite(tiny_model_dir, tmp_path, capsys)
     assert [s["name"] for s in result["suites"]] == ["docs", "quiz", "gen"]
     assert main(["eval", "--model", str(tiny_model_dir), "--suite", str(quiz), "--out", str(tmp_path / "out"),
                  "--baseline", str(written), "--device", "cpu"]) == 0
-    assert "difference to" in capsys.readouterr().out
+    assert "new - baseline" in capsys.readouterr().out
     assert main(["eval", "--model", str(tiny_model_dir), "--suite", "nope", "--device", "cpu"]) == 2
     assert "unknown suite nope" in capsys.readouterr().err
     model = tmp_path / "model"

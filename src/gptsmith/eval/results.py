@@ -177,7 +177,7 @@ def results_table(result: dict, seed: int = 0):
     table = Table(title=f"eval of {target.get('kind', '')} {target.get('name', '')}".strip())
     for col, justify in (("suite", "left"), ("metric", "left"), ("value", "right"), ("95% CI", "right"),
                          ("n", "right")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col != "suite")
     for suite in result["suites"]:
         items = suite.get("items", [])
         for i, metric in enumerate(shown_metrics(suite)):
@@ -190,10 +190,10 @@ def results_table(result: dict, seed: int = 0):
 def comparison_table(rows: list[dict], baseline_name: str = "baseline"):
     from rich.table import Table
 
-    table = Table(title=f"difference to {baseline_name} (new - baseline, 95% bootstrap CI over shared items)")
+    table = Table(title=f"new - baseline ({baseline_name}), items paired by id")
     for col, justify in (("suite", "left"), ("metric", "left"), ("baseline", "right"), ("new", "right"),
                          ("diff", "right"), ("95% CI", "right"), ("", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col not in ("suite", ""))
     for r in rows:
         if r.get("missing"):
             table.add_row(r["suite"], r.get("metric") or "", "-", "-", "-", "-", f"[yellow]{r['note']}[/]")
