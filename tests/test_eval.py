@@ -189,6 +189,16 @@ def test_choice_log_probs_score_only_the_continuation_tokens(chat_target, base_t
             assert n_chat == len(choice.encode()) and n_base == len((" " + choice).encode())
 
 
+
+def test_batching_limits_do_not_change_the_scores(chat_target, tmp_path, monkeypatch):
+    items = suites.load_suite(write_jsonl(tmp_path / "mc.jsonl", mc_records())).items
+    together = suites.choice_logprobs(chat_target, items, batch_size=64)
+    monkeypatch.setattr(suites, "LOGITS_BUDGET", 1)  # one request per forward pass
+    alone = suites.choice_logprobs(chat_target, items)
+    for a, b in zip(together, alone):
+        assert [x[0] for x in a] == pytest.approx([x[0] for x in b], rel=1e-5, abs=1e-5)
+
+
 def test_acc_norm_corrects_the_length_bias_of_raw_log_probability():
     # a long right answer loses on its summed log-probability but wins per byte
     pred, pred_norm = suites.choose([(-4.0, 2), (-9.0, 30)])

@@ -34,7 +34,8 @@ GEN_KEYS = {"prompt", "answer", "match", "id", "system", "max_tokens", "must_sto
 MC_EXAMPLE = '{"question": "...", "choices": ["...", "..."], "answer": 0}'
 GEN_EXAMPLE = '{"prompt": "...", "answer": "...", "match": "exact"}'
 MC_BATCH = 32  # continuations per forward pass (fewer when they are long: see _mc_batches)
-LOGITS_BUDGET = 1 << 27  # logits elements per forward pass
+LOGITS_BUDGET = 1 << 27  # logits elements per forward pass (~0.5 GB in float32)
+TOKEN_BUDGET = 1 << 16  # input tokens per forward pass (activations)
 
 
 @dataclass
@@ -272,12 +273,21 @@ def item_requests(target, items: list[dict], index: int, k_shot: int, seed: int)
         shots = shots[:-1]
 
 
-def _mc_batches(requests: list[Request], vocab: int, batch_size: int):
+def _mc_batches(requests: list[Request], vocab: int, batch_size: int, keep_ok: bool):
+    """Requests grouped for one forward pass each: longest first (little padding), at most `batch_size` rows,
+    TOKEN_BUDGET input tokens and LOGITS_BUDGET logits (only the kept positions when logits_to_keep works)."""
     order = sorted(requests, key=lambda r: -(len(r.context) + len(r.continuation)))
     i = 0
     while i < len(order):
         width = len(order[i].context) + len(order[i].continuation) - 1
-        n = max(1, min(batch_size, LOGITS_BUDGET // (width * vocab) or 1))
+        first = width
+        n = 0
+        while i + n < len(order) and n < batch_size:
+            first_n = min(first, len(order[i + n].context) - 1)
+            kept = width - first_n if keep_ok else width
+            if n and ((n + 1) * width > TOKEN_BUDGET or (n + 1) * kept * vocab > LOGITS_BUDGET):
+                break
+            first, n = first_n, n + 1
         yield order[i:i + n]
         i += n
 
@@ -320,7 +330,7 @@ def choice_logprobs(target, items: list[dict], k_shot: int = 0, seed: int = 0, b
     keep_ok = keeps_logits(engine.model)
     out = [[(0.0, 0)] * len(it["choices"]) for it in items[:n_items]]
     with torch.inference_mode(), tqdm(total=len(requests), desc="choices", unit="choice", leave=False) as bar:
-        for batch in _mc_batches(requests, vocab, batch_size):
+        for batch in _mc_batches(requests, vocab, batch_size, keep_ok):
             for r, lp in zip(batch, _forward_logprobs(engine.model, batch, pad, engine.device, keep_ok)):
                 out[r.item][r.choice] = (lp, r.n_bytes)
             bar.update(len(batch))
