@@ -273,6 +273,22 @@ def cmd_rag_eval(args) -> None:
              json_out=args.json, cfg=cfg.rag)
 
 
+def cmd_eval(args) -> None:
+    from gptsmith.eval.results import print_result
+    from gptsmith.eval.run import default_out_dir, evaluate
+    from gptsmith.eval.targets import open_target
+    _config(args, {})  # no config key applies, but a bad --config file or override must not pass silently
+    target = open_target(model=args.model, assistant=args.assistant, backend=args.backend,
+                         backend_model=args.backend_model, device=args.device)
+    try:
+        result = evaluate(target, args.suite, out_dir=args.out or default_out_dir(target), k_shot=args.k_shot,
+                          limit=args.limit, seed=args.seed, baseline=args.baseline, max_tokens=args.max_tokens)
+    finally:
+        target.close()
+    print_result(result)
+    print(f"wrote {result['path']}")
+
+
 def cmd_compare(args) -> None:
     from gptsmith.eval.compare import compare, render_summary
     _config(args, {})  # no config keys: this only rejects a mistyped flag or override
@@ -554,6 +570,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match", choices=["chunk", "overlap"], default="chunk", help="relevant = the question's own "
                    "chunk, or any chunk of its source whose lines overlap it")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the figures as JSON")
+
+    p = add("eval", "Score a model, assistant or backend on suites: bits-per-byte on text files, multiple-choice and "
+                    "generation suites (JSONL), lm-eval tasks, built-in suites; writes a JSON result and prints a "
+                    "table (with --baseline: differences with bootstrap confidence intervals).", cmd_eval)
+    p.add_argument("--model", type=Path, help="model directory to evaluate")
+    p.add_argument("--assistant", type=Path, metavar="FILE", help="assistant profile (YAML) to evaluate")
+    p.add_argument("--backend", metavar="URL", help="OpenAI-compatible server to evaluate (generation suites only)")
+    p.add_argument("--backend-model", metavar="ID", help="model id to ask the --backend for")
+    p.add_argument("--suite", nargs="+", action="extend", required=True, metavar="NAME_OR_FILE",
+                   help="text file/folder (bits-per-byte), text:PATH, a .jsonl suite (multiple choice or "
+                        "generation), lm-eval:TASK[@YAML_DIR], or a built-in suite name")
+    p.add_argument("--out", type=Path, help="folder for the result JSON (default MODEL/eval/, else ./eval-results/)")
+    p.add_argument("--k-shot", type=int, help="examples from the suite shown before each item (default 0; "
+                                              "lm-eval: the task's own)")
+    p.add_argument("--limit", type=int, help="score only the first N items (documents) of each suite")
+    p.add_argument("--seed", type=int, default=0, help="picks the k-shot examples and seeds replies and intervals")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest generated reply in tokens")
+    p.add_argument("--baseline", type=Path, metavar="RESULT.json",
+                   help="an earlier result file: show differences with 95%% bootstrap intervals")
+    p.add_argument("--device", default="auto", help="where a local model runs: auto, cpu, cuda")
 
     p = add("compare", "Compare two models, assistants or backends on the same prompts: a judge model rates each "
                        "pair of answers twice with the positions swapped (disagreement = tie); prints win/tie/loss, "
