@@ -263,11 +263,11 @@ def save_curves_plot(log_history: list[dict], path: Path, panels: list[tuple[str
     series = []
     for ylabel, names in panels:
         lines = []
-        for name in names:
+        for color, name in enumerate(names):  # a metric's validation dots take its training line's colour
             for key, style in ((name, "-"), (f"eval_{name}", "o--")):
                 pts = [(h["step"], h[key]) for h in log_history if key in h]
                 if pts:
-                    lines.append((key.replace("eval_", "validation ") if key != name else name, style, pts))
+                    lines.append((f"validation {name}" if key != name else name, style, f"C{color}", pts))
         if lines:
             series.append((ylabel, lines))
     if not series:
@@ -282,8 +282,8 @@ def save_curves_plot(log_history: list[dict], path: Path, panels: list[tuple[str
 
     fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), sharex=True, squeeze=False)
     for ax, (ylabel, lines) in zip(axes[:, 0], series):
-        for label, style, pts in lines:
-            ax.plot(*zip(*pts), style, label=label, linewidth=1)
+        for label, style, color, pts in lines:
+            ax.plot(*zip(*pts), style, color=color, label=label, linewidth=1)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
