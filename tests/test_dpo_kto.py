@@ -137,6 +137,9 @@ def test_the_reference_model_trl_gets(tiny_model_dir, tmp_path, mode, monkeypatc
     else:
         assert trainer.ref_model is None and loads == []
     assert isinstance(trainer.model, PeftModel) == (mode == "lora")
+    # CPU: plain fp32 (TRL's configs default to bf16, which CPUs run slowly or not at all)
+    assert not trainer.args.bf16 and not trainer.args.fp16 and trainer.args.use_cpu
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     if mode == "precompute":
         assert "ref_chosen_logps" in trainer.train_dataset.column_names
         assert "precomputed" in info["reference"]
