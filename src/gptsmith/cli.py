@@ -98,6 +98,32 @@ def cmd_sft(args) -> None:
     sft(args.model, args.data, args.out, cfg, resume=args.resume)
 
 
+def _preference_shortcuts(args, stage: str) -> dict:
+    """dpo and kto take the same flags, each for its own config section."""
+    keys = {"epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size,
+            "beta": args.beta, "loss_type": args.loss_type, "max_length": args.max_length,
+            "precompute_ref": args.precompute_ref or None, "lora": args.lora or None, "qlora": args.qlora or None,
+            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_target_modules": args.lora_target_modules,
+            "device": args.device, "max_minutes": args.minutes}
+    if stage == "kto":
+        keys.update(desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
+    return {f"{stage}.{k}": v for k, v in keys.items()} | {"data.on_error": args.on_error}
+
+
+def cmd_dpo(args) -> None:
+    from gptsmith.train.dpo import dpo
+    cfg = _config(args, _preference_shortcuts(args, "dpo"))
+    _overwrite_checkpoints(args)
+    dpo(args.model, args.data, args.out, cfg, resume=args.resume, val=args.val)
+
+
+def cmd_kto(args) -> None:
+    from gptsmith.train.kto import kto
+    cfg = _config(args, _preference_shortcuts(args, "kto"))
+    _overwrite_checkpoints(args)
+    kto(args.model, args.data, args.out, cfg, resume=args.resume, val=args.val)
+
+
 def _overwrite_checkpoints(args) -> None:
     """--overwrite: delete OUT/checkpoints of an earlier run (pretrain and sft refuse to start over them without
     it). Renamed away first: under torchrun every rank runs this, and exactly one rename succeeds."""
@@ -402,8 +428,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     p.add_argument("--overwrite", action="store_true", help="delete OUT/checkpoints of an earlier run and start over")
 
+    for stage, helptext, data_help in (
+            ("dpo", "Preference tuning on pairs of answers, chosen over rejected (DPO; full or LoRA).",
+             "pairs .jsonl: `feedback export --format dpo` output ({prompt, chosen, rejected} as messages or "
+             "strings), or {chosen, rejected} full conversations (UltraFeedback, Anthropic HH)"),
+            ("kto", "Preference tuning on answers rated good or bad one by one (KTO; full or LoRA).",
+             "rated answers .jsonl: `feedback export --format kto` output ({prompt, completion, label}), "
+             "or dpo pairs (chosen = desirable, rejected = undesirable)")):
+        p = add(stage, helptext, cmd_dpo if stage == "dpo" else cmd_kto)
+        p.add_argument("--model", required=True, help="starting model (also the reference): HF directory or hub id")
+        p.add_argument("--data", type=Path, required=True, help=data_help)
+        p.add_argument("--out", type=Path, required=True,
+                       help="output directory: a HF model dir (full) or a LoRA adapter dir (--lora/--qlora)")
+        p.add_argument("--val", type=Path, default=None, help=f"validation file in the same format (default: "
+                       f"{stage}.val_fraction of the prompts of --data, by content hash)")
+        p.add_argument("--beta", type=float, help=f"how far the model may move from the reference ({stage}.beta)")
+        p.add_argument("--loss-type", help=f"TRL's {stage.upper()} loss ({stage}.loss_type)")
+        p.add_argument("--precompute-ref", action="store_true", help="compute the reference log-probs once before "
+                       f"training and free the reference model: less memory ({stage}.precompute_ref)")
+        p.add_argument("--epochs", type=float, help=f"epochs over the data ({stage}.epochs)")
+        p.add_argument("--max-steps", type=int, help=f"stop after N steps ({stage}.max_steps)")
+        p.add_argument("--minutes", type=float, help=f"stop after this many minutes ({stage}.max_minutes)")
+        p.add_argument("--lr", type=float, help=f"peak learning rate ({stage}.lr)")
+        p.add_argument("--batch-size", type=int, help=f"examples per micro-batch ({stage}.batch_size)")
+        p.add_argument("--max-length", type=int, help=f"tokens of prompt + answer ({stage}.max_length)")
+        p.add_argument("--device", help=f"auto, cpu, cuda ({stage}.device)")
+        p.add_argument("--on-error", choices=["error", "skip"], help="bad lines: stop, or skip and count them")
+        p.add_argument("--lora", action="store_true", help="train a LoRA adapter; the reference is the base with "
+                       f"the adapter disabled ({stage}.lora)")
+        p.add_argument("--qlora", action="store_true", help="4-bit base + LoRA; needs CUDA and bitsandbytes")
+        p.add_argument("--lora-r", type=int, help=f"LoRA rank ({stage}.lora_r)")
+        p.add_argument("--lora-alpha", type=int, help=f"LoRA alpha ({stage}.lora_alpha)")
+        p.add_argument("--lora-target-modules", nargs="+", help="modules to adapt, or all-linear")
+        if stage == "kto":
+            p.add_argument("--desirable-weight", type=float, help="weight of thumbs-up answers (kto.desirable_weight)")
+            p.add_argument("--undesirable-weight", type=float,
+                           help="weight of thumbs-down answers (kto.undesirable_weight)")
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+        p.add_argument("--overwrite", action="store_true", help="delete OUT/checkpoints of an earlier run and start over")
+
     p = add("merge-lora", "Merge a LoRA adapter into its base model and save a plain HF directory.", cmd_merge_lora)
-    p.add_argument("--adapter", type=Path, required=True, help="adapter directory written by `sft --lora`")
+    p.add_argument("--adapter", type=Path, required=True, help="adapter directory written by `sft|dpo|kto --lora`")
     p.add_argument("--out", type=Path, required=True, help="merged model directory")
     p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
     p.epilog = ("--config defaults to the adapter's gptsmith.yaml (the config it was trained with); the effective "

@@ -118,6 +118,61 @@ class SFTConfig(Section):
     max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
 
 
+class PreferenceSection(Section):
+    """Keys dpo and kto share (each section has its own copy, so the two can be set apart)."""
+    beta: float = Field(0.1, gt=0, description="how far the model may move from the reference (the starting model): "
+                        "higher = stays closer")
+    epochs: float = Field(1.0, gt=0, description="passes over the training examples (fractions allowed)")
+    max_steps: int = Field(-1, description="stop after N steps; -1 = run all epochs")
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (cosine decay after warmup); LoRA usually "
+                      "wants ~10x more")
+    batch_size: int = Field(4, ge=1, description="examples per micro-batch (a dpo pair counts once)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_length: int = Field(512, ge=16, description="tokens of prompt + answer; longer ones are cut at the end, "
+                            "examples whose prompt alone fills it are dropped")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of the steps spent warming up the learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    precompute_ref: bool = Field(False, description="compute the reference model's log-probs once before training "
+                                 "and free it: less memory, no second model while training")
+    lora: bool = Field(False, description="train a LoRA adapter; the reference is the same model with the adapter "
+                       "disabled (no second copy)")
+    lora_r: int = Field(16, ge=1, description="LoRA rank (size of the low-rank update)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scale: the update is multiplied by lora_alpha / lora_r")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    lora_target_modules: list[str] | str = Field("all-linear", description="module names, or all-linear")
+    qlora: bool = Field(False, description="4-bit base weights (bitsandbytes, CUDA only) + LoRA")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of prompts (by content hash) held out for "
+                                "validation when no --val file is given")
+    eval_every: int = Field(50, ge=1, description="validation every N steps")
+    save_every: int = Field(100, ge=1, description="checkpoint every N steps (under OUT/checkpoints)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
+    log_every: int = Field(10, ge=1, description="log loss and rewards every N steps")
+    seed: int = Field(42, description="seed of the data order and of new LoRA weights")
+    device: str = Field("auto", description="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1, mps")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
+                                         "~30% slower")
+    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
+
+
+DPO_LOSSES = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+class DPOConfig(PreferenceSection):
+    loss_type: DPO_LOSSES = Field("sigmoid", description="TRL's DPO loss: sigmoid (the DPO paper), ipo, hinge, "
+                                  "robust, apo_zero, ... (see TRL's DPOConfig)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust/exo losses: the assumed share of pairs "
+                                   "whose preference is flipped")
+
+
+class KTOConfig(PreferenceSection):
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field("kto", description="TRL's KTO loss: kto (the KTO paper) "
+                                                           "or apo_zero_unpaired")
+    desirable_weight: float = Field(1.0, gt=0, description="weight of the desirable (thumbs-up) answers' loss; "
+                                    "raise it when they are fewer than the undesirable ones")
+    undesirable_weight: float = Field(1.0, gt=0, description="weight of the undesirable (thumbs-down) answers' loss")
+
+
 class GenerateConfig(Section):
     # A key left unset (null; max_new_tokens: absent from the file and the overrides) takes the model's
     # generation_config.json value, else gptsmith's default (gptsmith.generation_defaults): SamplingParams.from_config.
@@ -191,7 +246,7 @@ class RagConfig(Section):
 
 class ProjectConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig,
-                             description="reading, cleaning, de-duplicating and splitting inputs (prepare, data; on_error: sft too)")
+                             description="reading, cleaning, de-duplicating and splitting inputs (prepare, data; on_error: sft, dpo, kto too)")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig,
                                        description="the byte-level BPE tokenizer (prepare, tokenizer train)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model's size and shape (pretrain)")
@@ -199,6 +254,10 @@ class ProjectConfig(Section):
                                      description="pretraining on token shards (pretrain, quickstart)")
     sft: SFTConfig = Field(default_factory=SFTConfig,
                            description="supervised fine-tuning on conversations (sft, quickstart)")
+    dpo: DPOConfig = Field(default_factory=DPOConfig,
+                           description="preference tuning on pairs of answers, chosen over rejected (dpo)")
+    kto: KTOConfig = Field(default_factory=KTOConfig,
+                           description="preference tuning on answers rated good or bad one by one (kto)")
     generate: GenerateConfig = Field(default_factory=GenerateConfig,
                                      description="sampling defaults (generate, chat, serve)")
     serve: ServeConfig = Field(default_factory=ServeConfig,

@@ -329,7 +329,7 @@ def training_records(model_dir: Path, notes: list[str]) -> list[dict]:
                 bad += 1
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-                records.append(rec)
+                records.append(_named(rec))
         if bad:
             notes.append(f"{path}: {bad} line(s) are not JSON and were left out of the curves")
         return records
@@ -342,12 +342,20 @@ def training_records(model_dir: Path, notes: list[str]) -> list[dict]:
     return records
 
 
+TRAINER_NAMES = {"loss": "train/loss", "learning_rate": "train/lr", "eval_loss": "val/loss"}
+
+
+def _named(rec: dict) -> dict:
+    """A record in pretrain's names (train/loss, train/lr, val/loss): the TRL trainers (sft, dpo, kto, ...) write
+    the Trainer's own log records, whose names are loss, learning_rate, eval_loss."""
+    return {TRAINER_NAMES.get(k, k): v for k, v in rec.items()}
+
+
 def history_records(log_history: list[dict]) -> list[dict]:
     """A transformers Trainer's log history in metrics.jsonl's names (train/loss, train/lr, val/loss)."""
-    names = {"loss": "train/loss", "learning_rate": "train/lr", "eval_loss": "val/loss"}
     out = []
     for h in log_history:
-        rec = {names[k]: v for k, v in h.items() if k in names and isinstance(v, (int, float))}
+        rec = {TRAINER_NAMES[k]: v for k, v in h.items() if k in TRAINER_NAMES and isinstance(v, (int, float))}
         if rec and isinstance(h.get("step"), int):
             out.append({"step": h["step"], **rec})
     return out

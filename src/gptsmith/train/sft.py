@@ -16,119 +16,30 @@ Output (OUT):
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from gptsmith.config import ProjectConfig, save_config
 from gptsmith.data.chat_formats import CHATTERBOT, Messages, conversation_hash, load_chat_data, split_conversations
 from gptsmith.errors import InputError
-from gptsmith.files import atomic_write_json, atomic_write_text, sha256_file, write_dir
-from gptsmith.model import LINEAGE_FILENAME, default_generation_config, read_lineage, save_model_dir
-from gptsmith.tokenizer import ASSISTANT, CHAT_TEMPLATE, END_OF_TURN, PAD, SYSTEM, USER, encode_chat
+from gptsmith.files import atomic_write_json
+from gptsmith.model import read_lineage, save_model_dir
+from gptsmith.tokenizer import encode_chat
+# shared with dpo/kto (train/tuning.py); re-exported under the names sft has always had
+from gptsmith.train.tuning import (PLAIN_CHAT_TEMPLATE, StopAfterMinutes, file_identity, latest_checkpoint,  # noqa: F401
+                                   load_model, lora_config, precision_args, prepare_chat_template, resolve_device,
+                                   save_trained, start_run)
+from gptsmith.train.tuning import generation_config as _generation_config
+from gptsmith.train.tuning import MetricsTrail
 
 RUN_FILENAME = "sft_run.json"  # what a resumed run must match (data and base model)
 
 
-def resolve_device(device: str) -> str:
-    from gptsmith.device import select_device
-    return str(select_device(device, setting="sft.device"))
-
-
 def _load_base(model_id: str, cfg, device: str):
-    """Model in float32 (TRL's default too: mixed precision autocasts from fp32 master weights), or 4-bit for QLoRA."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    s = cfg.sft
-    kwargs = {"dtype": torch.float32}
-    if s.qlora:
-        # Checked before touching bitsandbytes: it is a CUDA-only package and need not be installed on CPU machines.
-        if not device.startswith("cuda"):
-            raise InputError("--qlora needs a CUDA GPU: the 4-bit base weights run on bitsandbytes' CUDA kernels. "
-                             "On this machine use --lora (same adapter, base weights kept in float32).")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise InputError("--qlora needs the bitsandbytes package: pip install 'gptsmith[qlora]' "
-                             "(or pip install bitsandbytes)") from None
-        from transformers import BitsAndBytesConfig
-        bf16 = torch.cuda.is_bf16_supported()
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16)
-        kwargs["device_map"] = {"": torch.device(device).index or 0}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
-    except OSError as e:
-        raise InputError(f"{model_id}: cannot load a model: {e}. Fix: give a local Hugging Face model directory "
-                         "(config.json + weights + tokenizer), or a hub id when online") from None
-    return model, tokenizer
-
-
-# For LoRA on a model without a chat template: plain-text role headers and the model's own eos, so no new tokens
-# (a LoRA adapter cannot learn new embedding rows, and merging needs no resize).
-PLAIN_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '### Assistant:\n' -}}{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}{{- '\n\n' -}}"
-    "{%- else -%}"
-    "{{- '### ' + message['role'] | capitalize + ':\n' + message['content'] + '\n\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '### Assistant:\n' -}}{%- endif -%}"
-)
-
-
-def prepare_chat_template(model, tokenizer, lora: bool = False) -> dict:
-    """Make sure the tokenizer can render conversations with assistant masks; returns what was done.
-
-    1. The model's own template with `{% generation %}` markers (all gptsmith models): used as is.
-    2. Its own template without markers: TRL swaps in its training variant when it knows the template
-       (Llama 3, Qwen 2.5/3, Gemma, Phi-3, ...); otherwise we mask by rendering each prefix (`_prefix_tokenize`).
-    3. No template (a base GPT-2 / Llama), full fine-tuning: we add our role tokens and template and resize the
-       embeddings. Dedicated tokens mark turns unambiguously (a user cannot type them), give the model a real
-       end-of-turn token to stop on, and keep the format identical to every gptsmith model. The new rows start
-       random and are trained with everything else.
-    4. No template, LoRA: a plain-text template (`PLAIN_CHAT_TEMPLATE`) ending answers with the model's own eos.
-       New tokens would need their embedding rows trained, which a LoRA adapter cannot do (and peft's
-       trainable-token rows are bypassed by TRL's fused LM head on tied embeddings, like GPT-2's).
-    """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    info = {"chat_template": "own", "masking": "generation markers"}
-    if tokenizer.chat_template:
-        if has_generation_markers(tokenizer.chat_template):
-            return info
-        try:
-            get_training_chat_template(tokenizer)
-            info["masking"] = "TRL training template"
-        except ValueError:
-            info["masking"] = "prefix rendering"
-        return info
-    if lora:
-        if tokenizer.eos_token is None:
-            raise InputError(f"{tokenizer.name_or_path}: the tokenizer has no chat template and no eos token to end "
-                             "answers with; fine-tune it fully (no --lora) so gptsmith can add its chat tokens")
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-        info["chat_template"] = "plain text (### User / ### Assistant, answers end with eos)"
-        return info
-    tokenizer.add_special_tokens({"additional_special_tokens": [SYSTEM, USER, ASSISTANT, END_OF_TURN]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD})
-    tokenizer.eos_token = END_OF_TURN  # chat engines stop at eos: make it the end of a turn
-    tokenizer.chat_template = CHAT_TEMPLATE
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    info["chat_template"] = "gptsmith (added role tokens)"
-    return info
+    return load_model(model_id, device, qlora=cfg.sft.qlora)
 
 
 def _prefix_tokenize(tokenizer, messages: Messages) -> dict:
@@ -171,33 +82,7 @@ def _datasets(train: list[Messages], val: list[Messages], tokenizer, masking: st
 
 
 def _lora_config(cfg):
-    from peft import LoraConfig
-
-    s = cfg.sft
-    targets = s.lora_target_modules
-    if targets == ["all-linear"]:  # from the CLI's nargs; a one-name list must stay a list (a str is a regex for peft)
-        targets = "all-linear"
-    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", bias="none")
-
-
-class StopAfterMinutes(TrainerCallback):
-    """`sft.max_minutes`: end training (the Trainer then saves and evaluates as at a normal end) once the time
-    budget is spent, so a time-boxed run such as the quickstart always finishes with a usable model."""
-
-    def __init__(self, minutes: float):
-        self.seconds = minutes * 60
-        self.start = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.start > self.seconds:
-            print(f"sft: time budget of {self.seconds / 60:g} min reached at step {state.global_step}; stopping")
-            control.should_training_stop = True
-            control.should_save = True
-        return control
+    return lora_config(cfg.sft)
 
 
 # Config fields with which a model transforms its logits after the LM head (Gemma's softcapping, Cohere's scale,
@@ -287,8 +172,6 @@ def build_trainer(model_id: str, train: list[Messages], val: list[Messages], out
     model, tokenizer = _load_base(model_id, cfg, device)
     info = prepare_chat_template(model, tokenizer, lora=s.lora or s.qlora)
     train_ds, val_ds = _datasets(train, val, tokenizer, info["masking"])
-    cuda = device.startswith("cuda")
-    bf16 = cuda and torch.cuda.is_bf16_supported()
     if s.qlora:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing)
@@ -301,8 +184,7 @@ def build_trainer(model_id: str, train: list[Messages], val: list[Messages], out
         max_length=s.max_seq_len, packing=s.packing, eval_packing=False,
         assistant_only_loss=False,  # the datasets come tokenised with their masks (_datasets); TRL builds labels
         train_sampling_strategy="group_by_length" if s.group_by_length and not s.packing else "random",
-        # no half precision on CPU (slow or unsupported there); bf16 autocast on GPUs that have it, else fp16
-        bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda,
+        **precision_args(device),  # fp32 on CPU; bf16 autocast on GPUs that have it, else fp16
         activation_checkpointing=s.gradient_checkpointing,
         dataloader_num_workers=0, dataset_num_proc=None,
         eval_strategy="steps" if val_ds is not None else "no", eval_steps=s.eval_every,
@@ -330,19 +212,6 @@ def _choose_lm_head(model, device: str) -> str:
     if use_compact_lm_head(base):
         return COMPACT_LM_HEAD
     return "TRL fused (the compact head does not apply: the model transforms its logits or routes experts)"
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint that finished saving. The Trainer writes trainer_state.json last, so a checkpoint dir
-    without a readable one was cut off by a kill and is skipped."""
-    ckpts = []
-    for d in (out / "checkpoints").glob("checkpoint-*"):
-        try:
-            json.loads((d / "trainer_state.json").read_text())
-            ckpts.append((int(d.name.rsplit("-", 1)[1]), d))
-        except (OSError, ValueError):
-            continue
-    return max(ckpts)[1] if ckpts else None
 
 
 @torch.no_grad()
@@ -389,24 +258,12 @@ def save_loss_plot(log_history: list[dict], path: Path) -> None:
                 ylabel="loss (nats / assistant token)", title="supervised fine-tuning")
 
 
-def _generation_config(model, tokenizer, model_id: str):
-    """Keep the parent's generation settings (a foreign model's stop tokens), making sure the eos we trained stops it."""
-    has_own = Path(model_id, "generation_config.json").is_file() or not Path(model_id).exists()
-    gen = model.generation_config if has_own and model.generation_config is not None else default_generation_config(tokenizer)
-    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id] if gen.eos_token_id is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        gen.eos_token_id = [tokenizer.eos_token_id, *eos]
-    if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id
-    return gen
-
-
 def _data_identity(data, loaded) -> dict:
     if str(data) == CHATTERBOT and not Path(data).exists():
         from importlib.metadata import version
         digest = conversation_hash([m for c in loaded.conversations for m in c])
         return {"path": CHATTERBOT, "package": f"chatterbot-corpus {version('chatterbot-corpus')}", "sha256": digest}
-    return {"path": str(Path(data).resolve()), "sha256": sha256_file(data)}
+    return file_identity(data)
 
 
 def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict:
@@ -417,34 +274,18 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
     s = cfg.sft
     out = Path(out)
     model_id = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None and not resume:  # the same rule as pretrain: a user's checkpoints go only when asked
-        raise InputError(f"{out} already holds checkpoints of a run (latest {ckpt.name}); pass --resume to continue "
-                         "it, choose another --out, or pass --overwrite to delete them and start over")
     loaded = load_chat_data(data, on_error=cfg.data.on_error)
     train, val = split_conversations(loaded.conversations, s.val_fraction)
     identity = {"parent_model": model_id, "data": _data_identity(data, loaded)}
     print(f"sft: {len(train)} train / {len(val)} validation conversations ({loaded.format}; skipped {loaded.skipped}"
           + (f": {dict(loaded.problems)}" if loaded.problems else "") + f") from {data}")
 
-    if resume:
-        prev = json.loads((out / RUN_FILENAME).read_text()) if (out / RUN_FILENAME).is_file() else None
-        if ckpt is None:
-            print(f"sft: no finished checkpoint under {out / 'checkpoints'}; starting from the beginning")
-        elif prev is not None and prev != identity:
-            raise InputError(f"{out}: --resume with different data or base model than the run being resumed "
-                             f"({prev['data']['path']} @ {prev['parent_model']}); use the same --data and --model, "
-                             "or drop --resume to start over")
-    if ckpt is None and (out / "checkpoints").exists():
-        # only saves cut off by a kill (no trainer_state.json): nothing to resume, and the Trainer's checkpoint
-        # rotation must not count them
-        shutil.rmtree(out / "checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RUN_FILENAME, identity)
+    ckpt = start_run(out, identity, resume, RUN_FILENAME, "sft")
     save_config(cfg, out)
 
     writer = SummaryWriter(str(out / "runs"))
-    trainer, info = build_trainer(model_id, train, val, out, cfg, callbacks=[TensorBoardCallback(writer)])
+    trail = MetricsTrail(out, save_loss_plot)  # metrics.jsonl + loss.png while it trains
+    trainer, info = build_trainer(model_id, train, val, out, cfg, callbacks=[TensorBoardCallback(writer), trail])
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in trainer.model.parameters())
     print(f"sft: {'LoRA' if s.lora or s.qlora else 'full'} fine-tuning, {n_trainable:,} of {n_total:,} parameters "
@@ -466,24 +307,12 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
         metrics.update(assistant_metrics(trainer.model, trainer.processing_class, trainer.eval_dataset, s.batch_size))
         if before is not None:
             metrics.update(val_loss_before=before["val_loss"], val_bpb_before=before["val_bpb"])
-    save_loss_plot(trainer.state.log_history, out / "loss.png")
-    from gptsmith.eval.report import history_records  # the curves in metrics.jsonl, as pretrain writes them
-    atomic_write_text(out / "metrics.jsonl",
-                      "".join(json.dumps(r) + "\n" for r in history_records(trainer.state.log_history)))
 
     tokenizer = trainer.processing_class
     lineage = {"stage": "sft", **identity, "data_format": loaded.format, "mode": "qlora" if s.qlora else "lora" if s.lora else "full",
                "chat_template": info["chat_template"], "loss_mask": info["masking"], "config": cfg.model_dump(mode="json"),
                "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if s.lora or s.qlora:
-        def write(tmp: Path) -> None:
-            trainer.model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / LINEAGE_FILENAME, lineage)
-        write_dir(out, write)
-    else:
-        save_model_dir(trainer.model, tokenizer, out, lineage=lineage,
-                       generation_config=_generation_config(trainer.model, tokenizer, model_id))
+    save_trained(trainer.model, tokenizer, out, lineage, adapter=s.lora or s.qlora, model_id=model_id)
     atomic_write_json(out / "sft_metrics.json", metrics)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     print(f"sft: wrote {out} {shown}")
@@ -500,7 +329,7 @@ def merge_lora(adapter, out, base: str | None = None, cfg: ProjectConfig | None 
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
-        raise InputError(f"{adapter}: no adapter_config.json; give the directory written by `gptsmith sft --lora`")
+        raise InputError(f"{adapter}: no adapter_config.json; give the directory written by `gptsmith sft --lora` (or dpo/kto --lora)")
     pcfg = PeftConfig.from_pretrained(str(adapter))
     base = base or pcfg.base_model_name_or_path
     lineage = read_lineage(adapter)
