@@ -167,7 +167,7 @@ def build_trainer(model_id: str, train: list[dict], val: list[dict], out: Path, 
         max_length=None,  # long pairs were dropped (and counted) when tokenising
         center_rewards_coefficient=s.center_rewards_coefficient,
         **precision_args(device),
-        gradient_checkpointing=s.gradient_checkpointing,  # TRL defaults it on; ours is a setting, off by default
+        activation_checkpointing=s.gradient_checkpointing,  # TRL defaults it on; ours is a setting, off by default
         dataloader_num_workers=0, dataset_num_proc=None,
         eval_strategy="steps" if val_ds is not None else "no", eval_steps=s.eval_every,
         save_strategy="steps", save_steps=s.save_every, save_total_limit=s.keep_checkpoints,
