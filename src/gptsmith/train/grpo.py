@@ -203,14 +203,10 @@ def check_vllm(s, device: str) -> None:
         raise InputError("--vllm (grpo.use_vllm) needs the vllm package: pip install vllm (or leave --vllm off)") from None
 
 
-def build_trainer(model_id: str, dataset, out: Path, cfg: ProjectConfig, callbacks: list):
+def build_trainer(model_id: str, dataset, funcs: list, device: str, out: Path, cfg: ProjectConfig, callbacks: list):
     from trl import GRPOConfig as TRLGRPOConfig
 
     s = cfg.grpo
-    device = resolve_device(s.device, setting="grpo.device")
-    check_batch(s)
-    check_vllm(s, device)
-    funcs, described = reward_functions(s, device)
     model, tokenizer = load_model(model_id, device)
     # lora=True: a model without a chat template gets the plain-text one, never new tokens (see its docstring)
     info = prepare_chat_template(model, tokenizer, lora=True)
@@ -238,7 +234,6 @@ def build_trainer(model_id: str, dataset, out: Path, cfg: ProjectConfig, callbac
     peft_config = lora_config(s) if s.lora else None
     trainer = _trainer_class()(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                                processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-    info["rewards"] = described
     return trainer, info
 
 
@@ -270,6 +265,10 @@ def grpo(model: str, data, out, cfg: ProjectConfig, resume: bool = False, answer
 
     s, out = cfg.grpo, Path(out)
     model_id = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
+    device = resolve_device(s.device, setting="grpo.device")
+    check_batch(s)
+    check_vllm(s, device)
+    funcs, described = reward_functions(s, device)  # every reward checked before anything is written
     rows, wheres, skipped, problems = load_prompts(data, on_error=cfg.data.on_error)
     if answers is not None:
         attach_answers(rows, wheres, answers)
@@ -288,16 +287,16 @@ def grpo(model: str, data, out, cfg: ProjectConfig, resume: bool = False, answer
     save_config(cfg, out)
     writer = SummaryWriter(str(out / "runs"))
     trail = MetricsTrail(out)
-    trainer, info = build_trainer(model_id, dataset, out, cfg, [TensorBoardCallback(writer), trail])
+    trainer, info = build_trainer(model_id, dataset, funcs, device, out, cfg, [TensorBoardCallback(writer), trail])
     shown_panels = panels(trainer)
     trail.plot = lambda history, path: save_curves_plot(history, path, shown_panels, TITLE)
-    weights = s.reward_weights or [1.0] * len(info["rewards"])
+    weights = s.reward_weights or [1.0] * len(described)
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in trainer.model.parameters())
     print(f"grpo: {'LoRA' if s.lora else 'full'} tuning, {n_trainable:,} of {n_total:,} parameters trainable; "
           f"{s.num_generations} answers per prompt, sampled with "
           f"{'vLLM' if s.use_vllm else 'the model'}; rewards: "
-          + "; ".join(f"{d} x {w:g}" for d, w in zip(info["rewards"], weights))
+          + "; ".join(f"{d} x {w:g}" for d, w in zip(described, weights))
           + f"; chat template: {info['chat_template']}" + (f"; resuming from {ckpt.name}" if ckpt else ""))
 
     t0 = time.perf_counter()
@@ -310,7 +309,7 @@ def grpo(model: str, data, out, cfg: ProjectConfig, resume: bool = False, answer
     save_curves_plot(trainer.state.log_history, out / "loss.png", shown_panels, TITLE)
 
     lineage = {"stage": "grpo", "method": "grpo", **identity, "mode": "lora" if s.lora else "full",
-               "rewards": [{"reward": d, "weight": w} for d, w in zip(info["rewards"], weights)],
+               "rewards": [{"reward": d, "weight": w} for d, w in zip(described, weights)],
                "reward_files": [file_identity(spec.rpartition(":")[0]) for spec in s.reward_fns],
                "chat_template": info["chat_template"], "config": cfg.model_dump(mode="json"), "metrics": metrics,
                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
