@@ -69,8 +69,8 @@ def test_reward_model_ranks_held_out_chosen_answers_above_rejected(reward_run, t
 
     out, data, val, m = reward_run
     assert m["steps"] == 10 and m["val_pairs"] == len(TOPICS)
-    assert m["val_accuracy"] > 0.9 and m["val_accuracy"] > m["val_accuracy_before"]
-    assert m["val_margin"] > 0
+    assert m["val_accuracy"] > 0.9 and "val_accuracy_before" in m  # the untrained head's, for comparison
+    assert m["val_margin"] > m["val_margin_before"] + 1.0
     # a standard HF sequence-classification dir with one output
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
