@@ -220,6 +220,16 @@ def test_grpo_skips_unusable_answers_with_on_error_skip(tmp_path):
     assert dropped == 1 and [r["answer"] for r in kept] == ["1", 3]
 
 
+def test_answers_of_mixed_kinds_become_lists_of_strings(tmp_path):
+    from gptsmith.train.grpo import to_dataset
+
+    assert to_dataset([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": 3}])["answer"] == [["1"], ["3"]]
+    assert to_dataset([{"prompt": "a", "answer": 2}, {"prompt": "b", "answer": 3.5}])["answer"] == [2, 3.5]
+    assert to_dataset([{"prompt": "a", "answer": "x"}, {"prompt": "b"}])["answer"] == ["x", None]
+    with pytest.raises(InputError, match="one type on every line"):
+        to_dataset([{"prompt": "a", "meta": "x"}, {"prompt": "b", "meta": 1}])
+
+
 def test_answers_file_gives_each_prompt_its_answer_by_id(tmp_path):
     from gptsmith.train.grpo import attach_answers, load_prompts
 

@@ -130,10 +130,15 @@ def check_answers(rows: list[dict], wheres: list[str], kinds: list[str], on_erro
 
 
 def to_dataset(rows: list[dict]):
-    """One datasets column per field; lines without a field get null there (reward functions see None)."""
+    """One datasets column per field; lines without a field get null there (reward functions see None). When lines
+    mix kinds of "answer" (a string here, a number or a list there), every answer becomes a list of strings."""
     from datasets import Dataset
 
     keys = list(dict.fromkeys(k for r in rows for k in r))
+    kinds = {"number" if isinstance(r["answer"], (int, float)) else type(r["answer"]).__name__
+             for r in rows if r.get("answer") is not None}
+    if len(kinds) > 1:  # "42" on one line, 42 or ["42", "forty-two"] on another: one column needs one type
+        rows = [{**r, "answer": None if r.get("answer") is None else R.answer_list(r["answer"])} for r in rows]
     try:
         return Dataset.from_list([{k: r.get(k) for k in keys} for r in rows])
     except Exception as e:  # pyarrow's type errors: a field holding different kinds of value on different lines
