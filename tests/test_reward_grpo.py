@@ -115,6 +115,11 @@ def test_reward_model_as_a_grpo_reward_scores_like_score(reward_run):
     got = fn(prompts=prompts, completions=completions, answer=[None, None], trainer_state=None)
     assert got == pytest.approx(score(out, [p + c for p, c in zip(prompts, completions)]), abs=1e-5)
     assert got[0] > got[1]
+    # what a grpo run's lineage records about the reward model it used
+    from gptsmith.train.grpo import reward_model_identity
+    ident = reward_model_identity(out)
+    assert ident["path"] == str(out.resolve()) and ident["val_accuracy"] == reward_run[3]["val_accuracy"]
+    assert ident["data"]["sha256"] == sha256_file(reward_run[1])
 
 
 def test_a_causal_lm_is_not_a_reward_model(tiny_model_dir):

@@ -262,6 +262,15 @@ def _reward_summary(log_history: list[dict]) -> dict:
             "reward_std_last": logged[-1].get("reward_std")}
 
 
+def reward_model_identity(reward_dir) -> dict:
+    """The reward model as lineage records it: where it is, what it was trained from, how well it ranked."""
+    from gptsmith.model import read_lineage
+
+    theirs = read_lineage(reward_dir)
+    return {"path": str(Path(reward_dir).resolve()), "parent_model": theirs.get("parent_model"),
+            "data": theirs.get("data"), "val_accuracy": theirs.get("metrics", {}).get("val_accuracy")}
+
+
 def grpo(model: str, data, out, cfg: ProjectConfig, resume: bool = False, answers=None) -> dict:
     """GRPO-tune `model` (HF dir or hub id) on the prompts in `data` with the rewards of cfg.grpo (answers from the
     lines, or from `answers`); write OUT (a HF model dir, or a LoRA adapter dir); return the metrics."""
@@ -316,6 +325,7 @@ def grpo(model: str, data, out, cfg: ProjectConfig, resume: bool = False, answer
     lineage = {"stage": "grpo", "method": "grpo", **identity, "mode": "lora" if s.lora else "full",
                "rewards": [{"reward": d, "weight": w} for d, w in zip(described, weights)],
                "reward_files": [file_identity(spec.rpartition(":")[0]) for spec in s.reward_fns],
+               **({"reward_model": reward_model_identity(s.reward_model)} if s.reward_model else {}),
                "chat_template": info["chat_template"], "config": cfg.model_dump(mode="json"), "metrics": metrics,
                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     trainer.processing_class.padding_side = info["padding_side"]
