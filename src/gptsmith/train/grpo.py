@@ -30,6 +30,7 @@ loss.png, runs/ (TensorBoard), checkpoints/ (--resume).
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import time
 from collections import Counter
@@ -73,7 +74,8 @@ def load_prompts(path, on_error: str = "error") -> tuple[list[dict], list[str], 
                 row["id"] = str(row["id"])
         except ValueError as e:
             if on_error != "skip":
-                raise InputError(f"{where}: {e}. Fix: {PROMPT_FIX} (or pass --on-error skip to skip bad lines)") from None
+                raise InputError(f"{where}: {e}. Fix: {PROMPT_FIX} (or pass --on-error skip to skip bad "
+                                 "lines)") from None
             skipped += 1
             problems[str(e).split(" (")[0]] += 1
             continue
@@ -88,7 +90,8 @@ def attach_answers(rows: list[dict], wheres: list[str], answers_path) -> int:
     """Set each row's "answer" from the --answers file ({"id", "answer"} lines) by the row's "id"; returns how many
     answers were used."""
     if not Path(answers_path).is_file():
-        raise InputError(f"--answers {answers_path}: no such file; give a .jsonl of {{\"id\": ..., \"answer\": ...}} lines")
+        raise InputError(f"--answers {answers_path}: no such file; give a .jsonl of "
+                         '{"id": ..., "answer": ...} lines')
     answers, seen_at = {}, {}
     for where, rec in _records(Path(answers_path)):
         if isinstance(rec, Exception) or not isinstance(rec, dict) or "id" not in rec or "answer" not in rec:
@@ -191,9 +194,10 @@ def _trainer_class():
 def check_batch(s) -> None:
     """TRL's batch rule, said with our keys before any model is loaded."""
     if (s.batch_size * s.grad_accum) % s.num_generations:
+        fit = s.num_generations * max(1, s.batch_size // s.num_generations)
         raise InputError(f"grpo.batch_size x grpo.grad_accum ({s.batch_size} x {s.grad_accum}) must be a multiple of "
                          f"grpo.num_generations ({s.num_generations}): each step takes whole groups of answers to "
-                         f"one prompt; e.g. --batch-size {s.num_generations * max(1, s.batch_size // s.num_generations)}")
+                         f"one prompt; e.g. --batch-size {fit}")
 
 
 def check_vllm(s, device: str) -> None:
@@ -202,10 +206,8 @@ def check_vllm(s, device: str) -> None:
     if not device.startswith("cuda"):
         raise InputError("--vllm (grpo.use_vllm) samples on a CUDA GPU; on this device leave it off (the model's "
                          "own generate is used)")
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise InputError("--vllm (grpo.use_vllm) needs the vllm package: pip install vllm (or leave --vllm off)") from None
+    if importlib.util.find_spec("vllm") is None:
+        raise InputError("--vllm (grpo.use_vllm) needs the vllm package: pip install vllm (or leave --vllm off)")
 
 
 def build_trainer(model_id: str, dataset, funcs: list, device: str, out: Path, cfg: ProjectConfig, callbacks: list):

@@ -223,7 +223,8 @@ def reward(model: str, data, out, cfg: ProjectConfig, resume: bool = False, val=
     save_config(cfg, out)
     writer = SummaryWriter(str(out / "runs"))
     plot = lambda history, path: save_curves_plot(history, path, PANELS, TITLE)  # noqa: E731
-    trainer, info = build_trainer(model_id, train, held, out, cfg, [TensorBoardCallback(writer), MetricsTrail(out, plot)])
+    trainer, info = build_trainer(model_id, train, held, out, cfg,
+                                  [TensorBoardCallback(writer), MetricsTrail(out, plot)])
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in trainer.model.parameters())
     print(f"reward: {'LoRA' if s.lora else 'full'} tuning, {n_trainable:,} of {n_total:,} parameters trainable; "
