@@ -244,7 +244,7 @@ def reward(model: str, data, out, cfg: ProjectConfig, resume: bool = False, val=
     if val_rows:
         evaluated = trainer.evaluate()
         metrics.update({k.replace("eval_", "val_trl_", 1): v for k, v in evaluated.items()
-                        if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second"))})
+                        if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))})
         metrics.update(pair_accuracy(trainer.model, val_rows, pad_id, s.batch_size))
         if before is not None:
             metrics.update({f"{k}_before": v for k, v in before.items()})
