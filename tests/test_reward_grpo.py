@@ -139,6 +139,7 @@ def test_a_causal_lm_is_not_a_reward_model(tiny_model_dir):
     ("numeric", "1000", "It costs $1,000.", 1.0), ("numeric", 42, "6 * 7 = 42", 1.0),
     ("numeric", "0.5", "first 3, then 0.50", 1.0), ("numeric", "42", "42 or 43", 0.0),
     ("numeric", "-3", "minus: \u22123", 1.0), ("numeric", "7", "no number", 0.0),
+    ("numeric", 1e-07, "tiny: 0.0000001", 1.0), ("numeric", 2.0, "it is 2", 1.0), ("exact", 2.5, "2.5", 1.0),
 ])
 def test_answer_checks_compute_the_documented_values(kind, answer, completion, expected):
     fn = R.matcher_reward(kind)

@@ -70,8 +70,12 @@ MATCH = {"exact": match_exact, "contains": match_contains, "regex": match_regex,
 
 def answer_list(answer) -> list[str]:
     """A row's "answer" as the list of acceptable answers: a string, a number, or a list of them."""
+    from numpy import format_float_positional
+
     values = answer if isinstance(answer, list) else [answer]
-    return [v if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v) for v in values]
+    # floats written out in full (1e-07 -> "0.0000001"): the number rules read no exponents
+    return [v if isinstance(v, str) else format_float_positional(v, trim="-") if isinstance(v, float) else str(v)
+            for v in values]
 
 
 def check_answer(kind: str, answer, where: str) -> str | None:
