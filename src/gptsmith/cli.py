@@ -124,6 +124,31 @@ def cmd_kto(args) -> None:
     kto(args.model, args.data, args.out, cfg, resume=args.resume, val=args.val)
 
 
+def cmd_reward(args) -> None:
+    from gptsmith.train.reward import reward
+    keys = {"epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size,
+            "max_length": args.max_length, "lora": args.lora or None, "lora_r": args.lora_r,
+            "lora_alpha": args.lora_alpha, "lora_target_modules": args.lora_target_modules, "device": args.device,
+            "max_minutes": args.minutes}
+    cfg = _config(args, {f"reward.{k}": v for k, v in keys.items()} | {"data.on_error": args.on_error})
+    _overwrite_checkpoints(args)
+    reward(args.model, args.data, args.out, cfg, resume=args.resume, val=args.val)
+
+
+def cmd_grpo(args) -> None:
+    from gptsmith.train.grpo import grpo
+    keys = {"rewards": args.reward, "reward_fns": args.reward_fn, "reward_model": args.reward_model,
+            "reward_weights": args.reward_weights, "num_generations": args.num_generations,
+            "max_completion_length": args.max_completion_length, "temperature": args.temperature,
+            "beta": args.beta, "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
+            "batch_size": args.batch_size, "lora": args.lora or None, "lora_r": args.lora_r,
+            "lora_alpha": args.lora_alpha, "lora_target_modules": args.lora_target_modules,
+            "use_vllm": args.vllm or None, "device": args.device, "max_minutes": args.minutes}
+    cfg = _config(args, {f"grpo.{k}": v for k, v in keys.items()} | {"data.on_error": args.on_error})
+    _overwrite_checkpoints(args)
+    grpo(args.model, args.data, args.out, cfg, resume=args.resume, answers=args.answers)
+
+
 def _overwrite_checkpoints(args) -> None:
     """--overwrite: delete OUT/checkpoints of an earlier run (pretrain and sft refuse to start over them without
     it). Renamed away first: under torchrun every rank runs this, and exactly one rename succeeds."""
@@ -467,8 +492,73 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
         p.add_argument("--overwrite", action="store_true", help="delete OUT/checkpoints of an earlier run and start over")
 
+    p = add("reward", "Train a reward model (a one-output score head on the model) from preference pairs.",
+            cmd_reward)
+    p.add_argument("--model", required=True, help="starting model: HF directory or hub id")
+    p.add_argument("--data", type=Path, required=True, help="pairs .jsonl, as `gptsmith dpo` reads them "
+                   "(`feedback export --format dpo` output, {prompt, chosen, rejected}, UltraFeedback, Anthropic HH)")
+    p.add_argument("--out", type=Path, required=True, help="output directory: a HF sequence-classification model "
+                   "dir (AutoModelForSequenceClassification; --lora adapters are merged into it)")
+    p.add_argument("--val", type=Path, default=None, help="held-out pairs measuring accuracy (default: "
+                   "reward.val_fraction of the prompts of --data, by content hash)")
+    p.add_argument("--epochs", type=float, help="epochs over the data (reward.epochs)")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (reward.max_steps)")
+    p.add_argument("--minutes", type=float, help="stop after this many minutes (reward.max_minutes)")
+    p.add_argument("--lr", type=float, help="peak learning rate (reward.lr)")
+    p.add_argument("--batch-size", type=int, help="pairs per micro-batch (reward.batch_size)")
+    p.add_argument("--max-length", type=int, help="tokens of a whole conversation (reward.max_length)")
+    p.add_argument("--device", help="auto, cpu, cuda (reward.device)")
+    p.add_argument("--on-error", choices=["error", "skip"], help="bad lines: stop, or skip and count them")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter and the head, merged at the end "
+                   "(reward.lora)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (reward.lora_r)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (reward.lora_alpha)")
+    p.add_argument("--lora-target-modules", nargs="+", help="modules to adapt, or all-linear")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT/checkpoints of an earlier run and start over")
+
+    p = add("grpo", "Reinforcement learning on the model's own sampled answers, scored by rewards (GRPO).", cmd_grpo)
+    p.add_argument("--model", required=True, help="starting model: HF directory or hub id")
+    p.add_argument("--data", type=Path, required=True, help='prompts .jsonl: {"prompt": "..." or [messages], '
+                   '"answer": ...} per line; every field besides "prompt" is passed to the rewards')
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory: a HF model dir (full) or a LoRA adapter dir (--lora)")
+    p.add_argument("--reward", action="append", choices=["exact", "contains", "regex", "numeric"],
+                   help="1 when the answer passes this check against the line's \"answer\" (regex: the answer is "
+                   "the pattern; numeric: the last number of the answer); repeat to combine (grpo.rewards)")
+    p.add_argument("--answers", type=Path, default=None, help='JSONL of {"id": ..., "answer": ...} lines giving '
+                   'the --reward checks their answers, by the "id" of each prompt line')
+    p.add_argument("--reward-fn", action="append", metavar="FILE.py:FUNCTION",
+                   help="a Python reward function(prompts, completions, **kwargs) -> list[float]; repeat to combine "
+                   "(grpo.reward_fns)")
+    p.add_argument("--reward-model", metavar="DIR", help="a reward model from `gptsmith reward`; its score is a "
+                   "reward (grpo.reward_model)")
+    p.add_argument("--reward-weights", type=float, nargs="+", metavar="W", help="one weight per reward in the "
+                   "order --reward, --reward-fn, --reward-model (grpo.reward_weights; default all 1)")
+    p.add_argument("--num-generations", type=int, help="answers sampled per prompt (grpo.num_generations)")
+    p.add_argument("--max-completion-length", type=int, help="longest sampled answer in tokens "
+                   "(grpo.max_completion_length)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (grpo.temperature)")
+    p.add_argument("--beta", type=float, help="KL penalty towards the starting model, 0 = none (grpo.beta)")
+    p.add_argument("--epochs", type=float, help="epochs over the prompts (grpo.epochs)")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (grpo.max_steps)")
+    p.add_argument("--minutes", type=float, help="stop after this many minutes (grpo.max_minutes)")
+    p.add_argument("--lr", type=float, help="peak learning rate (grpo.lr)")
+    p.add_argument("--batch-size", type=int, help="sampled answers per micro-batch, a multiple of "
+                   "--num-generations (grpo.batch_size)")
+    p.add_argument("--device", help="auto, cpu, cuda (grpo.device)")
+    p.add_argument("--vllm", action="store_true", help="sample with vLLM in the training process (CUDA + the vllm "
+                   "package; grpo.use_vllm)")
+    p.add_argument("--on-error", choices=["error", "skip"], help="bad lines: stop, or skip and count them")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (grpo.lora)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (grpo.lora_r)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (grpo.lora_alpha)")
+    p.add_argument("--lora-target-modules", nargs="+", help="modules to adapt, or all-linear")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT/checkpoints of an earlier run and start over")
+
     p = add("merge-lora", "Merge a LoRA adapter into its base model and save a plain HF directory.", cmd_merge_lora)
-    p.add_argument("--adapter", type=Path, required=True, help="adapter directory written by `sft|dpo|kto --lora`")
+    p.add_argument("--adapter", type=Path, required=True, help="adapter directory written by `sft|dpo|kto|grpo --lora`")
     p.add_argument("--out", type=Path, required=True, help="merged model directory")
     p.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
     p.epilog = ("--config defaults to the adapter's gptsmith.yaml (the config it was trained with); the effective "

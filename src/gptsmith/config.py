@@ -173,6 +173,95 @@ class KTOConfig(PreferenceSection):
     undesirable_weight: float = Field(1.0, gt=0, description="weight of the undesirable (thumbs-down) answers' loss")
 
 
+class RewardModelConfig(Section):
+    """`gptsmith reward`: a reward model (one-output classifier head on the starting model) from preference pairs."""
+    epochs: float = Field(1.0, gt=0, description="passes over the training pairs (fractions allowed)")
+    max_steps: int = Field(-1, description="stop after N steps; -1 = run all epochs")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (cosine decay after warmup); LoRA usually wants "
+                      "~10x more")
+    batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_length: int = Field(512, ge=16, description="tokens of a whole conversation; pairs with a longer one are "
+                            "dropped (and counted)")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of the steps spent warming up the learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    center_rewards_coefficient: float | None = Field(None, ge=0, description="pull rewards towards mean zero "
+                                                     "with this weight (e.g. 0.01); null = off")
+    lora: bool = Field(False, description="train a LoRA adapter (and the head in full), merged into OUT at the end")
+    lora_r: int = Field(16, ge=1, description="LoRA rank (size of the low-rank update)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scale: the update is multiplied by lora_alpha / lora_r")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    lora_target_modules: list[str] | str = Field("all-linear", description="module names, or all-linear")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts (by content hash) held out to "
+                                "measure accuracy when no --val file is given")
+    eval_every: int = Field(50, ge=1, description="held-out loss and accuracy every N steps")
+    save_every: int = Field(100, ge=1, description="checkpoint every N steps (under OUT/checkpoints)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
+    log_every: int = Field(10, ge=1, description="log loss, batch accuracy and margin every N steps")
+    seed: int = Field(42, description="seed of the new head's weights, LoRA weights and the data order")
+    device: str = Field("auto", description="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1, mps")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
+                                         "~30% slower")
+    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
+
+
+GRPO_LOSSES = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
+
+
+class GRPOConfig(Section):
+    """`gptsmith grpo`: reinforcement learning from rewards on the model's own sampled answers (TRL's GRPO)."""
+    rewards: list[Literal["exact", "contains", "regex", "numeric"]] = Field(
+        default_factory=list, description="verifiable rewards against each prompt's answer: exact, contains, regex "
+        "(the answer is the pattern), numeric; 1 when the answer passes, else 0")
+    reward_fns: list[str] = Field(default_factory=list, description="Python reward functions, each "
+                                  "path/to/file.py:function_name with TRL's signature (prompts, completions, **kwargs) "
+                                  "-> list[float]")
+    reward_model: str | None = Field(None, description="reward model directory from `gptsmith reward`; its score "
+                                     "is one more reward")
+    reward_weights: list[float] | None = Field(None, description="one weight per reward, in the order rewards, "
+                                               "reward_fns, reward_model; null = all 1")
+    num_generations: int = Field(4, ge=2, description="answers sampled per prompt; each is rewarded relative to "
+                                 "the others of its group")
+    max_completion_length: int = Field(128, ge=1, description="longest sampled answer in tokens")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the answers (exploration)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass of the answers, 1 = off")
+    beta: float = Field(0.0, ge=0, description="KL penalty towards the starting model; 0 = none (no reference "
+                        "model in memory, TRL's default), e.g. 0.04 keeps answers closer to the start")
+    epsilon: float = Field(0.2, gt=0, description="clipping range of the policy ratio (as PPO)")
+    num_iterations: int = Field(1, ge=1, description="optimisation passes over each batch of sampled answers")
+    loss_type: GRPO_LOSSES = Field("dapo", description="TRL's GRPO loss: dapo (token-level, no length bias; "
+                                   "TRL's default), grpo, dr_grpo, bnpo, cispo, sapo")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="divide advantages by the "
+                                                             "reward std of the group, of the batch, or not at all")
+    mask_truncated_completions: bool = Field(False, description="leave answers cut at max_completion_length out "
+                                             "of the loss")
+    epochs: float = Field(1.0, gt=0, description="passes over the prompts (fractions allowed)")
+    max_steps: int = Field(-1, description="stop after N optimizer steps; -1 = run all epochs")
+    lr: float = Field(1e-6, gt=0, description="peak learning rate (TRL's default; LoRA and tiny models want "
+                      "much more)")
+    batch_size: int = Field(8, ge=1, description="sampled answers per micro-batch (prompts x num_generations); "
+                            "batch_size x grad_accum must be a multiple of num_generations")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of the steps spent warming up the learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lora: bool = Field(False, description="train a LoRA adapter; with beta > 0 the reference is the base with the "
+                       "adapter disabled")
+    lora_r: int = Field(16, ge=1, description="LoRA rank (size of the low-rank update)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scale: the update is multiplied by lora_alpha / lora_r")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    lora_target_modules: list[str] | str = Field("all-linear", description="module names, or all-linear")
+    use_vllm: bool = Field(False, description="sample answers with vLLM inside the training process (TRL's "
+                           "colocate mode): CUDA and the vllm package needed; off = the model's own generate")
+    save_every: int = Field(100, ge=1, description="checkpoint every N steps (under OUT/checkpoints)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
+    log_every: int = Field(1, ge=1, description="log loss and reward mean/std every N steps")
+    seed: int = Field(42, description="seed of the sampling, the prompt order and new LoRA weights")
+    device: str = Field("auto", description="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1, mps")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
+                                         "~30% slower")
+    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
+
+
 class GenerateConfig(Section):
     # A key left unset (null; max_new_tokens: absent from the file and the overrides) takes the model's
     # generation_config.json value, else gptsmith's default (gptsmith.generation_defaults): SamplingParams.from_config.
@@ -258,6 +347,10 @@ class ProjectConfig(Section):
                            description="preference tuning on pairs of answers, chosen over rejected (dpo)")
     kto: KTOConfig = Field(default_factory=KTOConfig,
                            description="preference tuning on answers rated good or bad one by one (kto)")
+    reward: RewardModelConfig = Field(default_factory=RewardModelConfig,
+                                      description="a reward model from preference pairs (reward)")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig,
+                             description="reinforcement learning on sampled answers scored by rewards (grpo)")
     generate: GenerateConfig = Field(default_factory=GenerateConfig,
                                      description="sampling defaults (generate, chat, serve)")
     serve: ServeConfig = Field(default_factory=ServeConfig,

@@ -17,7 +17,6 @@ as "Question: ...\\nAnswer: ..." paragraphs for a base model.
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ import torch
 
 from gptsmith.errors import InputError
 from gptsmith.files import iter_lines
+from gptsmith.matching import MATCH, MATCHERS, last_number, parse_number  # noqa: F401 (re-exported)
 
-MATCHERS = ("exact", "contains", "regex", "numeric")
 MC_KEYS = {"question", "choices", "answer", "id", "system", "meta"}
 GEN_KEYS = {"prompt", "answer", "match", "id", "system", "max_tokens", "must_stop", "meta"}
 MC_EXAMPLE = '{"question": "...", "choices": ["...", "..."], "answer": 0}'
@@ -87,12 +86,6 @@ def _check_mc(record: dict, where: str) -> dict:
         raise InputError(f'{where}: "answer" {answer} is out of range: "choices" has {len(choices)} entries, so it '
                          f"must be 0..{len(choices) - 1} (0-based)")
     return {"question": q, "choices": choices, "answer": answer}
-
-
-def parse_number(text: str) -> float | None:
-    """The number a whole string states ("1,234.5", "-3", "$20", "15%"), or None."""
-    m = NUMBER.fullmatch(text.strip())
-    return _to_float(m.group()) if m else None
 
 
 def _check_gen(record: dict, where: str) -> dict:
@@ -358,45 +351,6 @@ def score_multiple_choice(target, items: list[dict], k_shot: int = 0, seed: int 
 
 # ---------------------------------------------------------------------------------------------- generation
 
-# A number as people write it: optional sign (also the Unicode minus), optional $, thousands commas, decimals,
-# optional %.
-NUMBER = re.compile(r"[-+\u2212]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?|[-+\u2212]?\$?\.\d+%?")
-REL_TOL = 1e-6
-
-
-def _to_float(s: str) -> float:
-    return float(s.replace("\u2212", "-").replace("$", "").replace(",", "").replace("%", ""))
-
-
-def last_number(text: str) -> float | None:
-    found = NUMBER.findall(text)
-    return _to_float(found[-1]) if found else None
-
-
-def match_exact(output: str, answers: list[str]) -> bool:
-    """Equal after stripping surrounding whitespace; case-sensitive (lm-eval's exact_match default)."""
-    return any(output.strip() == a.strip() for a in answers)
-
-
-def match_contains(output: str, answers: list[str]) -> bool:
-    """Any answer appears in the output (case-sensitive)."""
-    return any(a in output for a in answers)
-
-
-def match_regex(output: str, answers: list[str]) -> bool:
-    """re.search of any answer pattern in the output (use (?i) in the pattern to ignore case)."""
-    return any(re.search(a, output) for a in answers)
-
-
-def match_numeric(output: str, answers: list[str]) -> bool:
-    """The last number in the output equals an answer within a relative tolerance of 1e-6 (commas, $ and %
-    are tolerated: "$1,000" == 1000)."""
-    got = last_number(output)
-    return got is not None and any(math.isclose(got, _to_float(NUMBER.fullmatch(a.strip()).group()),
-                                                rel_tol=REL_TOL, abs_tol=1e-12) for a in answers)
-
-
-MATCH = {"exact": match_exact, "contains": match_contains, "regex": match_regex, "numeric": match_numeric}
 
 
 def generation_score(item: dict, output: str, finish_reason: str | None) -> float:
