@@ -13,6 +13,16 @@ from gptsmith.data.preference_formats import load_preferences, split_preferences
 from gptsmith.errors import InputError
 from gptsmith.files import sha256_file
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These models are tiny: a second thread buys nothing, and on a busy machine OpenMP threads waiting for each
+    other made each step ~30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 COLOURS = ["red", "green", "yellow", "purple", "orange", "white"]
 GOOD, BAD = "Yes, it is blue.", "No, it is green."
 
