@@ -114,12 +114,17 @@ def test_refine_end_to_end_through_the_api_and_a_running_server(reg, tmp_path):
         assert client.post("/v1/chat/completions", json=body).json()["system_fingerprint"] == "v1"
 
         before = logp_of_answer(reg.version_dir("v1"))
-        assert main(["refine", "--registry", str(reg.root), "--db", db, "--method", "sft",
-                     "--refine.train", json.dumps(FAST), "--refine.suites", "[]"]) == 0
+        # its own process, as a user runs it (two threads of one process must not load models at once)
+        done = subprocess.run([sys.executable, "-m", "gptsmith.cli", "refine", "--registry", str(reg.root), "--db",
+                               db, "--method", "sft", "--refine.train", json.dumps(FAST), "--refine.suites", "[]"],
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr
+        assert "v2 is live (was v1" in done.stdout
         assert reg.live() == "v2" and statuses(reg) == {"v1": "retired", "v2": "live"}
-        assert logp_of_answer(reg.version_dir("v2")) > before + 5  # it learned the corrections
-        wait_for(lambda: client.get("/api/info").json()["version"] == "v2", what="the running server on v2")
+        wait_for(lambda: client.get("/api/info").json()["version"] == "v2", timeout=120,
+                 what="the running server on v2")
         assert client.post("/v1/chat/completions", json=body).json()["system_fingerprint"] == "v2"
+        assert logp_of_answer(reg.version_dir("v2")) > before + 5  # it learned the corrections
 
     run = next((reg.root / "refine").iterdir())
     record = json.loads((run / "refine.json").read_text())
