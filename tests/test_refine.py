@@ -164,7 +164,11 @@ def test_a_bad_candidate_is_refused_with_the_failing_check_named(reg, tmp_path, 
     capsys.readouterr()
     from gptsmith.refine import Options, refine
 
-    record = refine(reg.root, db, refine_config(tmp_path), Options(candidate=bad))
+    notes = tmp_path / "notes.txt"  # a regression suite (text: bits-per-byte) through eval.run.evaluate
+    notes.write_text("A list holds items in order. A dict maps keys to values. " * 20)
+    cfg = refine_config(tmp_path, **{"refine.suites": [str(notes)]})
+    record = refine(reg.root, db, cfg, Options(candidate=bad))
+    assert any(c["name"] == "suite notes bpb not worse" for c in record["checks"])
     assert record["verdict"] == "keep live" and not record["promoted"]
     assert {"held-out preference accuracy does not drop", "held-out correction bits-per-byte does not rise"} <= \
         set(record["failed"])
@@ -175,7 +179,7 @@ def test_a_bad_candidate_is_refused_with_the_failing_check_named(reg, tmp_path, 
     bpb = next(c for c in record["checks"] if c["name"] == "held-out correction bits-per-byte does not rise")
     assert bpb["candidate"] > bpb["live"] * 1.01
     # rerun: the same run, every step already done, nothing added
-    again = refine(reg.root, db, refine_config(tmp_path), Options(candidate=bad))
+    again = refine(reg.root, db, cfg, Options(candidate=bad))
     assert again["run"] == record["run"] and len(reg.versions()) == 2
     assert "resuming run" in capsys.readouterr().out
 
@@ -283,3 +287,28 @@ def test_split_is_deterministic_and_holds_out_at_least_one():
     assert split(list(reversed(exs)), "sft", 0.2)[1] == [e for e in reversed(exs) if e in held]
     assert split(exs[:2], "sft", 0.2)[1] and split(exs[:2], "sft", 0.2)[0]
     assert split(exs[:1], "sft", 0.2) == (exs[:1], [])
+
+
+def test_decision_rules():
+    """Better somewhere it should be, worse nowhere beyond the tolerance; a suite's significant drop fails."""
+    from gptsmith.config import RefineConfig
+    from gptsmith.refine import check, decide, suite_checks
+
+    up = check("acc rises", "improve", 0.5, 0.75, "> 0.5", True)
+    flat = check("acc rises", "improve", 0.5, 0.5, "> 0.5", False)
+    guard = check("bpb does not rise", "guard", 2.0, 2.1, "<= 2.02", False)
+    assert decide([up])["verdict"] == "promote"
+    assert decide([flat]) == {"verdict": "keep live", "failed": ["acc rises"]}
+    assert decide([up, guard]) == {"verdict": "keep live", "failed": ["bpb does not rise"]}
+    assert decide([])["verdict"] == "keep live"  # nothing held out: nothing shows an improvement
+
+    def result(diff, significant):
+        row = {"suite": "quiz", "metric": "acc", "base": 0.8, "new": 0.8 + diff, "diff": diff,
+               "significant": significant, "better": diff > 0 if significant else None}
+        return {"suites": [{"name": "quiz", "primary": "acc"}], "baseline": {"comparison": [row]}}
+
+    r = RefineConfig()
+    assert suite_checks(result(-0.1, True), r)[0]["passed"] is False
+    assert suite_checks(result(-0.01, True), r)[0]["passed"] is True   # within the 0.02 tolerance
+    assert suite_checks(result(-0.1, False), r)[0]["passed"] is True   # not significant
+    assert suite_checks(result(+0.1, True), r)[0]["passed"] is True

@@ -189,7 +189,7 @@ def resolve_suites(cfg: ProjectConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- train + add
-def trained_config(cfg: ProjectConfig, method: str, has_val: bool) -> ProjectConfig:
+def trained_config(cfg: ProjectConfig, method: str) -> ProjectConfig:
     """The method's section with refine.train overrides; no further split of refine's own training data."""
     section = getattr(cfg, method)
     updates = {**section.model_dump(), "val_fraction": 0.0, **cfg.refine.train}
@@ -211,11 +211,11 @@ def train_candidate(run: Run, cfg: ProjectConfig, opts: Options) -> dict:
     train_file, held_file = run.folder / f"train-{run.method}.jsonl", run.folder / f"heldout-{run.method}.jsonl"
     if run.method == "sft":
         from gptsmith.train.sft import sft
-        metrics = sft(live_dir, train_file, out, trained_config(cfg, "sft", False), resume=True)
+        metrics = sft(live_dir, train_file, out, trained_config(cfg, "sft"), resume=True)
     else:
         has_val = bool(held_file.read_text().strip())
         trainer = _preference_trainer(run.method)
-        metrics = trainer(live_dir, train_file, out, trained_config(cfg, run.method, has_val), resume=True,
+        metrics = trainer(live_dir, train_file, out, trained_config(cfg, run.method), resume=True,
                           val=held_file if has_val else None)
     return {"model_dir": str(out), "trained": True, "metrics": metrics}
 
