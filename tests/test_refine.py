@@ -216,10 +216,19 @@ def test_kill_9_during_refine_then_rerun_reaches_the_same_end_state(reg, tmp_pat
     assert len(runs) == 1
     assert list(json.loads((runs[0] / "state.json").read_text())["steps"]) == ["collect"]
 
-    # the rerun is the same run: it resumes training from the checkpoint and finishes
-    done = subprocess.run([sys.executable, "-m", "gptsmith.cli", *args], capture_output=True, text=True, timeout=900)
+    # the rerun is the same run: it resumes training from the checkpoint and finishes (deciding only: --no-promote)
+    done = subprocess.run([sys.executable, "-m", "gptsmith.cli", *args, "--no-promote"], capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert "resuming run" in done.stdout and "resuming from checkpoint-5" in done.stdout
+    assert "--no-promote: make it live with `gptsmith models promote v2" in done.stdout
+    assert statuses(reg) == {"v1": "live", "v2": "candidate"}
+    record = json.loads((runs[0] / "refine.json").read_text())
+    assert record["verdict"] == "promote" and not record["promoted"]
+    # once more without --no-promote: every step is done, only the promotion is left
+    done = subprocess.run([sys.executable, "-m", "gptsmith.cli", *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "v2 is live (was v1" in done.stdout and "resuming from checkpoint" not in done.stdout
     assert [p.name for p in (reg.root / "refine").iterdir()] == [runs[0].name]
     assert statuses(reg) == {"v1": "retired", "v2": "live"}
     assert [e["event"] for e in reg.read()["history"]] == ["add", "promote", "add", "promote"]
@@ -312,3 +321,27 @@ def test_decision_rules():
     assert suite_checks(result(-0.01, True), r)[0]["passed"] is True   # within the 0.02 tolerance
     assert suite_checks(result(-0.1, False), r)[0]["passed"] is True   # not significant
     assert suite_checks(result(+0.1, True), r)[0]["passed"] is True
+
+
+def test_judge_check_needs_the_win_rate_interval_to_reach_the_threshold(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import gptsmith.eval.compare
+    from gptsmith.config import RefineConfig
+    from gptsmith.refine import Options
+    from gptsmith.refine.checks import judge_check
+
+    seen = {}
+
+    def fake_compare(a, b, prompts, judge, out_dir, device):
+        seen.update(a=a, b=b, judge=judge)
+        return {"win_rate_a": 0.3, "ci": [0.1, 0.45]}
+
+    monkeypatch.setattr(gptsmith.eval.compare, "compare", fake_compare)
+    run = SimpleNamespace(registry=SimpleNamespace(version_dir=lambda v: tmp_path / v), live="v1", folder=tmp_path)
+    opts = Options(judge="http://judge", prompts=tmp_path / "p.txt")
+    [c] = judge_check(run, tmp_path / "v2", opts, RefineConfig())
+    assert not c["passed"] and c["candidate"] == 0.3 and "0.45" in c["threshold"]
+    assert seen == {"a": str(tmp_path / "v2"), "b": str(tmp_path / "v1"), "judge": "http://judge"}
+    assert judge_check(run, tmp_path / "v2", opts, RefineConfig(judge_min_upper=0.4))[0]["passed"]
+    assert judge_check(run, tmp_path / "v2", Options(), RefineConfig()) == []
