@@ -18,9 +18,17 @@ def resolve_suites(cfg: ProjectConfig) -> list[str]:
     """The configured suites; a built-in one that this install does not have is left out with a printed note."""
     from gptsmith.eval.run import _builtin
 
+    from gptsmith.errors import InputError
+
+    def builtin(name: str):
+        try:
+            return _builtin(name)
+        except InputError:  # the built-in module's own "no such suite"
+            return None
+
     out = []
     for name in cfg.refine.suites:
-        if Path(name).exists() or ":" in name or _builtin(name) is not None:
+        if Path(name).exists() or ":" in name or builtin(name) is not None:
             out.append(name)
         else:
             print(f"refine: note: the regression suite '{name}' is not available in this install "
