@@ -243,6 +243,10 @@ def test_dry_run_trains_nothing_and_writes_no_version(reg, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dpo: " in out and "held out (dpo)" in out and "method: dpo" in out and "parent v1" in out
     assert "held-out preference accuracy" in out and "bits-per-byte" in out
+    # a correction is held out from sft and dpo alike: the checks never score what the candidate trained on
+    held = {f: {line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(f"  held out ({f})")}
+            for f in ("sft", "dpo")}
+    assert held["sft"] and held["sft"] == held["dpo"]
     assert len(reg.versions()) == 1 and not (reg.root / "refine").exists()
 
 

@@ -32,7 +32,7 @@ def example_key(ex: dict, fmt: str) -> bytes:
     """Prompt + the answer it teaches: a correction's sft example and its dpo pair share a key, so they land on
     the same side of the split."""
     if fmt == "sft":
-        shown = ex["messages"]
+        shown = [ex["messages"][:-1], ex["messages"][-1:]]
     else:
         shown = [ex["prompt"], ex["chosen"] if fmt == "dpo" else ex["completion"]]
     return json.dumps(shown, sort_keys=True, ensure_ascii=False).encode("utf-8")
