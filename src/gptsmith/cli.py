@@ -233,6 +233,32 @@ def cmd_models(args) -> None:
         print(result["message"])
 
 
+def cmd_refine(args) -> None:
+    from gptsmith.refine import Options, refine
+    shortcuts = {"refine.method": args.method, "refine.suites": args.suite, "refine.holdout": args.holdout,
+                 "refine.promote": False if args.no_promote else None}
+    shortcuts |= {f"refine.{k}": v for k, v in _tolerances(args.tolerance).items()}
+    cfg = _config(args, shortcuts)
+    refine(args.registry, args.db or cfg.serve.db, cfg, Options(dry_run=args.dry_run, candidate=args.candidate,
+                                                               judge=args.judge, prompts=args.prompts,
+                                                               device=args.device))
+
+
+def _tolerances(items) -> dict:
+    names = {"accuracy": "accuracy_tolerance", "bpb": "bpb_tolerance", "suite": "suite_tolerance",
+             "judge": "judge_min_upper"}
+    out = {}
+    for item in items or ():
+        key, _, value = item.partition("=")
+        if key not in names or not value:
+            raise ConfigError(f"--tolerance {item}: write NAME=VALUE with NAME one of {', '.join(names)}")
+        try:
+            out[names[key]] = float(value)
+        except ValueError:
+            raise ConfigError(f"--tolerance {item}: {value!r} is not a number") from None
+    return out
+
+
 def cmd_feedback_export(args) -> None:
     from gptsmith.serve.feedback import export
     cfg = _config(args, {"serve.db": args.db})
@@ -643,6 +669,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
     p = add("rollback", "Make the previously live version live again.", cmd_models, models_sub)
     p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
+
+    p = add("refine", "Close the feedback loop: train a candidate from the live registry version on the feedback "
+                      "stored since it went live, evaluate it against live, and promote it only if it is better.",
+            cmd_refine)
+    p.add_argument("--registry", type=Path, required=True, metavar="DIR",
+                   help="the model registry whose live version is refined (`gptsmith models`)")
+    p.add_argument("--db", help="SQLAlchemy URL of the feedback store `gptsmith serve` wrote (serve.db)")
+    p.add_argument("--method", choices=["auto", "sft", "dpo", "kto"],
+                   help="how to train the candidate; auto: dpo on pairs, else sft on corrections, else kto on "
+                        "thumbs (refine.method, default auto)")
+    p.add_argument("--suite", action="append", metavar="SUITE",
+                   help="a regression suite for candidate vs live, repeatable (as `gptsmith eval --suite`; "
+                        "refine.suites, default chat-sanity when installed)")
+    p.add_argument("--holdout", type=float, help="share of the feedback held out for evaluation (refine.holdout, "
+                                                 "default 0.2)")
+    p.add_argument("--tolerance", action="append", metavar="NAME=VALUE",
+                   help="repeatable: accuracy=0 (held-out preference accuracy may drop by at most), bpb=0.01 "
+                        "(correction bits-per-byte may rise by at most 1%%), suite=0.02 (a suite's primary metric "
+                        "may not move the wrong way significantly by more), judge=0.5 (win-rate CI upper bound "
+                        "must reach)")
+    p.add_argument("--judge", metavar="URL_OR_DIR", help="also compare candidate and live with this judge "
+                                                         "(`gptsmith compare`); needs --prompts")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="prompts for the judged comparison")
+    p.add_argument("--candidate", type=Path, metavar="DIR", help="evaluate this already-trained model as the "
+                                                                 "candidate instead of training one")
+    p.add_argument("--dry-run", action="store_true", help="print the data counts, held-out slice, method, parent "
+                                                          "and checks; train and write nothing")
+    p.add_argument("--no-promote", action="store_true", help="evaluate and decide, but leave promotion to "
+                                                             "`gptsmith models promote`")
+    p.add_argument("--device", default="auto", help="where candidate and live are scored: auto, cpu, cuda")
 
     fb = sub.add_parser("feedback", help="The feedback store: export.")
     fb_sub = fb.add_subparsers(dest="feedback_command", metavar="STEP", required=True)

@@ -333,6 +333,30 @@ class RagConfig(Section):
     candidates: int = Field(50, ge=1, description="hits each retriever fetches before fusion, filters and rerank")
 
 
+class RefineConfig(Section):
+    holdout: float = Field(0.2, ge=0, lt=1, description="share of the new feedback (by content hash) held out to "
+                           "evaluate candidate vs live; at least one example when there are two or more")
+    method: Literal["auto", "sft", "dpo", "kto"] = Field("auto", description="auto: dpo on pairs, else sft on "
+                                                          "corrections, else kto on thumbs (by what there is enough of)")
+    min_dpo_pairs: int = Field(4, ge=1, description="fewest training pairs (corrections, regenerations, arena votes) "
+                               "for dpo")
+    min_sft_examples: int = Field(4, ge=1, description="fewest corrections / thumbs-up answers for sft")
+    min_kto_examples: int = Field(8, ge=1, description="fewest thumbs (up and down) for kto")
+    accuracy_tolerance: float = Field(0.0, ge=0, le=1, description="held-out preference accuracy may drop by at "
+                                      "most this much (absolute)")
+    bpb_tolerance: float = Field(0.01, ge=0, description="held-out correction bits-per-byte may rise by at most "
+                                 "this share (0.01 = 1%)")
+    suite_tolerance: float = Field(0.02, ge=0, description="a regression suite's primary metric may not move the "
+                                   "wrong way significantly by more than this (absolute)")
+    judge_min_upper: float = Field(0.5, ge=0, le=1, description="with --judge: the upper bound of the candidate's "
+                                   "win-rate CI must reach this")
+    suites: list[str] = Field(["chat-sanity"], description="regression suites run on candidate and live (as for "
+                              "`gptsmith eval --suite`); a built-in one this install lacks is skipped with a note")
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the chosen method's section for "
+                                  "the candidate's training, e.g. {max_steps: 50, lr: 1e-5}")
+    promote: bool = Field(True, description="promote a candidate that passes every check (false: decide only)")
+
+
 class ProjectConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig,
                              description="reading, cleaning, de-duplicating and splitting inputs (prepare, data; on_error: sft, dpo, kto too)")
@@ -357,6 +381,8 @@ class ProjectConfig(Section):
                                description="the OpenAI-compatible server, web UI and store (serve, feedback export)")
     rag: RagConfig = Field(default_factory=RagConfig,
                            description="retrieval over your documents: index, embedder, chunking, search (rag)")
+    refine: RefineConfig = Field(default_factory=RefineConfig,
+                                 description="the feedback loop: collect, train a candidate, evaluate, promote (refine)")
 
 
 class ConfigError(ValueError):

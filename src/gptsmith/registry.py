@@ -209,8 +209,9 @@ class Registry:
         if not (src / "config.json").is_file():
             raise InputError(f"{src} is not a model directory (no config.json); pass the output folder of "
                              "pretrain, sft, dpo or kto")
-        if src.resolve().is_relative_to(self.root):
-            raise InputError(f"{src} is inside the registry {self.root}; add a model directory from outside it")
+        if src.resolve().is_relative_to(self.root / "versions"):  # refine's runs (REGISTRY/refine/) may be added
+            raise InputError(f"{src} is a version of the registry {self.root}; add a model directory from outside "
+                             "its versions/")
         if parent is not None:
             self._known(self.read(), parent)
         lineage = read_lineage(src)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -33,7 +34,16 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def build_examples(store: Store, fmt: str) -> list[dict]:
+def _since(at, since) -> bool:
+    """`at` (a stored time; SQLite hands back naive UTC) is at or after `since` (aware UTC); no `since`: always."""
+    if since is None:
+        return True
+    return at is not None and (at if at.tzinfo else at.replace(tzinfo=timezone.utc)) >= since
+
+
+def build_examples(store: Store, fmt: str, since: datetime | None = None) -> list[dict]:
+    """The examples of `fmt`; with `since` (aware UTC) only feedback updated at or after it (Feedback.updated_at)
+    and arena votes cast at or after it (ArenaBattle.voted_at): what `gptsmith refine` learns from."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown feedback export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     out: list[dict] = []
@@ -50,7 +60,7 @@ def build_examples(store: Store, fmt: str) -> list[dict]:
 
             for m in answers:
                 fb = m.feedback
-                if fb is None:
+                if fb is None or not _since(fb.updated_at, since):
                     continue
                 if fmt == "sft":
                     best = fb.correction or (m.content if fb.rating == 1 else None)
@@ -69,23 +79,27 @@ def build_examples(store: Store, fmt: str) -> list[dict]:
                 for m in answers:
                     turns[m.parent_id].append(m)
                 for siblings in turns.values():
-                    ups = [m for m in siblings if m.feedback and m.feedback.rating == 1]
-                    downs = [m for m in siblings if m.feedback and m.feedback.rating == -1]
+                    rated = [m for m in siblings if m.feedback and _since(m.feedback.updated_at, since)]
+                    ups = [m for m in rated if m.feedback.rating == 1]
+                    downs = [m for m in rated if m.feedback.rating == -1]
                     for good in ups:
                         for bad in downs:
                             out.append({"prompt": prompt(good), "chosen": _assistant(good.content),
                                         "rejected": _assistant(bad.content)})
         if fmt == "dpo":
-            out += [pair for pair in arena_pairs(s) if pair not in out]  # not twice when also thumbed up/down
+            out += [pair for pair in arena_pairs(s, since) if pair not in out]  # not twice when also thumbed up/down
     return out
 
 
-def arena_pairs(s) -> list[dict]:
-    """A DPO pair per arena battle voted A or B whose answers are still stored, in the order of the votes."""
+def arena_pairs(s, since: datetime | None = None) -> list[dict]:
+    """A DPO pair per arena battle voted A or B (at or after `since`) whose answers are still stored, in the order
+    of the votes."""
     out = []
     battles = s.scalars(select(ArenaBattle).where(ArenaBattle.winner.in_(("a", "b")))
                         .order_by(ArenaBattle.voted_at, ArenaBattle.id)).all()
     for b in battles:
+        if not _since(b.voted_at, since):
+            continue
         conv = s.get(Conversation, b.conversation_id) if b.conversation_id is not None else None
         if conv is None:  # the conversation was deleted: the vote still counts for the ratings, the texts are gone
             continue
