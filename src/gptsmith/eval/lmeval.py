@@ -53,22 +53,6 @@ def _import_lm_eval():
     return lm_eval
 
 
-def parse_suite(spec: str) -> tuple[str, Path | None]:
-    """"lm-eval:TASK" or "lm-eval:TASK@FOLDER" (a folder of task YAML) -> (TASK, FOLDER or None)."""
-    name = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
-    task, _, folder = name.partition("@")
-    if not task:
-        raise InputError(f"{spec}: name an lm-eval task, e.g. lm-eval:hellaswag or lm-eval:mytask@./tasks")
-    return task, Path(folder) if folder else None
-
-
-def run_suite(target, spec: str, limit=None, k_shot=None, seed: int = 0, batch_size=None) -> list[dict]:
-    """One `--suite lm-eval:TASK[@FOLDER]` of `gptsmith eval`."""
-    task, folder = parse_suite(spec)
-    return run_tasks(target, [task], include_path=folder, limit=limit, k_shot=k_shot, seed=seed,
-                     batch_size=batch_size)
-
-
 def run_tasks(target, tasks: list[str], include_path=None, limit=None, k_shot=None, seed: int = 0,
               batch_size=None) -> list[dict]:
     """Run lm-eval `tasks` on `target` (gptsmith.eval.targets.Target): one suite dict per task, in order.
@@ -78,14 +62,15 @@ def run_tasks(target, tasks: list[str], include_path=None, limit=None, k_shot=No
     _import_lm_eval()
     folder = _check_folder(include_path)
     with _quiet_lm_eval():
+        loaded = {name: _load_task(name, folder) for name in tasks}  # every name checked before any scoring
+        if target.engine is None:
+            for name, task_dict in loaded.items():
+                _require_generation(name, task_dict, target)
         lm, chat, system = _lm_for(target, batch_size)
         suites = []
-        for name in tasks:
-            loaded = _load_task(name, folder)
-            if target.engine is None:
-                _require_generation(name, loaded, target)
+        for name, task_dict in loaded.items():
             source = f"{PREFIX}{name}@{folder}" if folder else f"{PREFIX}{name}"
-            suites.append(_evaluate(lm, name, source, loaded, chat, system, limit, k_shot, seed))
+            suites.append(_evaluate(lm, name, source, task_dict, chat, system, limit, k_shot, seed))
     return suites
 
 
@@ -188,13 +173,28 @@ def _require_generation(name: str, loaded: dict, target) -> None:
                          "(output_type generate_until, e.g. gsm8k) run.")
 
 
-def _evaluate(lm, name: str, source: str, loaded: dict, chat: bool, system: str | None, limit, k_shot, seed) -> dict:
-    from lm_eval.evaluator import simple_evaluate
+def _evaluate(lm, name: str, source: str, loaded: dict, chat: bool, system: str | None, limit, k_shot,
+              seed) -> dict:
+    """lm_eval.evaluator.evaluate with what simple_evaluate would set up (seeds, num_fewshot), without the rest of
+    simple_evaluate: it also collects a report of the machine (pip list, GPUs, git) that takes tens of seconds."""
+    import random
 
-    top = [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
-    out = simple_evaluate(lm, tasks=top, num_fewshot=k_shot, limit=limit, bootstrap_iters=0, log_samples=True,
-                          apply_chat_template=chat, system_instruction=system, random_seed=seed,
-                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    import numpy as np
+    import torch
+    from lm_eval.evaluator import evaluate
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    for task in loaded["tasks"].values():
+        default = task.get_config("num_fewshot")
+        if k_shot is not None and default != 0:  # lm-eval's rule: a task that fixes 0 shots keeps 0
+            task.set_config(key="num_fewshot", value=k_shot)
+        elif default is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=seed)
+    out = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True,
+                   system_instruction=system, apply_chat_template=chat, fewshot_as_multiturn=chat)
     return _suite(name, source, loaded, out, chat)
 
 
