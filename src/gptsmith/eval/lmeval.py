@@ -268,8 +268,9 @@ def _version(name: str, leaves: list[str], out: dict) -> str:
         h.update(_stable_json(out.get("configs", {}).get(leaf, {})).encode())
         for sample in out.get("samples", {}).get(leaf, []):
             h.update(str(sample.get("doc_hash", "")).encode())
-    number = out.get("versions", {}).get(name)
-    return f"{'v' + str(number) + '+' if number is not None else ''}sha256:{h.hexdigest()[:16]}"
+    number = out.get("versions", {}).get(name)  # "Yaml" when the task's YAML sets no metadata.version
+    numbered = isinstance(number, (int, float)) and not isinstance(number, bool)
+    return f"{'v' + str(number) + '+' if numbered else ''}sha256:{h.hexdigest()[:16]}"
 
 
 def _suite(name: str, source: str, loaded: dict, out: dict, chat: bool) -> dict:
