@@ -129,6 +129,28 @@ def test_local_generation_task(task_dir, target):
         assert item["exact_match"] in (0.0, 1.0) and isinstance(item["output"], str)
 
 
+def test_assistant_system_prompt_goes_to_lm_eval_and_the_limits_are_said(task_dir, tiny_model_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    import lm_eval.evaluator
+
+    bot = tmp_path / "bot.yaml"
+    bot.write_text(f"name: bot\nmodel: {tiny_model_dir}\nsystem_prompt: Answer in one word.\n", encoding="utf-8")
+    prompts = []
+    real_evaluate = lm_eval.evaluator.evaluate
+
+    def spy(*args, **kwargs):
+        out = real_evaluate(*args, **kwargs)
+        prompts.extend(i.arguments[0] for t in kwargs["task_dict"]["tasks"].values() for i in t.instances)
+        return out
+
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", spy)
+    assistant = open_target(assistant=bot, device="cpu")
+    [suite] = lmeval.run_tasks(assistant, ["tiny_gen"], include_path=task_dir, limit=2)
+    assert suite["n"] == 2 and suite["chat_template"] is True
+    assert len(prompts) == 2 and all("Answer in one word." in p and "Question:" in p for p in prompts)
+    assert "sources (RAG) and few-shot examples are not applied" in capsys.readouterr().out
+
+
 def test_backend_runs_generation_tasks_and_refuses_loglikelihood_ones(task_dir, tiny_model_dir, tmp_path):
     from serve_helpers import running
 
