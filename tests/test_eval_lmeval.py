@@ -61,6 +61,14 @@ metadata:
 """
 
 
+GROUP_YAML = """group: tiny_group
+task: [tiny_mc, tiny_mc_b]
+aggregate_metric_list:
+  - metric: acc
+    weight_by_size: true
+"""
+
+
 @pytest.fixture(scope="module")
 def lm_eval_installed():
     return pytest.importorskip("lm_eval", reason="lm-eval is not installed (the gptsmith[eval] extra)")
@@ -73,6 +81,9 @@ def task_dir(tmp_path_factory, lm_eval_installed):
     data.write_text("".join(json.dumps(i) + "\n" for i in ITEMS), encoding="utf-8")
     (folder / "tiny_mc.yaml").write_text(MC_YAML.format(data=data), encoding="utf-8")
     (folder / "tiny_gen.yaml").write_text(GEN_YAML.format(data=data), encoding="utf-8")
+    (folder / "tiny_mc_b.yaml").write_text(MC_YAML.format(data=data).replace("task: tiny_mc", "task: tiny_mc_b"),
+                                           encoding="utf-8")
+    (folder / "tiny_group.yaml").write_text(GROUP_YAML, encoding="utf-8")
     return folder
 
 
@@ -118,6 +129,15 @@ def test_limit_and_a_rerun_give_the_same_items(task_dir, target):
     [a] = lmeval.run_tasks(target, ["tiny_mc"], include_path=task_dir, limit=3)
     [b] = lmeval.run_tasks(target, ["tiny_mc"], include_path=task_dir, limit=3)
     assert a["n"] == 3 and a["items"] == b["items"] and a["version"] == b["version"]
+
+
+def test_a_group_is_one_suite_over_all_its_tasks_documents(task_dir, target):
+    [suite] = lmeval.run_tasks(target, ["tiny_group"], include_path=task_dir)
+    n = len(ITEMS)
+    assert suite["n"] == 2 * n
+    assert [i["id"] for i in suite["items"]] == [f"{t}/{d}" for t in ("tiny_mc", "tiny_mc_b") for d in range(n)]
+    assert suite["primary"] == "acc" and suite["metrics"]["acc"] == pytest.approx(
+        sum(i["acc"] for i in suite["items"]) / (2 * n))
 
 
 def test_local_generation_task(task_dir, target):
