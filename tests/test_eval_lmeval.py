@@ -194,6 +194,13 @@ def test_unknown_task_is_a_clear_error(task_dir, target):
         lmeval.run_tasks(target, ["tiny_mx"], include_path=task_dir)
 
 
+def test_a_task_whose_data_file_is_missing_is_a_clear_error(tmp_path, target, lm_eval_installed):
+    (tmp_path / "broken.yaml").write_text(MC_YAML.format(data=tmp_path / "gone.jsonl").replace(
+        "task: tiny_mc", "task: broken"), encoding="utf-8")
+    with pytest.raises(InputError, match=r"lm-eval task broken .*could not be loaded.*gone\.jsonl"):
+        lmeval.run_tasks(target, ["broken"], include_path=tmp_path)
+
+
 def test_missing_task_folder_is_a_clear_error(tmp_path, target, lm_eval_installed):
     with pytest.raises(InputError, match="no such folder of lm-eval task YAML"):
         lmeval.run_tasks(target, ["tiny_mc"], include_path=tmp_path / "nope")

@@ -62,7 +62,8 @@ def run_tasks(target, tasks: list[str], include_path=None, limit=None, k_shot=No
     _import_lm_eval()
     folder = _check_folder(include_path)
     with _quiet_lm_eval():
-        loaded = {name: _load_task(name, folder) for name in tasks}  # every name checked before any scoring
+        known = _Tasks(folder)
+        loaded = {name: known.load(name) for name in tasks}  # every name checked before any scoring
         if target.engine is None:
             for name, task_dict in loaded.items():
                 _require_generation(name, task_dict, target)
@@ -131,23 +132,42 @@ def _check_folder(include_path) -> Path | None:
     return folder.resolve()
 
 
-def _load_task(name: str, folder: Path | None) -> dict:
-    """lm-eval's TaskManager.load for one name: {"tasks", "groups", "group_map"}. With a folder, the name is
-    looked up among that folder's tasks only (indexing lm-eval's ~15,000 built-in tasks takes many seconds)."""
-    from lm_eval.tasks import TaskManager
+class _Tasks:
+    """lm-eval's TaskManager, built once per run: with a folder, over that folder alone (a name is looked up there
+    only; indexing lm-eval's ~15,000 built-in tasks takes many seconds), else over lm-eval's own tasks."""
 
-    if folder is not None:
-        local = TaskManager(include_path=str(folder), include_defaults=False)
-        if name not in local.all_tasks:
-            raise InputError(_unknown(name, local.all_tasks, f"in {folder}"))
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._managers: dict[bool, object] = {}
+
+    def manager(self, with_defaults: bool):
+        from lm_eval.tasks import TaskManager
+
+        if with_defaults not in self._managers:
+            self._managers[with_defaults] = TaskManager(
+                include_path=str(self.folder) if self.folder else None, include_defaults=with_defaults)
+        return self._managers[with_defaults]
+
+    def load(self, name: str) -> dict:
+        """TaskManager.load([name]): {"tasks", "groups", "group_map"}, with the task's documents loaded."""
+        where = f"in {self.folder}" if self.folder else "in lm-eval"
+        manager = self.manager(with_defaults=self.folder is None)
+        if name not in manager.all_tasks:
+            raise InputError(_unknown(name, manager.all_tasks, where))
         try:
-            return local.load([name])
-        except KeyError:  # the local YAML refers to one of lm-eval's own tasks: index those too
-            return TaskManager(include_path=str(folder)).load([name])
-    manager = TaskManager()
-    if name not in manager.all_tasks:
-        raise InputError(_unknown(name, manager.all_tasks, "in lm-eval"))
-    return manager.load([name])
+            try:
+                return manager.load([name])
+            except KeyError:
+                if self.folder is None:
+                    raise
+                # the local YAML refers to one of lm-eval's own tasks: index those too
+                return self.manager(with_defaults=True).load([name])
+        except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many kinds; all mean "this task's
+            # YAML or data could not be read", which the user fixes
+            raise InputError(f"lm-eval task {name} ({where}) could not be loaded: {type(e).__name__}: {e}. A task "
+                             "of lm-eval's downloads its data once (network, or a cached copy with "
+                             "HF_DATASETS_OFFLINE=1); a local YAML's dataset_kwargs.data_files are relative to the "
+                             "directory you run in") from None
 
 
 def _unknown(name: str, known: list[str], where: str) -> str:
