@@ -179,7 +179,8 @@ def main() -> None:
     n = len(g["preds"])
     same = sum(a[0] == b[0] for a, b in zip(g["preds"], lm["preds"]))
     same_norm = sum(a[1] == b[1] for a, b in zip(g["preds"], lm["preds"]))
-    print(f"\nmodel preset {args.preset}, vocab {args.vocab}, {n} python-docs items (4 choices), batch {args.batch_size}, "
+    print(f"\nmodel preset {args.preset}, vocab {args.vocab}, {n} python-docs items (4 choices), "
+          f"batch {args.batch_size}, "
           f"device {args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"lm_eval {lm_eval.__version__}, best of {args.repeats}")
     print("| scorer | items/s (wall) | items per CPU-second | seconds | acc | peak RSS | RSS added by scoring | "

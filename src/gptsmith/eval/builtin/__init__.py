@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 BUILTIN = {
-    "python-docs": "multiple choice: which section of Python's documentation an excerpt comes from (a few hundred items)",
+    "python-docs": "multiple choice: which section of Python's docs an excerpt comes from (a few hundred items)",
     "python-docs-text": "bits-per-byte on the documentation topics `gptsmith prepare` holds out for validation",
     "chat-sanity": "generation: replies end by themselves, stay on topic and keep a system prompt (24 items)",
 }

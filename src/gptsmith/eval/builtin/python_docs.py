@@ -39,8 +39,9 @@ MIN_EXCERPT, MAX_EXCERPT = 150, 700  # characters: a paragraph with something to
 MASK = "____"
 QUESTION = "Which section of the Python documentation is this excerpt from? (Words of its title are shown as ____.)"
 # Title words too common to give a section away; every other title word (and any quoted name) is masked.
-COMMON = {"the", "and", "of", "a", "an", "to", "for", "in", "on", "with", "python", "statement", "statements", "types", "type",
-          "objects", "object", "operations", "expression", "expressions", "literals", "special", "sequence"}
+COMMON = {"the", "and", "of", "a", "an", "to", "for", "in", "on", "with", "python", "statement", "statements",
+          "types", "type", "objects", "object", "operations", "expression", "expressions", "literals", "special",
+          "sequence"}
 _RULE = re.compile(r"^\s*([*=\-~^#+|]{3,}|\+[-=+]+\+?)\s*$")  # heading underlines and table borders
 
 
