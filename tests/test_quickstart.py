@@ -28,3 +28,11 @@ def test_quickstart_smoke_builds_base_and_chat_models(tmp_path, capsys):
     assert "Sources:\n[1] " in printed, printed[-1500:]
     first_source = printed.split("Sources:\n[1] ")[1].splitlines()[0]
     assert first_source.startswith(str(out / "pydocs" / "try.rst")) or "exceptions.rst" in first_source
+    # 6/6: both models scored on the built-in suites; the chat model's report card shows the results
+    for stage, suites in (("base", {"python-docs"}), ("chat", {"python-docs", "chat-sanity"})):
+        (result_file,) = (out / stage / "eval").glob("eval-*.json")
+        result = json.loads(result_file.read_text())
+        assert {s["name"] for s in result["suites"]} == suites
+        assert all(s["n"] == 8 and 0 <= s["metrics"][s["primary"]] <= 1 for s in result["suites"])
+    report = (out / "chat" / "report.html").read_text()
+    assert "chat-sanity" in report and "python-docs" in report

@@ -5,6 +5,8 @@
     OUT/chat   the base model fine-tuned on the chatterbot-corpus English dialogs
     OUT/pydocs the Python reference topics as .rst files, OUT/index their retrieval index (rag), and
     OUT/assistant.yaml an assistant over the chat model that answers Python questions with its sources
+    OUT/{base,chat}/eval  the built-in suites' results (Python knowledge, chat sanity) and, beside each model,
+    report.md + report.html: its report card
 
 The time budget (`--minutes`) is shared out between the stages; the model it makes is small and says so.
 """
@@ -26,6 +28,7 @@ SAMPLE_PROMPTS = ["The list", "def ", "An exception"]
 SAMPLE_QUESTIONS = ["Hello, how are you?", "What is your name?", "Do you like Python?"]
 ASSISTANT_QUESTION = "How do I catch an exception?"
 # --smoke indexes only these reference topics so the embedding takes seconds; a full run indexes all ~80.
+EVAL_LIMIT, EVAL_LIMIT_SMOKE = 100, 8  # items per suite the last step scores: a quick reading, not the full suite
 SMOKE_TOPICS = ["try", "exceptions", "raise", "for", "while", "if", "import", "lambda", "with", "class"]
 
 
@@ -73,6 +76,28 @@ def _assistant(out: Path, smoke: bool) -> Path:
     return path
 
 
+def _evaluate(out: Path, smoke: bool) -> dict:
+    """Both models on the built-in suites (`gptsmith eval`): the base model on Python knowledge, the chat model on
+    that and on chat sanity; results go to MODEL/eval/, and each report card is written again to show them."""
+    from gptsmith.eval.report import write_report
+    from gptsmith.eval.results import print_result
+    from gptsmith.eval.run import evaluate
+    from gptsmith.eval.targets import open_target
+
+    scores = {}
+    for name, suites in (("base", ["python-docs"]), ("chat", ["python-docs", "chat-sanity"])):
+        target = open_target(model=out / name, device="cpu")
+        try:
+            result = evaluate(target, suites, out_dir=out / name / "eval", limit=EVAL_LIMIT_SMOKE if smoke else
+                              EVAL_LIMIT, max_tokens=32 if smoke else 64)
+        finally:
+            target.close()
+        print_result(result)
+        scores[name] = {s["name"]: s["metrics"][s["primary"]] for s in result["suites"]}
+        write_report(out / name, samples=0 if smoke else 2, device="cpu")
+    return scores
+
+
 def _user_keys(cfg: ProjectConfig) -> set[str]:
     """Dotted keys the user set in a config file or on the command line."""
     return {f"{name}.{key}" for name in cfg.model_fields_set for key in getattr(cfg, name).model_fields_set}
@@ -115,24 +140,24 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smoke:
     t0 = time.perf_counter()
     results: dict = {}
 
-    _banner("1/5 data: Python's own documentation -> clean text, tokenizer, token shards")
+    _banner("1/6 data: Python's own documentation -> clean text, tokenizer, token shards")
     inputs = [str(_smoke_corpus(out))] if smoke else ["python-docs"]
     manifest = prepare(inputs, out / "data", cfg)
     results["bytes_per_token"] = manifest.get("bytes_per_token")
 
-    _banner("2/5 pretrain: a small GPT from scratch (next-token prediction)")
+    _banner("2/6 pretrain: a small GPT from scratch (next-token prediction)")
     base = pretrain(out / "data", out / "base", cfg)
     results["base"] = base
     print(f"validation bits-per-byte: {base.get('val_bpb_before', float('nan')):.3f} before training -> "
           f"{base['val_bpb']:.3f} after")
 
-    _banner("3/5 fine-tune: chatterbot-corpus English dialogs, loss on the assistant's turns only")
+    _banner("3/6 fine-tune: chatterbot-corpus English dialogs, loss on the assistant's turns only")
     chat = sft(out / "base", "chatterbot", out / "chat", cfg)
     results["chat"] = chat
     print(f"chat validation bits-per-byte (assistant tokens): {chat.get('val_bpb_before', float('nan')):.3f} "
           f"before fine-tuning -> {chat['val_bpb']:.3f} after")
 
-    _banner("4/5 samples")
+    _banner("4/6 samples")
     params = SamplingParams(max_new_tokens=24 if smoke else 48, temperature=0.7, top_k=40, top_p=0.95,
                             repetition_penalty=1.1, seed=0)
     engine = Engine.load(out / "base", device="cpu")
@@ -143,13 +168,16 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smoke:
     for q, c in zip(SAMPLE_QUESTIONS, engine.generate(prompts, params)):
         print(f"[chat] you: {q}\n       bot: {c.text.strip()}")
 
-    _banner("5/5 assistant: the Python docs indexed for retrieval, answers with numbered sources")
+    _banner("5/6 assistant: the Python docs indexed for retrieval, answers with numbered sources")
     from gptsmith.assist.cli import ask
     assistant = _assistant(out, smoke)
     print(f"you: {ASSISTANT_QUESTION}\nbot: ", end="", flush=True)
     reply = ask(assistant, ASSISTANT_QUESTION, device="cpu")
     results["assistant"] = {"question": ASSISTANT_QUESTION, "answer": reply.answer,
                             "sources": [h.chunk.citation() for h in reply.sources]}
+
+    _banner("6/6 evaluate: Python knowledge (multiple choice) and chat sanity, then the report cards")
+    results["eval"] = _evaluate(out, smoke)
 
     results["minutes"] = round((time.perf_counter() - t0) / 60, 2)
     _banner(f"done in {results['minutes']} min")
@@ -159,4 +187,5 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smoke:
     print(f"Chat with it:   gptsmith chat --model {out / 'chat'}")
     print(f"Ask the docs:   gptsmith ask --assistant {assistant} \"How do I read a file line by line?\"")
     print(f"Serve it:       gptsmith serve --model {out / 'chat'}")
+    print(f"Its report:     {out / 'chat' / 'report.html'}")
     return results

@@ -44,7 +44,7 @@ from gptsmith.files import atomic_write_json
 from gptsmith.tokenizer import encode_chat
 from gptsmith.train import rewards as R
 from gptsmith.train.tuning import (MetricsTrail, StopAfterMinutes, file_identity, load_model, lora_config,
-                                   precision_args, prepare_chat_template, resolve_device, save_curves_plot,
+                                   trainer_args, prepare_chat_template, resolve_device, save_curves_plot,
                                    save_trained, start_run)
 
 TITLE = "GRPO (rewards of sampled answers)"
@@ -221,20 +221,15 @@ def build_trainer(model_id: str, dataset, funcs: list, device: str, out: Path, c
         tokenizer.pad_token = tokenizer.eos_token
     info["padding_side"] = tokenizer.padding_side  # put back before saving: serving keeps the model's own
     tokenizer.padding_side = "left"  # generation pads prompts on the left (TRL's requirement)
+    common = trainer_args(s, out, device, has_val=False)  # no held-out prompts: the reward curve is the signal
+    for key in ("per_device_eval_batch_size", "dataset_num_proc"):  # GRPOConfig has neither (it generates online)
+        common.pop(key)
     args = TRLGRPOConfig(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=s.epochs, max_steps=s.max_steps,
-        per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
-        learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay,
+        **common,
         num_generations=s.num_generations, max_completion_length=s.max_completion_length,
         temperature=s.temperature, top_p=s.top_p, beta=s.beta, epsilon=s.epsilon, num_iterations=s.num_iterations,
         loss_type=s.loss_type, scale_rewards=s.scale_rewards, mask_truncated_completions=s.mask_truncated_completions,
         reward_weights=s.reward_weights, use_vllm=s.use_vllm, vllm_mode="colocate",
-        **precision_args(device),  # fp32 on CPU (TRL's configs default to bf16); bf16 autocast where the GPU has it
-        activation_checkpointing=s.gradient_checkpointing,  # TRL defaults it on; ours is a setting, off by default
-        dataloader_num_workers=0, save_strategy="steps", save_steps=s.save_every, save_total_limit=s.keep_checkpoints,
-        logging_steps=s.log_every, logging_first_step=True, report_to="none",
-        seed=s.seed, data_seed=s.seed, disable_tqdm=False,
     )
     if s.max_minutes is not None:
         callbacks = [*callbacks, StopAfterMinutes(s.max_minutes, stage="grpo")]

@@ -27,7 +27,7 @@ from gptsmith.errors import InputError
 from gptsmith.files import atomic_write_json
 from gptsmith.tokenizer import encode_chat
 from gptsmith.train.tuning import (MetricsTrail, StopAfterMinutes, file_identity, load_model, lora_config,
-                                   precision_args, prepare_chat_template, resolve_device, save_curves_plot,
+                                   trainer_args, prepare_chat_template, resolve_device, save_curves_plot,
                                    save_trained, start_run)
 
 
@@ -86,22 +86,8 @@ def build_trainer(method: Method, model_id: str, train: list[dict], val: list[di
     if s.qlora:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing)
-    args = dict(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=s.epochs, max_steps=s.max_steps,
-        per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.grad_accum,
-        learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay,
-        max_length=s.max_length, beta=s.beta, loss_type=s.loss_type,
-        precompute_ref_log_probs=s.precompute_ref,
-        **precision_args(device),  # fp32 on CPU (TRL's configs default to bf16); bf16 autocast where the GPU has it
-        activation_checkpointing=s.gradient_checkpointing,  # TRL defaults it on; ours is a setting, off by default
-        dataloader_num_workers=0, dataset_num_proc=None,
-        eval_strategy="steps" if val_ds is not None else "no", eval_steps=s.eval_every,
-        save_strategy="steps", save_steps=s.save_every, save_total_limit=s.keep_checkpoints,
-        logging_steps=s.log_every, logging_first_step=True, report_to="none",
-        seed=s.seed, data_seed=s.seed, disable_tqdm=False,
-    )
+    args = dict(trainer_args(s, out, device, val_ds is not None),
+                max_length=s.max_length, beta=s.beta, loss_type=s.loss_type, precompute_ref_log_probs=s.precompute_ref)
     if s.max_minutes is not None:
         callbacks = [*(callbacks or []), StopAfterMinutes(s.max_minutes, stage=method.name)]
     peft_config = lora_config(s) if s.lora or s.qlora else None

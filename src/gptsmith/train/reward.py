@@ -34,7 +34,7 @@ from gptsmith.errors import InputError
 from gptsmith.files import atomic_write_json, write_dir
 from gptsmith.model import LINEAGE_FILENAME
 from gptsmith.tokenizer import encode_chat
-from gptsmith.train.tuning import (MetricsTrail, StopAfterMinutes, file_identity, lora_config, precision_args,
+from gptsmith.train.tuning import (MetricsTrail, StopAfterMinutes, file_identity, lora_config, trainer_args,
                                    prepare_chat_template, resolve_device, save_curves_plot, start_run)
 
 PANELS = [("loss", ["loss"]), ("held-out / batch accuracy", ["accuracy"]), ("reward margin", ["margin"])]
@@ -159,20 +159,9 @@ def build_trainer(model_id: str, train: list[dict], val: list[dict], out: Path, 
     val_ds, val_dropped = tokenized(tokenizer, val, s.max_length, "validation") if val else (None, 0)
     info["dropped_long_pairs"] = dropped + val_dropped
     args = TRLRewardConfig(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=s.epochs, max_steps=s.max_steps,
-        per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.grad_accum,
-        learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay,
+        **trainer_args(s, out, device, val_ds is not None),
         max_length=None,  # long pairs were dropped (and counted) when tokenising
         center_rewards_coefficient=s.center_rewards_coefficient,
-        **precision_args(device),
-        activation_checkpointing=s.gradient_checkpointing,  # TRL defaults it on; ours is a setting, off by default
-        dataloader_num_workers=0, dataset_num_proc=None,
-        eval_strategy="steps" if val_ds is not None else "no", eval_steps=s.eval_every,
-        save_strategy="steps", save_steps=s.save_every, save_total_limit=s.keep_checkpoints,
-        logging_steps=s.log_every, logging_first_step=True, report_to="none",
-        seed=s.seed, data_seed=s.seed, disable_tqdm=False,
     )
     if s.max_minutes is not None:
         callbacks = [*callbacks, StopAfterMinutes(s.max_minutes, stage="reward")]

@@ -30,10 +30,10 @@ from gptsmith.model import read_lineage, save_model_dir
 from gptsmith.tokenizer import encode_chat
 # shared with dpo/kto (train/tuning.py); re-exported under the names sft has always had
 from gptsmith.train.tuning import (PLAIN_CHAT_TEMPLATE, StopAfterMinutes, file_identity, latest_checkpoint,  # noqa: F401
-                                   load_model, lora_config, precision_args, prepare_chat_template, resolve_device,
+                                   load_model, lora_config, prepare_chat_template, resolve_device,
                                    save_trained, start_run)
 from gptsmith.train.tuning import generation_config as _generation_config
-from gptsmith.train.tuning import MetricsTrail
+from gptsmith.train.tuning import MetricsTrail, trainer_args
 
 RUN_FILENAME = "sft_run.json"  # what a resumed run must match (data and base model)
 
@@ -176,21 +176,10 @@ def build_trainer(model_id: str, train: list[Messages], val: list[Messages], out
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing)
     args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=s.epochs, max_steps=s.max_steps,
-        per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.grad_accum,
-        learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay,
+        **trainer_args(s, out, device, val_ds is not None),
         max_length=s.max_seq_len, packing=s.packing, eval_packing=False,
         assistant_only_loss=False,  # the datasets come tokenised with their masks (_datasets); TRL builds labels
         train_sampling_strategy="group_by_length" if s.group_by_length and not s.packing else "random",
-        **precision_args(device),  # fp32 on CPU; bf16 autocast on GPUs that have it, else fp16
-        activation_checkpointing=s.gradient_checkpointing,
-        dataloader_num_workers=0, dataset_num_proc=None,
-        eval_strategy="steps" if val_ds is not None else "no", eval_steps=s.eval_every,
-        save_strategy="steps", save_steps=s.save_every, save_total_limit=s.keep_checkpoints,
-        logging_steps=s.log_every, logging_first_step=True, report_to="none",
-        seed=s.seed, data_seed=s.seed, disable_tqdm=False,
     )
     if s.max_minutes is not None:
         callbacks = [*(callbacks or []), StopAfterMinutes(s.max_minutes)]

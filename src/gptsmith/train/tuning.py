@@ -34,6 +34,27 @@ def precision_args(device: str) -> dict:
     return {"bf16": bf16, "fp16": cuda and not bf16, "use_cpu": not cuda}
 
 
+def trainer_args(s, out: Path, device: str, has_val: bool) -> dict:
+    """The TrainingArguments every gptsmith TRL trainer (sft, dpo, kto, reward, grpo) shares, from its config section
+    `s`: checkpoints under OUT/checkpoints, a cosine schedule, the device's precision, when to evaluate, save and
+    log, and the seeds. Each trainer adds its method's own arguments."""
+    evaluation = dict(eval_strategy="steps", eval_steps=s.eval_every) if has_val else dict(eval_strategy="no")
+    return dict(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=s.epochs, max_steps=s.max_steps,
+        per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay,
+        **precision_args(device),  # fp32 on CPU (TRL's configs default to bf16); bf16 autocast where the GPU has it
+        activation_checkpointing=s.gradient_checkpointing,  # TRL defaults it on; ours is a setting, off by default
+        dataloader_num_workers=0, dataset_num_proc=None,
+        **evaluation,
+        save_strategy="steps", save_steps=s.save_every, save_total_limit=s.keep_checkpoints,
+        logging_steps=s.log_every, logging_first_step=True, report_to="none",
+        seed=s.seed, data_seed=s.seed, disable_tqdm=False,
+    )
+
+
 def load_model(model_id: str, device: str, qlora: bool = False):
     """Model in float32 (TRL's default too: mixed precision autocasts from fp32 master weights), or 4-bit for QLoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
