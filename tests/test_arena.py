@@ -108,6 +108,9 @@ def test_arena_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["leaderboard", "--db", db]) == 0
     table = capsys.readouterr().out
     assert "2 votes" in table and table.index(model_a) < table.index(model_b)
+    assert main(["leaderboard", "--db", db, "--json", "--by-version"]) == 0
+    by_version = json.loads(capsys.readouterr().out)["models"]
+    assert sorted(r["name"].split("@")[0] for r in by_version) == sorted([model_a, model_b])
 
     out = tmp_path / "dpo.jsonl"
     assert main(["feedback", "export", "--db", db, "--format", "dpo", "--out", str(out)]) == 0
@@ -244,6 +247,16 @@ def test_store_battles_and_votes(store):
     assert store.delete_conversation(second["conversation_id"])
     assert len(store.list_votes()) == 2 and store.get_battle(second["id"])["a"] is None
     assert [r["chosen"][0]["content"] for r in build_examples(store, "dpo")] == ["answer B"]
+    # a model's versions rated apart: a registry's new version is a new entry on the leaderboard
+    from gptsmith.eval.ratings import leaderboard as rate
+    conv = store.create_conversation(source="arena")["id"]
+    q = store.add_message(conv, "user", "Q3")["id"]
+    ma, mb = (store.add_message(conv, "assistant", t, q, finish_reason="stop")["id"] for t in ("A3", "B3"))
+    store.vote_battle(store.add_battle(conv, q, ma, mb, "x", "y", "v2", None)["id"], "a")
+    assert [(v["model_a"], v["model_b"]) for v in store.list_votes(by_version=True)] == [
+        ("x@x@1", "y@y@1"), ("x@x@1", "y@y@1"), ("x@v2", "y")]
+    assert {r["name"] for r in rate(store.list_votes(by_version=True), 0)} == {"x@x@1", "y@y@1", "x@v2", "y"}
+    assert {(v["model_a"], v["model_b"]) for v in store.list_votes()} == {("x", "y")}
 
 
 def test_old_store_gets_the_arena_table(tmp_path):

@@ -271,7 +271,8 @@ def cmd_leaderboard(args) -> None:
 
     from gptsmith.eval.ratings import print_leaderboard
     from gptsmith.serve.arena import stored_leaderboard
-    board = stored_leaderboard(_config(args, {"serve.db": args.db}).serve.db, args.bootstrap)
+    board = stored_leaderboard(_config(args, {"serve.db": args.db}).serve.db, args.bootstrap,
+                               by_version=args.by_version)
     if args.json:
         print(json.dumps(board, indent=2))
     else:
@@ -712,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="SQLAlchemy URL of the store (serve.db; default sqlite:///gptsmith.db)")
     p.add_argument("--json", action="store_true", help="print the ratings as JSON instead of a table")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap resamples for the intervals")
+    p.add_argument("--by-version", action="store_true",
+                   help="rate each model version apart (name@version, e.g. a registry's chat@v2) instead of each name")
 
     p = add("quickstart", "Build a small chatbot from the embedded data: prepare, tokenizer, pretrain, fine-tune.",
             cmd_quickstart)

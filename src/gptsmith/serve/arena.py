@@ -168,23 +168,23 @@ async def vote(srv: Server, battle_id: int, winner: str) -> dict:
     return voted
 
 
-async def leaderboard(srv: Server, n_bootstrap: int = 200) -> dict:
+async def leaderboard(srv: Server, n_bootstrap: int = 200, by_version: bool = False) -> dict:
     """Every vote in the store, rated (on a worker thread: the bootstrap refits the ratings n_bootstrap times)."""
     from gptsmith.eval.ratings import leaderboard as rate
 
-    votes = await asyncio.to_thread(srv.store.list_votes)
+    votes = await asyncio.to_thread(srv.store.list_votes, by_version)
     rows = await asyncio.to_thread(rate, votes, n_bootstrap)
     return {"votes": len(votes), "n_bootstrap": n_bootstrap, "models": rows}
 
 
-def stored_leaderboard(db_url: str, n_bootstrap: int = 200, seed: int = 0) -> dict:
-    """`gptsmith leaderboard`: the votes in the store at `db_url`, rated."""
+def stored_leaderboard(db_url: str, n_bootstrap: int = 200, seed: int = 0, by_version: bool = False) -> dict:
+    """`gptsmith leaderboard`: the votes in the store at `db_url`, rated (by_version: each model version apart)."""
     from gptsmith.eval.ratings import leaderboard as rate
     from gptsmith.serve.feedback import open_store
 
     store = open_store(db_url)
     try:
-        votes = store.list_votes()
+        votes = store.list_votes(by_version)
     finally:
         store.close()
     return {"votes": len(votes), "n_bootstrap": n_bootstrap, "models": rate(votes, n_bootstrap, seed)}

@@ -476,10 +476,17 @@ class Store:
                               .values(model_name=name, model_version=version))
             return self._battle(s, b)
 
-    def list_votes(self) -> list[dict]:
-        """Every voted battle as {model_a, model_b, winner}, in the order the votes came (what Elo needs)."""
+    def list_votes(self, by_version: bool = False) -> list[dict]:
+        """Every voted battle as {model_a, model_b, winner}, in the order the votes came (what Elo needs). With
+        `by_version`, each side is "name@version" (a registry's chat@v2), so every version of a model is rated on
+        its own votes: a promotion shows on the leaderboard as a new entry, not as a drift of the old one."""
         with self.Session() as s:
-            rows = s.execute(select(ArenaBattle.model_a, ArenaBattle.model_b, ArenaBattle.winner)
+            rows = s.execute(select(ArenaBattle.model_a, ArenaBattle.model_b, ArenaBattle.version_a,
+                                    ArenaBattle.version_b, ArenaBattle.winner)
                              .where(ArenaBattle.winner.is_not(None))
                              .order_by(ArenaBattle.voted_at, ArenaBattle.id))
-            return [{"model_a": a, "model_b": b, "winner": w} for a, b, w in rows]
+
+            def name(model: str, version: str | None) -> str:
+                return f"{model}@{version}" if by_version and version else model
+
+            return [{"model_a": name(a, va), "model_b": name(b, vb), "winner": w} for a, b, va, vb, w in rows]

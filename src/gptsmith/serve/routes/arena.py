@@ -31,5 +31,6 @@ async def vote(battle_id: BattleId, body: arena.VoteIn, srv: ServerDep):
 
 
 @router.get("/api/leaderboard")
-async def leaderboard(srv: ServerDep, n_bootstrap: Annotated[int, Query(ge=0, le=2000)] = 200):
-    return await arena.leaderboard(srv, n_bootstrap)
+async def leaderboard(srv: ServerDep, n_bootstrap: Annotated[int, Query(ge=0, le=2000)] = 200,
+                      by_version: bool = False):
+    return await arena.leaderboard(srv, n_bootstrap, by_version)
