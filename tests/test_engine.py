@@ -333,7 +333,7 @@ def write_generation_config(model_dir, **values) -> None:
     (model_dir / "generation_config.json").write_text(json.dumps(values))
 
 
-def test_engine_and_generate_cli_honour_generation_config_json(varied_model_dir, capsys):
+def test_engine_and_generate_cli_honour_generation_config_json(varied_model_dir, capsys, tmp_path):
     from gptsmith.cli import main
     from gptsmith.config import load_config
 
@@ -354,6 +354,11 @@ def test_engine_and_generate_cli_honour_generation_config_json(varied_model_dir,
     asked = eng.resolve(SamplingParams.from_config(load_config(None, {"generate.temperature": 0.8,
                                                                        "generate.max_new_tokens": 256}).generate))
     assert (asked.temperature, asked.max_new_tokens, asked.top_k) == (0.8, 256, 7)
+    # a config saved with every key (gptsmith.yaml beside a model) and loaded again still leaves them to the model
+    from gptsmith.config import save_config
+    reloaded = load_config(save_config(load_config(None, {"generate.seed": 3}), tmp_path), {}).generate
+    again = eng.resolve(SamplingParams.from_config(reloaded))
+    assert (again.temperature, again.top_k, again.max_new_tokens, again.seed) == (0, 7, 30, 3)
 
     assert main(["generate", "--model", str(varied_model_dir), "--prompt", TEXTS[2], "--device", "cpu"]) in (0, None)
     assert capsys.readouterr().out == eng.tokenizer.decode(plain[:cut]) + "\n"

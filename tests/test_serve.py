@@ -414,13 +414,16 @@ def test_defaults_shown_and_stored_are_the_models_own(tmp_path, tokenizer_dir):
     model = long_context_model(tmp_path / "m", tokenizer_dir, max_seq_len=256)
     gen = json.loads((model / "generation_config.json").read_text())
     (model / "generation_config.json").write_text(json.dumps(gen | {"do_sample": True, "temperature": 0.3,
-                                                                     "top_p": 0.7}))
+                                                                     "top_p": 0.7, "max_new_tokens": 37}))
     cfg = load_config(None, {"serve.db": f"sqlite:///{tmp_path / 's.db'}"})
     with TestClient(create_app(cfg, model), base_url="http://127.0.0.1") as c:
-        assert c.get("/api/info").json()["defaults"] | {"max_tokens": 0} == {"temperature": 0.3, "top_p": 0.7,
-                                                                              "max_tokens": 0}
+        assert c.get("/api/info").json()["defaults"] == {"temperature": 0.3, "top_p": 0.7, "max_tokens": 37}
         conv = c.post("/api/conversations", json={}).json()["id"]
         r = c.post(f"/api/conversations/{conv}/messages", json={"content": "hi", "settings": {"max_tokens": 4}})
         assert r.status_code == 200, r.text
         answer = [m for m in c.get(f"/api/conversations/{conv}").json()["messages"] if m["role"] == "assistant"][0]
         assert answer["sampling"]["temperature"] == 0.3 and answer["sampling"]["top_p"] == 0.7
+    # generate.max_new_tokens, when set, wins over the model's
+    cfg = load_config(None, {"serve.db": f"sqlite:///{tmp_path / 's.db'}", "generate.max_new_tokens": 12})
+    with TestClient(create_app(cfg, model), base_url="http://127.0.0.1") as c:
+        assert c.get("/api/info").json()["defaults"]["max_tokens"] == 12

@@ -263,10 +263,11 @@ class GRPOConfig(Section):
 
 
 class GenerateConfig(Section):
-    # A key left unset (null; max_new_tokens: absent from the file and the overrides) takes the model's
-    # generation_config.json value, else gptsmith's default (gptsmith.generation_defaults): SamplingParams.from_config.
-    max_new_tokens: int = Field(DEFAULTS.max_new_tokens, ge=1, description="longest answer in tokens; when not set, "
-                                "the model's generation_config.json value, else this")
+    # A key left null takes the model's generation_config.json value, else gptsmith's default
+    # (gptsmith.generation_defaults): SamplingParams.from_config. Null, not "absent from the file", marks a key as
+    # unset, so a config saved with every key (gptsmith.yaml beside a model) and loaded again means the same.
+    max_new_tokens: int | None = Field(None, ge=1, description="longest answer in tokens; null = the model's "
+                                       f"generation_config.json, else {DEFAULTS.max_new_tokens}")
     temperature: float | None = Field(None, ge=0, description="0 = greedy; null = the model's generation_config.json, "
                                       f"else {DEFAULTS.temperature}")
     top_k: int | None = Field(None, ge=0, description="sample from the k likeliest tokens, 0 = off; null = the "

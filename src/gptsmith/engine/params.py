@@ -30,10 +30,9 @@ class SamplingParams:
 
     @classmethod
     def from_config(cls, g, **overrides) -> "SamplingParams":
-        """The fields a GenerateConfig sets explicitly (in the config file, an override or a flag); the others stay
-        None, so a model's generation_config.json can fill them."""
-        explicit = getattr(g, "model_fields_set", None)
-        values = {f: getattr(g, f) for f in SAMPLING_FIELDS if explicit is None or f in explicit}
+        """The fields a GenerateConfig sets (not null); the others stay None, so a model's generation_config.json
+        can fill them."""
+        values = {f: getattr(g, f, None) for f in SAMPLING_FIELDS}
         values["seed"] = g.seed
         values.update(overrides)
         return cls(**{k: v for k, v in values.items() if v is not None or k == "seed"})

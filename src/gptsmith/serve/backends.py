@@ -94,7 +94,7 @@ class LocalBackend:
         from gptsmith.engine import SamplingParams
 
         resolved = self.engine.resolve(SamplingParams(top_k=self.top_k, repetition_penalty=self.repetition_penalty))
-        return {"temperature": resolved.temperature, "top_p": resolved.top_p}
+        return {"temperature": resolved.temperature, "top_p": resolved.top_p, "max_new_tokens": resolved.max_new_tokens}
 
     def count_tokens(self, messages: list[dict]) -> int:
         """The length of `messages` in this model's tokens, as its chat template encodes them (an assistant's

@@ -23,6 +23,7 @@ from fastapi import Request
 
 from gptsmith.config import ProjectConfig
 from gptsmith.errors import InputError
+from gptsmith.generation_defaults import DEFAULTS
 from gptsmith.serve.backends import Backend, Chunk, GenParams, Prompt
 from gptsmith.serve.schemas import APIError, SamplingFields
 from gptsmith.serve.store import MessageGone, Store
@@ -174,6 +175,7 @@ class Server:
         self._flusher: asyncio.Task | None = None
         self._final_writes: set[asyncio.Future] = set()  # final saves of cancelled answers, still running
         self._defaults = {id(s.backend): self._sampling_defaults(s.backend) for s in self.served}
+        self._max_new = {id(s.backend): self._model_max_new(s.backend) for s in self.served}
 
     @property
     def backends(self) -> list[Backend]:
@@ -184,8 +186,16 @@ class Server:
         """Serve `new` in `old`'s place (serve --registry switching versions). Requests that already hold `old`
         finish on it; the next check_model returns `new`."""
         self._defaults[id(new.backend)] = self._sampling_defaults(new.backend)
+        self._max_new[id(new.backend)] = self._model_max_new(new.backend)
         self.served[self.served.index(old)] = new
         self.backend = self.served[0].backend
+
+    def _model_max_new(self, backend: Backend) -> int:
+        """An answer's length when nothing says: generate.max_new_tokens when set, else the model's
+        generation_config.json (LocalBackend.sampling_defaults), else gptsmith's default."""
+        if self.cfg.generate.max_new_tokens is not None:
+            return self.cfg.generate.max_new_tokens
+        return getattr(backend, "sampling_defaults", dict)().get("max_new_tokens") or DEFAULTS.max_new_tokens
 
     def _sampling_defaults(self, backend: Backend) -> dict:
         """Temperature and top_p for a request that leaves them out: the config's when set, else the model's
@@ -254,7 +264,7 @@ class Server:
 
     def assistant_max_tokens(self, served: Served) -> int:
         """An assistant's answer length when the request does not say: its profile's, else the server's."""
-        return served.assistant.profile.sampling.max_tokens or self.default_max_tokens
+        return served.assistant.profile.sampling.max_tokens or self.default_max_tokens(served)
 
     def defaults_for(self, served: Served) -> dict:
         return self._defaults[id(served.backend)]
@@ -297,16 +307,15 @@ class Server:
         if len(body.stop_list()) > 4:
             raise APIError(400, f"stop has {len(body.stop_list())} strings; at most 4 are allowed.", "stop")
 
-    @property
-    def default_max_tokens(self) -> int:
-        """An answer's length when the client does not say: the configured default, never over the limit a
-        client could ask for (the backend cuts it further to the context that remains)."""
-        return min(self.cfg.generate.max_new_tokens, self.sc.max_tokens_limit)
+    def default_max_tokens(self, served: Served | None = None) -> int:
+        """An answer's length when the client does not say (_model_max_new), never over the limit a client could
+        ask for (the backend cuts it further to the context that remains)."""
+        return min(self._max_new[id((served or self.served[0]).backend)], self.sc.max_tokens_limit)
 
     async def prepare(self, prompt: Prompt, max_tokens: int | None, fit: bool,
                       served: Served | None = None) -> tuple[Prompt, int | None]:
         backend = (served or self.served[0]).backend
-        return await backend.prepare(prompt, max_tokens, self.default_max_tokens, fit=fit)
+        return await backend.prepare(prompt, max_tokens, self.default_max_tokens(served), fit=fit)
 
     def params(self, temperature: float | None, top_p: float | None, max_tokens: int | None,
                stop: list[str] | None = None, seed: int | None = None, served: Served | None = None,

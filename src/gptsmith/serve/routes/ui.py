@@ -38,7 +38,7 @@ async def info(srv: ServerDep):
 
 def _model_info(srv: Server, served: Served) -> dict:
     b, a = served.backend, served.assistant
-    max_tokens = srv.assistant_max_tokens(served) if a is not None else srv.default_max_tokens
+    max_tokens = srv.assistant_max_tokens(served) if a is not None else srv.default_max_tokens(served)
     mine = {k: getattr(a.profile.sampling, k) for k in ("temperature", "top_p")} if a is not None else {}
     return {"id": served.name, "version": b.version, "max_context": b.max_context, "assistant": a is not None,
             "rag": served.index_dir is not None,
