@@ -385,8 +385,8 @@ def cmd_config_show(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptsmith",
-        description="Build your own GPT chatbot end to end: data, tokenizer, pretraining, fine-tuning, "
-                    "generation, chat and serving.",
+        description="Build your own GPT chatbot end to end: data, tokenizer, pretraining, fine-tuning and "
+                    "preference tuning, generation, chat, assistants, evaluation, serving and the feedback loop.",
         epilog=OVERRIDES_HELP, formatter_class=_formatter)
     parser.add_argument("--version", action="version", version=f"gptsmith {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -397,6 +397,26 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_arg(p)
         return p
 
+    _data_commands(sub, add)
+    _training_commands(sub, add)
+    _preference_commands(sub, add)
+    _reward_commands(sub, add)
+    _use_commands(sub, add)
+    _registry_commands(sub, add)
+    _feedback_loop_commands(sub, add)
+    _tool_commands(sub, add)
+    _rag_commands(sub, add)
+    _eval_commands(sub, add)
+
+    cfg = sub.add_parser("config", help="Show the effective config.")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="STEP", required=True)
+    add("show", "Print the effective config (defaults, file and overrides) as YAML, each key's description as a "
+                "comment above it: save it, edit it, pass it back with --config.", cmd_config_show, cfg_sub)
+    return parser
+
+
+def _data_commands(sub, add) -> None:
+    """prepare, data clean|tokenize|convert, tokenizer train"""
     # prepare = data clean + tokenizer train + data tokenize
     inputs_help = (
         "what to read, any mix of: files (.txt .md = one document each; .jsonl .json .csv .parquet = one document per "
@@ -440,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="vocabulary size (tokenizer.vocab_size)")
     p.add_argument("--out", type=Path, default=None, help="tokenizer dir (default WORKDIR/tokenizer)")
 
+
+def _training_commands(sub, add) -> None:
+    """pretrain, sft"""
     p = add("pretrain", "Pretrain a GPT (Llama architecture) on prepared token shards.", cmd_pretrain)
     p.add_argument("--data", type=Path, required=True, metavar="WORKDIR", help="directory written by `prepare`")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write")
@@ -480,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     p.add_argument("--overwrite", action="store_true", help="delete OUT/checkpoints of an earlier run and start over")
 
+
+def _preference_commands(sub, add) -> None:
+    """dpo, kto"""
     for stage, helptext, data_help in (
             ("dpo", "Preference tuning on pairs of answers, chosen over rejected (DPO; full or LoRA).",
              "pairs .jsonl: `feedback export --format dpo` output ({prompt, chosen, rejected} as messages or "
@@ -519,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
         p.add_argument("--overwrite", action="store_true", help="delete OUT/checkpoints of an earlier run and start over")
 
+
+def _reward_commands(sub, add) -> None:
+    """reward, grpo, merge-lora"""
     p = add("reward", "Train a reward model (a one-output score head on the model) from preference pairs.",
             cmd_reward)
     p.add_argument("--model", required=True, help="starting model: HF directory or hub id")
@@ -591,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = ("--config defaults to the adapter's gptsmith.yaml (the config it was trained with); the effective "
                 "config is written beside the merged model. " + OVERRIDES_HELP)
 
+
+def _use_commands(sub, add) -> None:
+    """generate, chat, ask, serve"""
     for name, helptext in (("generate", "Generate text from a prompt."),):
         p = add(name, helptext, cmd_generate)
         p.add_argument("--model", type=Path, required=True, help="model directory")
@@ -642,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", type=Path, metavar="DIR", help="serve the live version of this model registry "
                    "(`gptsmith models`) and switch to a newly promoted one without a restart (serve.registry)")
 
+
+def _registry_commands(sub, add) -> None:
+    """models list|show|add|promote|rollback"""
     models = sub.add_parser("models", help="The model registry: list, show, add, promote, rollback versions.")
     models_sub = models.add_subparsers(dest="models_command", metavar="STEP", required=True)
     registry_help = "the registry folder (registry.json + versions/)"
@@ -671,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rollback", "Make the previously live version live again.", cmd_models, models_sub)
     p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
 
+
+def _feedback_loop_commands(sub, add) -> None:
+    """refine, feedback export, leaderboard"""
     p = add("refine", "Close the feedback loop: train a candidate from the live registry version on the feedback "
                       "stored since it went live, evaluate it against live, and promote it only if it is better.",
             cmd_refine)
@@ -716,7 +754,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by-version", action="store_true",
                    help="rate each model version apart (name@version, e.g. a registry's chat@v2) instead of each name")
 
-    p = add("quickstart", "Build a small chatbot from the embedded data: prepare, tokenizer, pretrain, fine-tune.",
+
+def _tool_commands(sub, add) -> None:
+    """quickstart, export gguf, report"""
+    p = add("quickstart", "Build a small chatbot from the embedded data: prepare, tokenizer, pretrain, fine-tune, "
+                          "an assistant over the indexed Python docs, and an evaluation with report cards.",
             cmd_quickstart)
     p.add_argument("--out", type=Path, default=Path("quickstart"), help="output directory")
     p.add_argument("--minutes", type=float, default=8.0, help="total training time budget in minutes")
@@ -740,6 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write the report here instead of into DIR")
     p.add_argument("--device", default="auto", help="where the samples are generated: auto, cpu, cuda")
 
+
+def _rag_commands(sub, add) -> None:
+    """rag index|query|questions|eval"""
     rag = sub.add_parser("rag", help="Retrieval over your documents: index, query, questions, eval.")
     rag_sub = rag.add_subparsers(dest="rag_command", metavar="STEP", required=True)
     p = add("index", "Index documents for retrieval (.md .txt .rst .html .pdf .docx .py .jsonl): chunk, embed, "
@@ -785,6 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "chunk, or any chunk of its source whose lines overlap it")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the figures as JSON")
 
+
+def _eval_commands(sub, add) -> None:
+    """eval, compare"""
     p = add("eval", "Score a model, assistant or backend on suites: bits-per-byte on text files, multiple-choice and "
                     "generation suites (JSONL), lm-eval tasks, built-in suites; writes a JSON result and prints a "
                     "table (with --baseline: differences with bootstrap confidence intervals).", cmd_eval)
@@ -825,12 +873,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the answers and of the bootstrap")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--device", default="auto", help="where local models run: auto, cpu, cuda")
-
-    cfg = sub.add_parser("config", help="Show the effective config.")
-    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="STEP", required=True)
-    add("show", "Print the effective config (defaults, file and overrides) as YAML, each key's description as a "
-                "comment above it: save it, edit it, pass it back with --config.", cmd_config_show, cfg_sub)
-    return parser
 
 
 def _version() -> str:
