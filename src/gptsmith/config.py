@@ -90,68 +90,61 @@ class PretrainConfig(Section):
     init_from: str | None = Field(None, description="continue pretraining from this Hugging Face model dir or hub id")
 
 
-class SFTConfig(Section):
-    epochs: float = Field(1.0, gt=0, description="passes over the training conversations (fractions allowed)")
-    max_steps: int = Field(-1, description="stop after N steps; -1 = run all epochs")
-    lr: float = Field(2e-4, gt=0, description="peak learning rate (cosine decay after warmup)")
-    batch_size: int = Field(8, ge=1, description="conversations (or packed sequences) per micro-batch")
+class TrainerSection(Section):
+    """Keys every TRL-based trainer (sft, dpo, kto, reward, grpo) has, with one meaning; each section adds its own
+    and its method's defaults for the rest (epochs, lr, batch size, ...)."""
+    max_steps: int = Field(-1, description="stop after N optimizer steps; -1 = run all epochs")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_seq_len: int = Field(512, ge=16, description="tokens per sequence; longer conversations are truncated")
-    warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of the steps spent warming up the learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    packing: bool = Field(False, description="pack several conversations into one sequence")
-    lora: bool = Field(False, description="train a LoRA adapter instead of all weights")
     lora_r: int = Field(16, ge=1, description="LoRA rank (size of the low-rank update)")
     lora_alpha: int = Field(32, ge=1, description="LoRA scale: the update is multiplied by lora_alpha / lora_r")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
     lora_target_modules: list[str] | str = Field("all-linear", description="module names, or all-linear")
-    qlora: bool = Field(False, description="4-bit base weights (bitsandbytes, CUDA only) + LoRA")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of conversations (by content hash) in validation")
-    eval_every: int = Field(50, ge=1, description="validation loss every N steps")
-    save_every: int = Field(100, ge=1, description="checkpoint every N steps (under OUT/checkpoints)")
-    seed: int = Field(42, description="seed of new weights' initialisation (LoRA, added tokens) and the data order")
-    device: str = Field("auto", description="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1, mps")
-    group_by_length: bool = Field(True, description="without packing: batch conversations of similar length (less padding)")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
-    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
-    log_every: int = Field(10, ge=1, description="log training loss every N steps")
-    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
-
-
-class PreferenceSection(Section):
-    """Keys dpo and kto share (each section has its own copy, so the two can be set apart)."""
-    beta: float = Field(0.1, gt=0, description="how far the model may move from the reference (the starting model): "
-                        "higher = stays closer")
-    epochs: float = Field(1.0, gt=0, description="passes over the training examples (fractions allowed)")
-    max_steps: int = Field(-1, description="stop after N steps; -1 = run all epochs")
-    lr: float = Field(5e-6, gt=0, description="peak learning rate (cosine decay after warmup); LoRA usually "
-                      "wants ~10x more")
-    batch_size: int = Field(4, ge=1, description="examples per micro-batch (a dpo pair counts once)")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_length: int = Field(512, ge=16, description="tokens of prompt + answer; longer ones are cut at the end, "
-                            "examples whose prompt alone fills it are dropped")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of the steps spent warming up the learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    precompute_ref: bool = Field(False, description="compute the reference model's log-probs once before training "
-                                 "and free it: less memory, no second model while training")
-    lora: bool = Field(False, description="train a LoRA adapter; the reference is the same model with the adapter "
-                       "disabled (no second copy)")
-    lora_r: int = Field(16, ge=1, description="LoRA rank (size of the low-rank update)")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scale: the update is multiplied by lora_alpha / lora_r")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
-    lora_target_modules: list[str] | str = Field("all-linear", description="module names, or all-linear")
-    qlora: bool = Field(False, description="4-bit base weights (bitsandbytes, CUDA only) + LoRA")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of prompts (by content hash) held out for "
-                                "validation when no --val file is given")
-    eval_every: int = Field(50, ge=1, description="validation every N steps")
     save_every: int = Field(100, ge=1, description="checkpoint every N steps (under OUT/checkpoints)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
-    log_every: int = Field(10, ge=1, description="log loss and rewards every N steps")
-    seed: int = Field(42, description="seed of the data order and of new LoRA weights")
     device: str = Field("auto", description="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1, mps")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
                                          "~30% slower")
     max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
+
+
+class SFTConfig(TrainerSection):
+    epochs: float = Field(1.0, gt=0, description="passes over the training conversations (fractions allowed)")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate (cosine decay after warmup)")
+    batch_size: int = Field(8, ge=1, description="conversations (or packed sequences) per micro-batch")
+    max_seq_len: int = Field(512, ge=16, description="tokens per sequence; longer conversations are truncated")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of the steps spent warming up the learning rate")
+    packing: bool = Field(False, description="pack several conversations into one sequence")
+    lora: bool = Field(False, description="train a LoRA adapter instead of all weights")
+    qlora: bool = Field(False, description="4-bit base weights (bitsandbytes, CUDA only) + LoRA")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of conversations (by content hash) in validation")
+    eval_every: int = Field(50, ge=1, description="validation loss every N steps")
+    seed: int = Field(42, description="seed of new weights' initialisation (LoRA, added tokens) and the data order")
+    group_by_length: bool = Field(True, description="without packing: batch conversations of similar length (less padding)")
+    log_every: int = Field(10, ge=1, description="log training loss every N steps")
+
+
+class PreferenceSection(TrainerSection):
+    """Keys dpo and kto share (each section has its own copy, so the two can be set apart)."""
+    beta: float = Field(0.1, gt=0, description="how far the model may move from the reference (the starting model): "
+                        "higher = stays closer")
+    epochs: float = Field(1.0, gt=0, description="passes over the training examples (fractions allowed)")
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (cosine decay after warmup); LoRA usually "
+                      "wants ~10x more")
+    batch_size: int = Field(4, ge=1, description="examples per micro-batch (a dpo pair counts once)")
+    max_length: int = Field(512, ge=16, description="tokens of prompt + answer; longer ones are cut at the end, "
+                            "examples whose prompt alone fills it are dropped")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of the steps spent warming up the learning rate")
+    precompute_ref: bool = Field(False, description="compute the reference model's log-probs once before training "
+                                 "and free it: less memory, no second model while training")
+    lora: bool = Field(False, description="train a LoRA adapter; the reference is the same model with the adapter "
+                       "disabled (no second copy)")
+    qlora: bool = Field(False, description="4-bit base weights (bitsandbytes, CUDA only) + LoRA")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of prompts (by content hash) held out for "
+                                "validation when no --val file is given")
+    eval_every: int = Field(50, ge=1, description="validation every N steps")
+    log_every: int = Field(10, ge=1, description="log loss and rewards every N steps")
+    seed: int = Field(42, description="seed of the data order and of new LoRA weights")
 
 
 DPO_LOSSES = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -173,42 +166,29 @@ class KTOConfig(PreferenceSection):
     undesirable_weight: float = Field(1.0, gt=0, description="weight of the undesirable (thumbs-down) answers' loss")
 
 
-class RewardModelConfig(Section):
+class RewardModelConfig(TrainerSection):
     """`gptsmith reward`: a reward model (one-output classifier head on the starting model) from preference pairs."""
     epochs: float = Field(1.0, gt=0, description="passes over the training pairs (fractions allowed)")
-    max_steps: int = Field(-1, description="stop after N steps; -1 = run all epochs")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (cosine decay after warmup); LoRA usually wants "
                       "~10x more")
     batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_length: int = Field(512, ge=16, description="tokens of a whole conversation; pairs with a longer one are "
                             "dropped (and counted)")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of the steps spent warming up the learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     center_rewards_coefficient: float | None = Field(None, ge=0, description="pull rewards towards mean zero "
                                                      "with this weight (e.g. 0.01); null = off")
     lora: bool = Field(False, description="train a LoRA adapter (and the head in full), merged into OUT at the end")
-    lora_r: int = Field(16, ge=1, description="LoRA rank (size of the low-rank update)")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scale: the update is multiplied by lora_alpha / lora_r")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
-    lora_target_modules: list[str] | str = Field("all-linear", description="module names, or all-linear")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts (by content hash) held out to "
                                 "measure accuracy when no --val file is given")
     eval_every: int = Field(50, ge=1, description="held-out loss and accuracy every N steps")
-    save_every: int = Field(100, ge=1, description="checkpoint every N steps (under OUT/checkpoints)")
-    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
     log_every: int = Field(10, ge=1, description="log loss, batch accuracy and margin every N steps")
     seed: int = Field(42, description="seed of the new head's weights, LoRA weights and the data order")
-    device: str = Field("auto", description="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1, mps")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
-                                         "~30% slower")
-    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
 
 
 GRPO_LOSSES = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"]
 
 
-class GRPOConfig(Section):
+class GRPOConfig(TrainerSection):
     """`gptsmith grpo`: reinforcement learning from rewards on the model's own sampled answers (TRL's GRPO)."""
     rewards: list[Literal["exact", "contains", "regex", "numeric"]] = Field(
         default_factory=list, description="verifiable rewards against each prompt's answer: exact, contains, regex "
@@ -236,30 +216,17 @@ class GRPOConfig(Section):
     mask_truncated_completions: bool = Field(False, description="leave answers cut at max_completion_length out "
                                              "of the loss")
     epochs: float = Field(1.0, gt=0, description="passes over the prompts (fractions allowed)")
-    max_steps: int = Field(-1, description="stop after N optimizer steps; -1 = run all epochs")
     lr: float = Field(1e-6, gt=0, description="peak learning rate (TRL's default; LoRA and tiny models want "
                       "much more)")
     batch_size: int = Field(8, ge=1, description="sampled answers per micro-batch (prompts x num_generations); "
                             "batch_size x grad_accum must be a multiple of num_generations")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of the steps spent warming up the learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lora: bool = Field(False, description="train a LoRA adapter; with beta > 0 the reference is the base with the "
                        "adapter disabled")
-    lora_r: int = Field(16, ge=1, description="LoRA rank (size of the low-rank update)")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scale: the update is multiplied by lora_alpha / lora_r")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
-    lora_target_modules: list[str] | str = Field("all-linear", description="module names, or all-linear")
     use_vllm: bool = Field(False, description="sample answers with vLLM inside the training process (TRL's "
                            "colocate mode): CUDA and the vllm package needed; off = the model's own generate")
-    save_every: int = Field(100, ge=1, description="checkpoint every N steps (under OUT/checkpoints)")
-    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUT/checkpoints")
     log_every: int = Field(1, ge=1, description="log loss and reward mean/std every N steps")
     seed: int = Field(42, description="seed of the sampling, the prompt order and new LoRA weights")
-    device: str = Field("auto", description="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1, mps")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
-                                         "~30% slower")
-    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this many minutes of training")
 
 
 class GenerateConfig(Section):
