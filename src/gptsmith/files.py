@@ -122,6 +122,23 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
             yield lineno, line.rstrip(b"\r\n")
 
 
+def iter_jsonl(path: str | os.PathLike, example: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON Lines file (read by iter_lines); a line that is
+    not UTF-8 or not JSON is an InputError naming FILE:LINE, with `example` (one valid line) as the fix."""
+    from gptsmith.errors import InputError
+
+    for lineno, raw in iter_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            yield lineno, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"{path}:{lineno}: not valid UTF-8; save the file as UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                             f"JSON object, e.g. {example}") from None
+
+
 def _complete_lines(pending: str) -> tuple[list[str], str]:
     """The finished lines in `pending` (CR of CRLF removed) and the unfinished rest."""
     *lines, rest = pending.split("\n")

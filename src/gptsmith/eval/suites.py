@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gptsmith.errors import InputError
-from gptsmith.files import iter_lines
+from gptsmith.files import iter_jsonl, iter_lines
 from gptsmith.matching import MATCH, MATCHERS, last_number, parse_number  # noqa: F401 (re-exported)
 
 MC_KEYS = {"question", "choices", "answer", "id", "system", "meta"}
@@ -146,17 +146,8 @@ def load_suite(path: str | Path) -> Suite:
     if not path.is_file():
         raise InputError(f"{path}: no such suite file")
     items, kind, first_line, ids = [], None, 0, {}
-    for lineno, raw in iter_lines(path):
+    for lineno, record in iter_jsonl(path, MC_EXAMPLE):
         where = f"{path}:{lineno}"
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InputError(f"{where}: not valid UTF-8; save the file as UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON "
-                             f"object, e.g. {MC_EXAMPLE}") from None
         if not isinstance(record, dict):
             raise InputError(f"{where}: a line must be a JSON object, e.g. {MC_EXAMPLE}")
         this = item_kind(record)

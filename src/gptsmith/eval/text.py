@@ -14,7 +14,6 @@ the number to compare.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gptsmith.errors import InputError
-from gptsmith.files import iter_lines
+from gptsmith.files import iter_jsonl
 
 # Files a folder contributes (anything else in it, e.g. images, is left out); a file named on its own is read
 # as text whatever its suffix.
@@ -47,16 +46,7 @@ def _read_text_file(path: Path) -> str:
 
 def _read_jsonl(path: Path, shown: str) -> list[Document]:
     docs = []
-    for lineno, raw in iter_lines(path):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InputError(f"{path}:{lineno}: not valid UTF-8; save the file as UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object "
-                             'like {"text": "..."}') from None
+    for lineno, record in iter_jsonl(path, '{"text": "..."}'):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InputError(f'{path}:{lineno}: no "text" string; each line of a text .jsonl must be '
                              '{"text": "..."}')
