@@ -132,6 +132,23 @@ def _trainable(model) -> tuple[int, int]:
     return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
 
 
+def load_split(data, val, fmt: str, s, on_error: str, model_id: str):
+    """What dpo, kto and reward train and validate on: `data` read in `fmt` ("dpo" pairs or "kto"), the
+    validation examples from `val` or a content-hash share (s.val_fraction) of `data`'s prompts, the training
+    examples shuffled once by s.seed, and the run's identity (parent model, data files with hashes) that a resume
+    must match. Returns (loaded, train, held, identity)."""
+    loaded = load_preferences(data, fmt, on_error=on_error)
+    if val is not None:
+        train, held = loaded.examples, load_preferences(val, fmt, on_error=on_error).examples
+    else:
+        train, held = split_preferences(loaded.examples, s.val_fraction)
+    # sequential samplers (KTO's) would otherwise see the file's order: shuffle once, by the seed (resume-safe)
+    random.Random(s.seed).shuffle(train)
+    identity = {"parent_model": model_id, "data": file_identity(data),
+                **({"val_data": file_identity(val)} if val is not None else {})}
+    return loaded, train, held, identity
+
+
 def run(method: Method, model: str, data, out, cfg: ProjectConfig, resume: bool = False, val=None) -> dict:
     """Tune `model` (HF dir or hub id) on the preference file `data` (validation: `val`, else a content-hash split of
     `data`); write OUT (a HF model dir, or a LoRA adapter dir); return the metrics."""
@@ -141,15 +158,7 @@ def run(method: Method, model: str, data, out, cfg: ProjectConfig, resume: bool 
     name, s = method.name, method.section(cfg)
     out = Path(out)
     model_id = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
-    loaded = load_preferences(data, name, on_error=cfg.data.on_error)
-    if val is not None:
-        train, held = loaded.examples, load_preferences(val, name, on_error=cfg.data.on_error).examples
-    else:
-        train, held = split_preferences(loaded.examples, s.val_fraction)
-    # sequential samplers (KTO's) would otherwise see the file's order: shuffle once, by the seed (resume-safe)
-    random.Random(s.seed).shuffle(train)
-    identity = {"parent_model": model_id, "data": file_identity(data),
-                **({"val_data": file_identity(val)} if val is not None else {})}
+    loaded, train, held, identity = load_split(data, val, name, s, cfg.data.on_error, model_id)
     print(f"{name}: {len(train)} train / {len(held)} validation examples ({loaded.format}; skipped {loaded.skipped}"
           + (f": {dict(loaded.problems)}" if loaded.problems else "") + f") from {data}"
           + (f", validation from {val}" if val is not None else ""))

@@ -22,19 +22,18 @@ runs/ (TensorBoard), checkpoints/ (--resume).
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
 import torch
 
 from gptsmith.config import ProjectConfig, save_config
-from gptsmith.data.preference_formats import load_preferences, split_preferences
 from gptsmith.errors import InputError
 from gptsmith.files import atomic_write_json, write_dir
 from gptsmith.model import LINEAGE_FILENAME
 from gptsmith.tokenizer import encode_chat
-from gptsmith.train.tuning import (MetricsTrail, StopAfterMinutes, file_identity, lora_config, trainer_args,
+from gptsmith.train.preference import load_split
+from gptsmith.train.tuning import (MetricsTrail, StopAfterMinutes, lora_config, trainer_args,
                                    prepare_chat_template, resolve_device, save_curves_plot, start_run)
 
 PANELS = [("loss", ["loss"]), ("held-out / batch accuracy", ["accuracy"]), ("reward margin", ["margin"])]
@@ -196,14 +195,7 @@ def reward(model: str, data, out, cfg: ProjectConfig, resume: bool = False, val=
 
     s, out = cfg.reward, Path(out)
     model_id = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
-    loaded = load_preferences(data, "dpo", on_error=cfg.data.on_error)
-    if val is not None:
-        train, held = loaded.examples, load_preferences(val, "dpo", on_error=cfg.data.on_error).examples
-    else:
-        train, held = split_preferences(loaded.examples, s.val_fraction)
-    random.Random(s.seed).shuffle(train)
-    identity = {"parent_model": model_id, "data": file_identity(data),
-                **({"val_data": file_identity(val)} if val is not None else {})}
+    loaded, train, held, identity = load_split(data, val, "dpo", s, cfg.data.on_error, model_id)
     print(f"reward: {len(train)} train / {len(held)} held-out pairs ({loaded.format}; skipped {loaded.skipped}"
           + (f": {dict(loaded.problems)}" if loaded.problems else "") + f") from {data}"
           + (f", held out from {val}" if val is not None else ""))
