@@ -33,10 +33,11 @@ class Reply:
 class LocalModel:
     """A model folder run in this process by the engine."""
 
-    def __init__(self, model_dir, device: str = "auto"):
+    def __init__(self, model_dir=None, device: str = "auto", engine=None):
+        """Load `model_dir`, or use an `engine` already loaded (eval's targets: no second copy of the weights)."""
         from gptsmith.engine import Engine, SamplingParams
 
-        self.engine = Engine.load(model_dir, device=device)
+        self.engine = engine if engine is not None else Engine.load(model_dir, device=device)
         self.max_context = self.engine.max_context
         self.default_max_tokens = self.engine.resolve(SamplingParams()).max_new_tokens
         self.finish_reason = None

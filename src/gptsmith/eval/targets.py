@@ -111,11 +111,7 @@ class Target:
                                                        "seed": seed})
         greedy = Assistant(profile.model_copy(update={"sampling": sampling}), self.assistant.retriever,
                            self.assistant.examples)
-        model = self.remote
-        if model is None:
-            model = LocalModel.__new__(LocalModel)  # the engine is already loaded: no second copy
-            model.engine, model.max_context, model.finish_reason = self.engine, self.engine.max_context, None
-            model.default_max_tokens = max_tokens
+        model = self.remote if self.remote is not None else LocalModel(engine=self.engine)
         reply = answer(greedy, model, messages)
         return Answer(reply.answer, reply.finish_reason)
 
