@@ -199,6 +199,22 @@ def test_batching_limits_do_not_change_the_scores(chat_target, tmp_path, monkeyp
         assert [x[0] for x in a] == pytest.approx([x[0] for x in b], rel=1e-5, abs=1e-5)
 
 
+def test_a_long_shared_context_is_scored_once_with_the_same_log_probabilities(chat_target, tmp_path, monkeypatch):
+    # an assistant's sources or k-shot examples make the context long: the choices then share one pass over it
+    # (its key/value cache copied per choice); the scores must be those of scoring each choice in full
+    long = [dict(r, question="Background: " + "the list type keeps items in order. " * 12 + r["question"])
+            for r in mc_records()]
+    items = suites.load_suite(write_jsonl(tmp_path / "mc.jsonl", long)).items
+    assert all(suites._shares_long_context(suites.item_requests(chat_target, items, i, 0, 0))
+               for i in range(len(items)))
+    shared = suites.choice_logprobs(chat_target, items)
+    monkeypatch.setattr(suites, "SHARED_CONTEXT_MIN", 10**9)  # every choice in full, batched across items
+    full = suites.choice_logprobs(chat_target, items)
+    for a, b in zip(shared, full):
+        assert [x[0] for x in a] == pytest.approx([x[0] for x in b], rel=1e-4, abs=1e-4)
+        assert [x[1] for x in a] == [x[1] for x in b]
+
+
 def test_acc_norm_corrects_the_length_bias_of_raw_log_probability():
     # a long right answer loses on its summed log-probability but wins per byte
     pred, pred_norm = suites.choose([(-4.0, 2), (-9.0, 30)])
