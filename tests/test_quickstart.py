@@ -8,7 +8,7 @@ def test_quickstart_smoke_builds_base_and_chat_models(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--smoke"]) == 0
+    assert main(["quickstart", "--from-scratch", "--out", str(out), "--smoke"]) == 0
     printed = capsys.readouterr().out
     assert "bits-per-byte" in printed and f"gptsmith chat --model {out / 'chat'}" in printed
     manifest = json.loads((out / "data" / "tokens" / "manifest.json").read_text())

@@ -1,4 +1,5 @@
-"""`gptsmith quickstart`: every stage in order on the embedded defaults, no network, no GPU.
+"""`gptsmith quickstart --from-scratch`: every stage in order on the embedded defaults, no network, no GPU, to see
+how a GPT is made.
 
     OUT/data   prepared Python documentation (clean text, tokenizer, token shards)
     OUT/base   the pretrained base model (a standard Hugging Face directory)
@@ -8,7 +9,7 @@
     OUT/{base,chat}/eval  the built-in suites' results (Python knowledge, chat sanity) and, beside each model,
     report.md + report.html: its report card
 
-The time budget (`--minutes`) is shared out between the stages; the model it makes is small and says so.
+Its time budget (`--minutes`) is shared out between the stages; the model it makes is small and says so.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import yaml
 
 from gptsmith.config import ProjectConfig, save_config
 from gptsmith.files import atomic_write_text
+from gptsmith.quickstart.common import banner as _banner
+from gptsmith.quickstart.common import write_pydocs
 
 # Share of the budget each training stage gets; data preparation and samples take the rest (~1-1.5 min).
 PRETRAIN_SHARE, SFT_SHARE = 0.7, 0.2
@@ -30,10 +33,6 @@ ASSISTANT_QUESTION = "How do I catch an exception?"
 # --smoke indexes only these reference topics so the embedding takes seconds; a full run indexes all ~80.
 EVAL_LIMIT, EVAL_LIMIT_SMOKE = 100, 8  # items per suite the last step scores: a quick reading, not the full suite
 SMOKE_TOPICS = ["try", "exceptions", "raise", "for", "while", "if", "import", "lambda", "with", "class"]
-
-
-def _banner(text: str) -> None:
-    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
 
 
 def _smoke_corpus(out: Path) -> Path:
@@ -46,26 +45,14 @@ def _smoke_corpus(out: Path) -> Path:
     return path
 
 
-def _write_pydocs(out: Path, smoke: bool) -> Path:
-    """The Python reference topics (the `help()` pages that ship with CPython, part of what the model was
-    pretrained on) as one reStructuredText file each, so the index can cite `try.rst:12-30 (The "try" statement)`."""
-    import pydoc_data.topics
-
-    folder = out / "pydocs"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in pydoc_data.topics.topics.items():
-        if not smoke or name in SMOKE_TOPICS:
-            atomic_write_text(folder / f"{name}.rst", text)
-    return folder
-
-
 def _assistant(out: Path, smoke: bool) -> Path:
     """Index the Python docs and write an assistant over the chat model: small chunks, because the tiny model's
     context (512 tokens) must hold the system prompt, the sources and the question."""
     from gptsmith.config import RagConfig
     from gptsmith.rag.index import build_index
 
-    build_index([str(_write_pydocs(out, smoke))], out / "index", RagConfig(chunk_tokens=64, chunk_overlap=8))
+    docs = write_pydocs(out / "pydocs", SMOKE_TOPICS if smoke else None)
+    build_index([str(docs)], out / "index", RagConfig(chunk_tokens=64, chunk_overlap=8))
     profile = {"name": "pydocs", "model": str((out / "chat").resolve()),
                "system_prompt": "You answer questions about Python and cite your sources.",
                "rag": {"index": str((out / "index").resolve()), "top_k": 3},
@@ -127,7 +114,8 @@ def _quickstart_config(cfg: ProjectConfig, minutes: float, smoke: bool) -> Proje
     return ProjectConfig.model_validate(tree)
 
 
-def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smoke: bool = False) -> dict:
+def from_scratch(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smoke: bool = False) -> dict:
+    """`gptsmith quickstart --from-scratch`: data -> tokenizer -> pretrain -> sft -> samples -> assistant -> eval."""
     from gptsmith.data.pipeline import prepare
     from gptsmith.engine import Engine, SamplingParams
     from gptsmith.train.pretrain import pretrain
