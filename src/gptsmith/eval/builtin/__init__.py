@@ -2,6 +2,7 @@
 offline right after `pip install gptsmith`.
 
     resolve("python-docs")      -> Path of its JSONL (generated into ~/.cache/gptsmith/eval/ on first use)
+    resolve("python-docs-qa")   -> Path of its JSONL (questions with documented answers; generated likewise)
     resolve("python-docs-text") -> Path of a folder of .txt files (a text suite: bits-per-byte)
     resolve("chat-sanity")      -> Path of the JSONL shipped in this package
     resolve("anything else")    -> None (not built in)
@@ -19,6 +20,8 @@ HERE = Path(__file__).parent
 BUILTIN = {
     "python-docs": "multiple choice: which section of Python's docs an excerpt comes from (a few hundred items)",
     "python-docs-text": "bits-per-byte on the documentation topics `gptsmith prepare` holds out for validation",
+    "python-docs-qa": "multiple choice: what a documented method or statement does, four documented answers "
+                      "(~110 items; measures an assistant over the docs)",
     "chat-sanity": "generation: replies end by themselves, stay on topic and keep a system prompt (24 items)",
 }
 
@@ -31,6 +34,10 @@ def resolve(name: str) -> Path | None:
         from gptsmith.eval.builtin.python_docs import multiple_choice_path
 
         return multiple_choice_path()
+    if name == "python-docs-qa":
+        from gptsmith.eval.builtin.python_docs_qa import path
+
+        return path()
     if name == "python-docs-text":
         from gptsmith.eval.builtin.python_docs import text_path
 
