@@ -37,6 +37,9 @@ CL100K_PATTERN = (
 LLAMA3_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+# GPT-2's own split, as tokenizers' ByteLevel(use_regex=True) applies it: written as Split + ByteLevel it is the
+# same tokenizer as ByteLevel alone, which llama.cpp calls "gpt-2".
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Which llama.cpp pre-tokenizer name gives that split, by the BPE model's `ignore_merges` flag. llama.cpp's
 # "llama-bpe" (Llama 3) also turns on ignore_merges (a word that is itself a vocabulary entry becomes that one
 # token without applying merges), which tokenizes differently from a BPE that always applies its merges, as
@@ -46,6 +49,7 @@ PRE_TOKENIZERS = {
     (LLAMA3_PATTERN, False): "dbrx",
     (CL100K_PATTERN, True): "llama-bpe",
     (LLAMA3_PATTERN, True): "llama-bpe",
+    (GPT2_PATTERN, False): "gpt-2",
 }
 
 # Pre-tokenizers that are a single built-in step rather than Split(regex) + ByteLevel: GPT-2's ByteLevel with its own
@@ -206,8 +210,8 @@ def map_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
         what = f"splits with {regex!r}" if regex else f"is {json.dumps(tokenizer_json.get('pre_tokenizer'))[:300]}"
         raise InputError(
             f"{path}: pre_tokenizer {what}, which matches no pre-tokenizer built into llama.cpp "
-            "that GGUF export maps (GPT-2's ByteLevel, SmolLM's digits + ByteLevel, or the GPT-4/cl100k or Llama 3 split "
-            "then ByteLevel); a GGUF would tokenize "
+            "that GGUF export maps (GPT-2's ByteLevel, SmolLM's digits + ByteLevel, or the GPT-4/cl100k or "
+            "Llama 3 split then ByteLevel); a GGUF would tokenize "
             "text differently from this tokenizer, so none was written")
     return pre
 
