@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from gptsmith.files import atomic_write_bytes, atomic_write_text, sha256_file
-from gptsmith.model import LINEAGE_FILENAME
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -87,6 +86,10 @@ def _read_object(path: Path, notes: list[str], what: str) -> dict:
 
 
 def _lineage(model_dir: Path, notes: list[str]) -> dict:
+    # gptsmith.model imports torch and transformers (seconds): a report of a directory that is not there, or a
+    # card without samples, must not wait for them
+    from gptsmith.model import LINEAGE_FILENAME
+
     path = model_dir / LINEAGE_FILENAME
     return _read_object(path, notes, "lineage") if path.is_file() else {}
 
