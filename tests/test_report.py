@@ -349,3 +349,9 @@ def test_eval_of_a_local_model_rewrites_its_card(tiny_model_dir, tmp_path):
     md = (model / "report.md").read_text()
     assert "No eval results" not in md and "quiz" in md and "**User:**" in md  # samples from the loaded engine
     assert "| 0.2500" in md
+
+
+def test_the_card_says_what_the_run_bought(pretrained):
+    lineage = json.loads((pretrained / "gptsmith_lineage.json").read_text())
+    assert lineage["metrics"]["steps_done"] == 6 and lineage["metrics"]["verdict"] == "trained 6 steps"
+    assert "| what the run bought | trained 6 steps |" in (pretrained / "report.md").read_text()

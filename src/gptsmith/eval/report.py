@@ -425,8 +425,9 @@ def curve_plots(records: list[dict], plot_dir: Path, stage: str | None = None,
 
 def training_summary(lineage: dict) -> dict:
     m = lineage.get("metrics") if isinstance(lineage.get("metrics"), dict) else {}
-    keys = ("step", "steps", "tokens_seen", "train_loss", "val_loss_before", "val_loss", "val_bpb_before", "val_bpb",
-            "tokens_per_s", "mfu", "stop_reason", "train_seconds", "trainable_params", "total_params")
+    keys = ("step", "steps", "steps_planned_at_start", "steps_planned", "steps_at_best_speed", "tokens_seen",
+            "train_loss", "val_loss_before", "val_loss", "val_bpb_before", "val_bpb", "tokens_per_s", "mfu",
+            "stop_reason", "train_seconds", "trainable_params", "total_params", "verdict")
     out = {k: m[k] for k in keys if m.get(k) is not None}
     if lineage.get("stage"):
         out = {"stage": lineage["stage"], **({"mode": lineage["mode"]} if lineage.get("mode") else {}), **out}
@@ -774,8 +775,8 @@ def _env(autoescape: bool):
     # instead of failing the report
     env = Environment(loader=PackageLoader("gptsmith.eval", "templates"), autoescape=autoescape, trim_blocks=True,
                       lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(fmt=_fmt, pct=_pct, ci=_ci, interval=_interval_text, md=_md_text, mdspan=_md_span, mdcode=_md_code,
-                       b64=lambda b: base64.b64encode(b).decode("ascii"))
+    env.filters.update(fmt=_fmt, pct=_pct, ci=_ci, interval=_interval_text, md=_md_text, mdspan=_md_span,
+                       mdcode=_md_code, b64=lambda b: base64.b64encode(b).decode("ascii"))
     return env
 
 
@@ -786,7 +787,11 @@ def _context(rep: Report) -> dict:
                            ("context", "context (tokens)"), ("dtype", "dtype"), ("vocab_size", "vocabulary (model)"),
                            ("tokenizer_vocab", "vocabulary (tokenizer)"), ("chat_template", "chat template"),
                            ("params", "parameters")],
-            "train_keys": [("stage", "stage"), ("mode", "mode"), ("step", "steps"), ("steps", "steps"),
+            "train_keys": [("stage", "stage"), ("mode", "mode"), ("verdict", "what the run bought"),
+                           ("step", "steps"), ("steps", "steps"),
+                           ("steps_planned_at_start", "steps planned at the start"),
+                           ("steps_planned", "steps planned at the end"),
+                           ("steps_at_best_speed", "steps the budget buys at the fastest measured speed"),
                            ("tokens_seen", "tokens seen"), ("train_loss", "final train loss"),
                            ("val_loss_before", "validation loss before"), ("val_loss", "validation loss after"),
                            ("val_bpb_before", "validation bits/byte before"), ("val_bpb", "validation bits/byte after"),

@@ -36,7 +36,7 @@ from gptsmith.errors import InputError
 from gptsmith.files import sha256_file
 from gptsmith.model import (build_model, count_params, flops_per_token, llama_config, resolve_shape,
                             save_model_dir)
-from gptsmith.train.budget import REPLAN_EVERY, StepSpeed, plan_time_budget, steps_at_speed
+from gptsmith.train.budget import REPLAN_EVERY, StepSpeed, plan_time_budget, steps_at_speed, training_verdict
 from gptsmith.train.common import (Dist, LRSchedule, MetricsLog, StopOnSigint, all_reduce_mean, autocast,
                                    autocast_dtype, dist_from_env, find_latest_checkpoint, init_distributed,
                                    load_checkpoint, param_groups, peak_flops, rng_state, save_checkpoint,
@@ -698,6 +698,7 @@ def finish(run: PretrainRun, stop_reason: str) -> dict:
                "tokens_per_s": run.last.get("tokens_per_s"), "mfu": run.last.get("mfu"), "stop_reason": stop_reason,
                "val_bpb_before": run.last.get("val_bpb_before"), "planned_steps": run.schedule.total_steps,
                **what_the_run_bought(run)}
+    metrics["verdict"] = training_verdict(metrics)  # the run's own yardstick; the quickstart adds its own figure
     if run.dist.enabled:
         metrics["ranks_in_sync"] = _ranks_in_sync(run.model, run.dist)
     checkpoint(run)
