@@ -452,7 +452,9 @@ def save_loss_plot(path: str | os.PathLike, train: list[tuple[int, float]], val:
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
+        # markers, joined only by a faint dotted line: evaluations are sparse (a short run may have only the
+        # before and after points), and a solid line would draw a curve that was never measured
+        ax.plot(*zip(*val), "o:", label="validation", linewidth=0.8, markersize=6)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if title:
