@@ -32,3 +32,14 @@ def test_help_and_config_show_import_no_heavy_library():
     for when in ("parser", "--help", "ask --help", "rag query --help", "serve --help"):
         assert seen[when] == [], (when, seen[when])
     assert seen["config show"] == ["pydantic"]  # the config is what `config show` prints; nothing heavier
+
+
+def test_evaluating_a_backend_needs_no_torch():
+    """An OpenAI-compatible backend is scored over HTTP: the command must not pay for torch's import (seconds,
+    hundreds of MB) to find out it is not reachable."""
+    code = ("import sys\nfrom gptsmith.cli import main\n"
+            "rc = main(['eval', '--backend', 'http://127.0.0.1:9/v1', '--suite', 'chat-sanity'])\n"
+            "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[-2] == "2 []", done.stdout + done.stderr
+    assert "not reachable" in done.stderr
