@@ -472,7 +472,8 @@ def test_a_budget_whose_first_steps_were_slow_is_replanned_from_the_measured_spe
     monkeypatch.setattr(loop, "train_step", timed_step)
     cfg = make_cfg(max_steps=250, max_minutes=1.0, eval_every=20, save_every=1000, warmup_steps=3)
     m = pretrain(workdir, tmp_path / "m", cfg)
-    # calibrated on steps 2-6 at 3 s/step: 6 + 0.92 * (60 - 18) / 3 = 18 steps; the fast steps raise it well beyond
+    # calibrated on steps 2-3 at 3 s/step (timing stops once 5% of the budget is spent): 3 + 0.92 * (60 - 9) / 3
+    # = 18 steps; the fast steps after step 6 raise the plan well beyond
     assert m["steps_planned_at_start"] == 18
     assert m["steps_done"] == m["step"] == m["steps_planned"] > 2 * m["steps_planned_at_start"]
     assert m["stop_reason"] == "time budget (1 min)"
@@ -485,6 +486,29 @@ def test_a_budget_whose_first_steps_were_slow_is_replanned_from_the_measured_spe
     verdict = training_verdict(m, expected_steps=2 * m["steps_done"], stage="pretrain")
     assert verdict.startswith(f"pretrain: trained {m['steps_done']} of ~{2 * m['steps_done']} planned steps (50%)")
     assert "undertrained" in verdict
+
+
+def test_a_budget_spent_before_any_plan_says_what_it_bought(workdir, tmp_path, monkeypatch):
+    """A machine so busy that the budget is gone before the timing ends: the run stops and saves, plans nothing,
+    and its result measures the speed it had (40 s a step: a 1-minute budget buys 1)."""
+    import gptsmith.train.pretrain as loop
+    from gptsmith.train.budget import training_verdict
+
+    now = [0.0]
+    real_step = loop.train_step
+
+    def slow_step(run):
+        loss = real_step(run)
+        now[0] += 40.0
+        return loss
+
+    monkeypatch.setattr(loop, "clock", lambda: now[0])
+    monkeypatch.setattr(loop, "train_step", slow_step)
+    m = pretrain(workdir, tmp_path / "m", make_cfg(max_steps=250, max_minutes=1.0, eval_every=20, save_every=1000))
+    assert m["steps_done"] == 2 and m["stop_reason"] == "max_minutes (1)"
+    assert m["steps_planned"] is None and m["steps_planned_at_start"] is None
+    assert m["steps_at_best_speed"] == 1 and (tmp_path / "m" / "model.safetensors").is_file()
+    assert training_verdict(m, expected_steps=650).startswith("trained 2 of ~650 planned steps (0%)")
 
 
 def test_the_verdict_says_what_a_run_bought():

@@ -17,6 +17,8 @@ HEADROOM = 0.92
 # became quiet is followed within a few windows, slow enough that one window with an evaluation in it does not
 # swing the plan.
 EMA_WEIGHT = 0.4
+# The first plan is made after at most 20 timed steps or this share of the budget, whichever comes first.
+CALIBRATION_SHARE = 0.05
 # Re-plan after this many steps: each re-plan also re-shapes the LR schedule, so not after every step.
 REPLAN_EVERY = 10
 

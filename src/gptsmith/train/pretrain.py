@@ -36,7 +36,8 @@ from gptsmith.errors import InputError
 from gptsmith.files import sha256_file
 from gptsmith.model import (build_model, count_params, flops_per_token, llama_config, resolve_shape,
                             save_model_dir)
-from gptsmith.train.budget import REPLAN_EVERY, StepSpeed, plan_time_budget, steps_at_speed, training_verdict
+from gptsmith.train.budget import (CALIBRATION_SHARE, REPLAN_EVERY, StepSpeed, plan_time_budget, steps_at_speed,
+                                   training_verdict)
 from gptsmith.train.common import (Dist, LRSchedule, MetricsLog, StopOnSigint, all_reduce_mean, autocast,
                                    autocast_dtype, dist_from_env, find_latest_checkpoint, init_distributed,
                                    load_checkpoint, param_groups, peak_flops, rng_state, save_checkpoint,
@@ -600,8 +601,14 @@ def calibrate_time_budget(run: PretrainRun, sigint) -> str | None:
     # the first step pays one-off costs (allocation, compilation); it is not timed
     reason = train_until(run, min(run.schedule.total_steps, run.step + 1), sigint)
     timed_from, t0 = run.step, clock()
-    timed = min(20, max(5, pc.max_steps // 50))
-    reason = reason or train_until(run, min(run.schedule.total_steps, run.step + timed), sigint)
+    end = min(run.schedule.total_steps, run.step + min(20, max(5, pc.max_steps // 50)))
+    while not reason and run.step < end:
+        reason = train_until(run, run.step + 1, sigint)
+        # on a busy machine 20 slow steps can eat the whole budget before any plan exists: a few timed steps
+        # are enough, the re-plans correct the estimate as training goes (every rank stops timing together)
+        late = clock() - t0 > CALIBRATION_SHARE * pc.max_minutes * 60
+        if run.step - timed_from >= 2 and all_reduce_mean([float(late)], run.dist, run.device)[0] > 0:
+            break
     if reason or run.step == timed_from or run.step >= run.schedule.total_steps:
         return reason
     now = clock()
@@ -720,11 +727,16 @@ def what_the_run_bought(run: PretrainRun) -> dict:
     """The numbers training_verdict (train/budget.py) reads: steps done against the plan at the start, the
     final plan, and (under a time budget) what the budget buys at the fastest speed this run measured."""
     pc = run.pc
-    bought = {"steps_done": run.step, "steps_planned": run.schedule.total_steps,
+    # a budget spent before its plan was made (a very slow machine) planned nothing: no count to compare with
+    planned = run.schedule.total_steps if run.budget_planned else None
+    bought = {"steps_done": run.step, "steps_planned": planned,
               "steps_planned_at_start": run.steps_planned_at_start or (None if pc.max_minutes else pc.max_steps)}
-    if pc.max_minutes and run.speed:
-        bought.update(seconds_per_step=round(run.speed.ema, 4), best_seconds_per_step=round(run.speed.best, 4),
-                      steps_at_best_speed=steps_at_speed(pc.max_minutes * 60, run.speed.best, pc.max_steps))
+    speed = run.speed
+    if pc.max_minutes and speed is None and run.step > run.start_step:
+        speed = StepSpeed.first((clock() - run.t_start) / (run.step - run.start_step))
+    if pc.max_minutes and speed:
+        bought.update(seconds_per_step=round(speed.ema, 4), best_seconds_per_step=round(speed.best, 4),
+                      steps_at_best_speed=steps_at_speed(pc.max_minutes * 60, speed.best, pc.max_steps))
     return bought
 
 
