@@ -306,6 +306,14 @@ def test_one_big_text_file_gets_a_validation_split(tmp_path, capsys):
     assert nonblank_lines(pieces) == nonblank_lines([text])
     assert all(p.startswith("Part ") and p.endswith(".") for p in pieces)
     assert report["bytes"]["train"] + report["bytes"]["val"] == sum(len(p.encode()) for p in pieces)
+    # one rule for counting (data.shards.corpus_counts): the terminal, the splits and the source all say the
+    # same number of documents, the pieces as written; the report card reads the same function
+    from gptsmith.data.shards import corpus_counts
+    counts = corpus_counts(manifest)
+    assert counts["kept"] == len(pieces) == report["documents"]["kept"] == manifest["sources"][0]["documents"]
+    assert counts["read"] == 1 and f"documents  kept {len(pieces):,} (" in out
+    text_tokens = {k: s["tokens"] - s["documents"] for k, s in manifest["splits"].items()}
+    assert f"tokens     train {text_tokens['train']:,}, val {text_tokens['val']:,} without separators" in out
 
 
 def test_validation_piece_is_taken_from_the_middle_when_no_piece_hashes_into_it(tmp_path):
@@ -316,6 +324,7 @@ def test_validation_piece_is_taken_from_the_middle_when_no_piece_hashes_into_it(
     train = [d["text"] for d in lines(tmp_path / "w/clean/train.jsonl")]
     assert len(val) == 1 and 1_000 < len(val[0]) <= 4096 and 1 <= len(train) <= 2
     assert report["documents"] == {"read": 1, "kept": len(train) + 1, "train": len(train), "val": 1}
+    assert report["sources"][0]["documents"] == len(train) + 1  # the moved piece counts for its source too
     assert report["bytes"] == {"train": sum(len(t.encode()) for t in train), "val": len(val[0].encode())}
     assert nonblank_lines(train + val) == nonblank_lines([text])
 

@@ -433,11 +433,12 @@ def test_a_time_budget_run_stopped_and_resumed_equals_the_uninterrupted_one(work
         pretrain(workdir, tmp_path / "split", cfg)
     assert not (tmp_path / "split" / "model.safetensors").exists()
 
-    def no_recalibration(**kw):
-        raise AssertionError("a resumed run must reuse the saved plan, not calibrate again")
+    def no_recalibration(run, sigint):
+        raise AssertionError("a resumed run must continue the saved plan, not calibrate again")
 
+    # the resumed run keeps re-planning from its measured speed; the fixed plan makes that re-plan the same
     monkeypatch.setattr(loop, "checkpoint", real_checkpoint)
-    monkeypatch.setattr(loop, "plan_time_budget", no_recalibration)
+    monkeypatch.setattr(loop, "calibrate_time_budget", no_recalibration)
     resumed = pretrain(workdir, tmp_path / "split", cfg, resume=True)
     assert resumed["step"] == 16
     assert resumed["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-6)
@@ -445,10 +446,86 @@ def test_a_time_budget_run_stopped_and_resumed_equals_the_uninterrupted_one(work
     assert lrs_by_step(tmp_path / "split") == pytest.approx(lrs_by_step(tmp_path / "whole"))
 
     # a new --minutes on resume is a new budget for the whole run: planned again (after 1 + 5 timed steps)
+    monkeypatch.undo()
     monkeypatch.setattr(loop, "plan_time_budget", lambda **kw: 26)
     longer = pretrain(workdir, tmp_path / "whole", make_cfg(max_steps=200, max_minutes=60, eval_every=5,
                                                             save_every=5), resume=True)
     assert longer["step"] == 26 and longer["stop_reason"] == "time budget (60 min)"
+
+
+def test_a_budget_whose_first_steps_were_slow_is_replanned_from_the_measured_speed(workdir, tmp_path, monkeypatch):
+    """The filer's busy machine: the first steps are slow (another job), the rest fast. The step count planned
+    from the first steps must grow as the speed is measured again, the LR must still end its decay on the last
+    step, and the result must say what the run bought."""
+    import gptsmith.train.pretrain as loop
+    from gptsmith.train.budget import training_verdict
+
+    now = [0.0]  # a clock the test moves: 3 s per step for the first 6 steps, then 0.5 s; nothing else takes time
+    real_step = loop.train_step
+
+    def timed_step(run):
+        loss = real_step(run)
+        now[0] += 3.0 if run.step <= 6 else 0.5
+        return loss
+
+    monkeypatch.setattr(loop, "clock", lambda: now[0])
+    monkeypatch.setattr(loop, "train_step", timed_step)
+    cfg = make_cfg(max_steps=250, max_minutes=1.0, eval_every=20, save_every=1000, warmup_steps=3)
+    m = pretrain(workdir, tmp_path / "m", cfg)
+    # calibrated on steps 2-3 at 3 s/step (timing stops once 5% of the budget is spent): 3 + 0.92 * (60 - 9) / 3
+    # = 18 steps; the fast steps after step 6 raise the plan well beyond
+    assert m["steps_planned_at_start"] == 18
+    assert m["steps_done"] == m["step"] == m["steps_planned"] > 2 * m["steps_planned_at_start"]
+    assert m["stop_reason"] == "time budget (1 min)"
+    assert now[0] <= 60.0  # the plan never outgrew the budget
+    assert m["steps_at_best_speed"] == int(0.92 * 60 / 0.5)
+    lrs = lrs_by_step(tmp_path / "m")
+    assert lrs[max(lrs)] == pytest.approx(cfg.pretrain.lr * cfg.pretrain.min_lr_ratio, rel=1e-3)
+    steps = sorted(lrs)
+    assert all(lrs[a] >= lrs[b] - 1e-12 for a, b in zip(steps, steps[1:]) if a >= 3)  # decays, never jumps up
+    verdict = training_verdict(m, expected_steps=2 * m["steps_done"], stage="pretrain")
+    assert verdict.startswith(f"pretrain: trained {m['steps_done']} of ~{2 * m['steps_done']} planned steps (50%)")
+    assert "undertrained" in verdict
+
+
+def test_a_budget_spent_before_any_plan_says_what_it_bought(workdir, tmp_path, monkeypatch):
+    """A machine so busy that the budget is gone before the timing ends: the run stops and saves, plans nothing,
+    and its result measures the speed it had (40 s a step: a 1-minute budget buys 1)."""
+    import gptsmith.train.pretrain as loop
+    from gptsmith.train.budget import training_verdict
+
+    now = [0.0]
+    real_step = loop.train_step
+
+    def slow_step(run):
+        loss = real_step(run)
+        now[0] += 40.0
+        return loss
+
+    monkeypatch.setattr(loop, "clock", lambda: now[0])
+    monkeypatch.setattr(loop, "train_step", slow_step)
+    m = pretrain(workdir, tmp_path / "m", make_cfg(max_steps=250, max_minutes=1.0, eval_every=20, save_every=1000))
+    assert m["steps_done"] == 2 and m["stop_reason"] == "max_minutes (1)"
+    assert m["steps_planned"] is None and m["steps_planned_at_start"] is None
+    assert m["steps_at_best_speed"] == 1 and (tmp_path / "m" / "model.safetensors").is_file()
+    assert training_verdict(m, expected_steps=650).startswith("trained 2 of ~650 planned steps (0%)")
+
+
+def test_the_verdict_says_what_a_run_bought():
+    from gptsmith.train.budget import training_verdict
+
+    busy = {"steps_done": 41, "steps_planned_at_start": 41, "steps_planned": 41, "steps_at_best_speed": 60,
+            "stop_reason": "time budget (4 min)"}
+    assert training_verdict(busy, expected_steps=650) == (
+        "trained 41 of ~650 planned steps (6%): the machine was busy or slower than the plan assumed; "
+        "the model is undertrained, expect babble")
+    contended = {**busy, "steps_at_best_speed": 500}
+    assert "the machine was busy (at its fastest measured speed the budget buys ~500 steps)" in \
+        training_verdict(contended)
+    assert training_verdict({**busy, "steps_done": 600}, 650) == "trained 600 steps (92% of ~650 planned)"
+    assert training_verdict({"step": 30, "steps_planned": 30, "stop_reason": "max_steps"}) == "trained 30 steps"
+    assert training_verdict({**busy, "stop_reason": "interrupted"}, 650).startswith("interrupted after 41 of ~650")
+    assert training_verdict({"steps": 5, "steps_planned": 40}, stage="sft").startswith("sft: trained 5 of ~40")
 
 
 # ---------------------------------------------------------------------------------------------- init-from any causal LM

@@ -188,7 +188,7 @@ def test_eval_and_compare_results_appear_in_both_outputs(pretrained, tmp_path):
     assert XSS in "".join(Page(html).text)  # ... and reads as the name itself
     assert "shape.json" in md  # a result of an unexpected shape still gets its heading, with what it has
     row = next(line for line in md.splitlines() if line.startswith("| quiz"))
-    assert row.startswith("| quiz\\|mc |") and row.count(" | ") == 6  # a | in a name keeps the table's columns
+    assert row.startswith("| quiz\\|mc |") and row.count(" | ") == 8  # a | in a name keeps the table's columns
     compare_row = next(line for line in md.splitlines() if "judge-model" in line)
     assert "| 7 | 3 | 10 |" in compare_row
 
@@ -275,3 +275,83 @@ def test_sft_writes_a_report_that_follows_its_parent_back_to_the_data(pretrained
     assert "LoRA adapter" in md and "adapter parameters" in md and pre["data"]["manifest_sha256"] in md
     assert md.count("**User:**") == 2  # samples of the adapter merged into its base in memory
     check_self_contained((adapter / "report.html").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- first impressions
+
+def test_the_eval_table_shows_each_intervals_and_the_chance_level(pretrained, tmp_path):
+    """The card shows the interval `gptsmith eval` prints for every metric, the suite's chance level, and marks a
+    result whose interval contains chance (a 4-choice quiz answered right 7 times in 20: not better than guessing)."""
+    from gptsmith.eval.results import metric_ci
+
+    model = copy_model(pretrained, tmp_path / "model")
+    result = eval_result(model, name="base")
+    quiz = result["suites"][0]
+    quiz["items"] = [{"id": str(i), "acc": float(i < 7), "acc_norm": float(i < 7), "pred": 0, "pred_norm": 0}
+                     for i in range(20)]
+    quiz.update(n=20, chance=0.25, metrics={"acc": 0.35, "acc_norm": 0.35})
+    (model / "eval").mkdir()
+    (model / "eval" / "eval-20261124-120000.json").write_text(json.dumps(result))
+    lo, hi = metric_ci(quiz["items"], "acc_norm", seed=0)
+    assert lo < 0.25 < hi
+    md_path, html_path = write_report(model, samples=0)
+    for text in (md_path.read_text(), html_path.read_text()):
+        assert f"[{lo:.4f}, {hi:.4f}]" in text  # acc_norm's interval, as the CLI prints it
+        assert "0.2500" in text and "(within the CI: no better than guessing)" in text
+        assert "cannot be told from guessing" in text
+    row = next(line for line in md_path.read_text().splitlines() if line.startswith("| python-docs"))
+    assert "| - | - |" in row  # a text suite stores no items here and has no chance level
+
+
+def test_the_loss_plot_has_the_validation_points_a_short_sft_run_recorded(tiny_model_dir, tmp_path):
+    """A time-boxed sft run can end before its first periodic evaluation: its validation loss before and after
+    training (in the lineage) are still drawn, and the plot says what it shows."""
+    from gptsmith.eval.report import curve_plots, validation_points
+
+    records = [{"step": 1, "train/loss": 5.0}, {"step": 2, "train/loss": 4.5}, {"step": 3, "train/loss": 4.0}]
+    metrics = {"steps": 3, "val_loss_before": 5.5, "val_loss": 4.25}
+    assert validation_points(records, metrics) == [(0, 5.5), (3, 4.25)]
+    # a point the trainer logged at a step wins over the lineage's figure for it
+    assert validation_points(records + [{"step": 3, "val/loss": 4.2}], metrics) == [(0, 5.5), (3, 4.2)]
+    plots = curve_plots(records, tmp_path, "sft", metrics)
+    assert plots[0]["title"] == "Loss (train and validation)"
+    assert curve_plots(records, tmp_path, "sft", {})[0]["title"] == "Loss (train; no validation loss recorded)"
+
+
+def test_the_card_counts_documents_as_prepare_printed_them(pretrained):
+    from gptsmith.data.shards import corpus_counts
+
+    lineage = json.loads((pretrained / "gptsmith_lineage.json").read_text())
+    counts = corpus_counts(json.loads(open(lineage["data"]["manifest"]).read()))
+    md = (pretrained / "report.md").read_text()
+    assert f"Documents kept {counts['kept']:,}" in md
+    for split, c in counts["splits"].items():
+        assert f"| {split} | {c['documents']:,} | {c['tokens']:,} | {c['bytes']:,} |" in md
+
+
+def test_eval_of_a_local_model_rewrites_its_card(tiny_model_dir, tmp_path):
+    """The card sft wrote said "No eval results"; `gptsmith eval` into MODEL/eval/ re-writes it with them."""
+    from gptsmith.eval.run import evaluate
+    from gptsmith.eval.targets import open_target
+
+    model = copy_model(tiny_model_dir, tmp_path / "chat")
+    write_report(model, samples=0)
+    assert "No eval results" in (model / "report.md").read_text()
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text("".join(json.dumps({"question": f"{i} + 1 =", "choices": [str(i + 1), "x", "y", "z"],
+                                        "answer": 0}) + "\n" for i in range(6)))
+    target = open_target(model=model, device="cpu")
+    try:
+        result = evaluate(target, [str(quiz)], out_dir=model / "eval")
+    finally:
+        target.close()
+    assert result["suites"][0]["chance"] == 0.25
+    md = (model / "report.md").read_text()
+    assert "No eval results" not in md and "quiz" in md and "**User:**" in md  # samples from the loaded engine
+    assert "| 0.2500" in md
+
+
+def test_the_card_says_what_the_run_bought(pretrained):
+    lineage = json.loads((pretrained / "gptsmith_lineage.json").read_text())
+    assert lineage["metrics"]["steps_done"] == 6 and lineage["metrics"]["verdict"] == "trained 6 steps"
+    assert "| what the run bought | trained 6 steps |" in (pretrained / "report.md").read_text()

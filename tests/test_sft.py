@@ -310,5 +310,8 @@ def test_time_budget_stops_training_early_with_a_usable_model(tiny_model_dir, da
 
     out = tmp_path / "chat"
     m = sft(str(tiny_model_dir), data_file, out, cfg(max_steps=10_000, max_minutes=1e-4))
-    assert 1 <= m["steps"] < 10_000
+    assert 1 <= m["steps"] == m["steps_done"] < m["steps_planned"] == 10_000
+    assert m["stop_reason"] == "time budget (0.0001 min)"
+    from gptsmith.train.budget import training_verdict
+    assert training_verdict(m, stage="sft").startswith(f"sft: trained {m['steps']} of ~10000 planned steps")
     AutoModelForCausalLM.from_pretrained(out)

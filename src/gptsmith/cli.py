@@ -4,7 +4,8 @@ Each command's named flags are shortcuts for config keys; any other key is set w
 
     gptsmith pretrain --data work --out model --preset tiny --pretrain.lr 1e-3 --model.n_layer 6
 
-Stage modules are imported inside each handler so `gptsmith --help` answers instantly.
+Stage modules are imported inside each handler, and the config (pydantic, YAML) once a command runs, so
+`gptsmith --help` and `gptsmith CMD --help` import argparse and little else (tests/test_cli_startup.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gptsmith.config import ConfigError, ProjectConfig, load_config, parse_overrides
+if TYPE_CHECKING:
+    from gptsmith.config import ProjectConfig
 
 OVERRIDES_HELP = (
     "Any config key can also be set from the command line as --section.key VALUE "
@@ -39,6 +41,7 @@ def _add_config_arg(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace, shortcuts: dict[str, Any]) -> ProjectConfig:
     """File + shortcuts (named flags that were given) + dotted overrides, in that order of precedence."""
+    from gptsmith.config import load_config, parse_overrides
     overrides = {k: v for k, v in shortcuts.items() if v is not None}
     overrides.update(parse_overrides(args.overrides))
     return load_config(args.config, overrides)
@@ -245,6 +248,7 @@ def cmd_refine(args) -> None:
 
 
 def _tolerances(items) -> dict:
+    from gptsmith.config import ConfigError
     names = {"accuracy": "accuracy_tolerance", "bpb": "bpb_tolerance", "suite": "suite_tolerance",
              "judge": "judge_min_upper"}
     out = {}
@@ -415,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build your own GPT chatbot end to end: data, tokenizer, pretraining, fine-tuning and "
                     "preference tuning, generation, chat, assistants, evaluation, serving and the feedback loop.",
         epilog=OVERRIDES_HELP, formatter_class=_formatter)
-    parser.add_argument("--version", action="version", version=f"gptsmith {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help: str, func, parent=sub) -> argparse.ArgumentParser:
@@ -935,10 +939,22 @@ def _version() -> str:
         return "dev"
 
 
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked for: importlib.metadata costs every other start-up ~70 ms."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(message=f"gptsmith {_version()}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.overrides = extra
+    from gptsmith.config import ConfigError  # after parsing: --help never needs pydantic
     try:
         args.func(args)
     except (ConfigError, UserError) as e:

@@ -108,10 +108,12 @@ class _SplitWriter:
         self.cut = 0  # documents split into pieces
         self.closest: _Closest | None = None
 
-    def write(self, text: str, source: str) -> None:
+    def write(self, text: str, source: str) -> int:
+        """Returns how many documents the text became (a long one: one per run of pieces on one side)."""
         pieces = split_pieces(text)
         self.cut += len(pieces) > 1
-        for split, run, scores in _runs(pieces, self.val_fraction, self.seed):
+        runs = _runs(pieces, self.val_fraction, self.seed)
+        for split, run, scores in runs:
             joined = _joined(run)
             line = _line(joined, source)
             self.files[split].write(line)
@@ -120,21 +122,24 @@ class _SplitWriter:
             low = min(range(len(scores)), key=scores.__getitem__)
             if split == "train" and (self.closest is None or scores[low] < self.closest.score):
                 self.closest = _Closest(scores[low], line, run, low, source)
+        return len(runs)
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
 
-    def ensure_validation(self) -> None:
+    def ensure_validation(self) -> tuple[str, int] | None:
         """Validation must never be empty: move the train piece the hash ranks closest to val, which is as
-        order-independent as the split itself (when there are two documents or pieces to choose from)."""
+        order-independent as the split itself (when there are two documents or pieces to choose from).
+        Returns (the moved piece's source, documents added by the move) for the source's count, or None."""
         c = self.closest
         if self.docs["val"] or c is None or (self.docs["train"] < 2 and len(c.pieces) < 2):
-            return
+            return None
         kept, moved = _move_piece(self.out_dir / "train.jsonl", self.out_dir / "val.jsonl", c)
         self.docs.update(train=len(kept) - 1, val=1)
         self.bytes.update(val=len(moved.encode("utf-8")), train=sum(len(t.encode("utf-8")) for t in kept)
                           - len(_joined(c.pieces).encode("utf-8")))
+        return c.source, len(kept)
 
 
 def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict:
@@ -168,12 +173,14 @@ def clean(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> dict
                         elif d.dedup and not seen.add(digest(text)):
                             dropped["duplicate"] += 1
                         else:
-                            src.documents += 1
-                            splits.write(text, src.path)
+                            # a source's documents are counted as the splits count them (corpus_counts)
+                            src.documents += splits.write(text, src.path)
         splits.close()
         if docs.total() == 0:
             raise _empty_corpus(read, dropped, ctx.skipped, cfg)
-        splits.ensure_validation()
+        moved = splits.ensure_validation()
+        if moved:  # one train document became its kept parts in train plus the moved piece in val
+            next(src for src in sources if src.path == moved[0]).documents += moved[1]
         report = {
             "inputs": [str(i) for i in inputs],
             "documents": {"read": read, "kept": docs.total(), **docs},
@@ -255,7 +262,7 @@ def tokenize(workdir: str | os.PathLike, cfg: ProjectConfig, tokenizer_dir: str 
     """Tokenize WORKDIR/clean/{train,val}.jsonl into packed shards and WORKDIR/tokens/manifest.json."""
     from tokenizers import Tokenizer
 
-    from gptsmith.data.shards import FORMAT, dtype_for, separator_id, tokenize_split
+    from gptsmith.data.shards import FORMAT, corpus_counts, dtype_for, separator_id, tokenize_split
     from gptsmith.tokenizer import load_tokenizer
 
     workdir = Path(workdir)
@@ -284,6 +291,7 @@ def tokenize(workdir: str | os.PathLike, cfg: ProjectConfig, tokenizer_dir: str 
             "tokenizer": os.path.relpath(tok_dir.resolve(), workdir.resolve()),
             "splits": splits,
             "bytes_per_token": round(sum(s["bytes"] for s in splits.values()) / max(tokens, 1), 4),
+            "documents": report["documents"],
             "dropped": report["dropped"],
             "skipped": report["skipped"],
             "ignored_files": report.get("ignored_files", {}),
@@ -294,8 +302,10 @@ def tokenize(workdir: str | os.PathLike, cfg: ProjectConfig, tokenizer_dir: str 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     save_config(cfg, workdir)
-    print("tokens: " + ", ".join(f"{k} {s['tokens']:,} in {len(s['files'])} file(s)" for k, s in splits.items())
-          + f"; {manifest['bytes_per_token']:.2f} bytes per token -> {final}")
+    counts = corpus_counts(manifest)["splits"]  # text tokens, as the report card shows them
+    print("tokens: " + ", ".join(f"{k} {counts[k]['tokens']:,} in {len(s['files'])} file(s)"
+                                 for k, s in splits.items())
+          + f" (without document separators); {manifest['bytes_per_token']:.2f} bytes per token -> {final}")
     return manifest
 
 
@@ -306,14 +316,16 @@ def prepare(inputs: list[str], out: str | os.PathLike, cfg: ProjectConfig) -> di
     train_tokenizer_on_workdir(out, cfg)
     manifest = tokenize(out, cfg)
     save_config(cfg, out)
-    sp = manifest["splits"]
+    from gptsmith.data.shards import corpus_counts
+    counts = corpus_counts(manifest)  # the same numbers the report card shows
+    sp = counts["splits"]
     print(f"\nprepared {out}:\n"
-          f"  documents  kept {report['documents']['kept']:,} (train {sp['train']['documents']:,}, "
+          f"  documents  kept {counts['kept']:,} (train {sp['train']['documents']:,}, "
           f"val {sp['val']['documents']:,}), read {report['documents']['read']:,}\n"
           f"  dropped    {_fmt(report['dropped'])}\n"
           f"  skipped    {_fmt(report['skipped'])}\n"
           f"  not read   {describe_ignored(report['ignored_files'])}\n"
-          f"  tokens     train {sp['train']['tokens']:,}, val {sp['val']['tokens']:,} "
+          f"  tokens     train {sp['train']['tokens']:,}, val {sp['val']['tokens']:,} without separators "
           f"({manifest['dtype']}, vocab {manifest['vocab_size']:,})\n"
           f"  compression {manifest['bytes_per_token']:.2f} bytes per token\n"
           f"next: gptsmith pretrain --data {out} --out MODEL_DIR")

@@ -157,6 +157,26 @@ def separator_id(tokenizer, where: str | os.PathLike = "tokenizer") -> int:
 
 # ---------------------------------------------------------------------------------------------- reader
 
+def corpus_counts(manifest: dict) -> dict:
+    """The counts of a prepared corpus, from its manifest: what `gptsmith prepare` prints and the report card
+    shows, so the two never disagree. One rule: a document is a text as written to a split (after cleaning and
+    de-duplication; a long one cut into pieces counts each piece it became), so the splits' documents add up to
+    "kept" and to the sources' documents; tokens are the text's own, without the separator the shards put before
+    each document. "read" (documents read from the inputs) is None for manifests older than this rule."""
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    rows = {}
+    for name, s in splits.items():
+        if not isinstance(s, dict):
+            continue
+        docs, toks = s.get("documents"), s.get("tokens")
+        rows[name] = {"documents": docs, "bytes": s.get("bytes"),
+                      "tokens": toks - docs if isinstance(toks, int) and isinstance(docs, int) else toks}
+    counted = manifest.get("documents") if isinstance(manifest.get("documents"), dict) else {}
+    kept = sum(r["documents"] for r in rows.values() if isinstance(r["documents"], int))
+    return {"splits": rows, "kept": kept, "read": counted.get("read"),
+            "tokens": sum(r["tokens"] for r in rows.values() if isinstance(r["tokens"], int))}
+
+
 def read_manifest(data_dir: str | Path) -> dict:
     data_dir = Path(data_dir)
     path = data_dir / "tokens" / "manifest.json"

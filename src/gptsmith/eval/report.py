@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from gptsmith.files import atomic_write_bytes, atomic_write_text, sha256_file
-from gptsmith.model import LINEAGE_FILENAME
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -87,6 +86,10 @@ def _read_object(path: Path, notes: list[str], what: str) -> dict:
 
 
 def _lineage(model_dir: Path, notes: list[str]) -> dict:
+    # gptsmith.model imports torch and transformers (seconds): a report of a directory that is not there, or a
+    # card without samples, must not wait for them
+    from gptsmith.model import LINEAGE_FILENAME
+
     path = model_dir / LINEAGE_FILENAME
     return _read_object(path, notes, "lineage") if path.is_file() else {}
 
@@ -246,16 +249,13 @@ def data_summary(lineage: dict, notes: list[str]) -> dict | None:
 
 
 def _manifest_summary(m: dict) -> dict:
-    splits = m.get("splits") if isinstance(m.get("splits"), dict) else {}
-    rows = []
-    for name, s in splits.items():
-        if isinstance(s, dict):
-            # shard tokens include one separator per document; the text's own tokens are without them
-            docs, toks = s.get("documents"), s.get("tokens")
-            text_tokens = toks - docs if isinstance(toks, int) and isinstance(docs, int) else toks
-            rows.append({"split": name, "documents": docs, "tokens": text_tokens, "bytes": s.get("bytes")})
+    from gptsmith.data.shards import corpus_counts
+
+    counts = corpus_counts(m)  # the numbers `gptsmith prepare` printed, by the same rule
+    rows = [{"split": name, **c} for name, c in counts["splits"].items()]
     sources = [s for s in m.get("sources") or [] if isinstance(s, dict)]
-    return {"splits": rows, "vocab_size": m.get("vocab_size"), "bytes_per_token": m.get("bytes_per_token"),
+    return {"splits": rows, "documents_read": counts["read"], "documents_kept": counts["kept"],
+            "vocab_size": m.get("vocab_size"), "bytes_per_token": m.get("bytes_per_token"),
             "dropped": m.get("dropped"), "skipped": m.get("skipped"),
             "sources": sources[:MAX_SOURCES_SHOWN], "sources_more": max(0, len(sources) - MAX_SOURCES_SHOWN)}
 
@@ -381,16 +381,34 @@ def _pyplot():
     return plt
 
 
-def curve_plots(records: list[dict], plot_dir: Path, stage: str | None = None) -> list[dict]:
-    """loss.png (train + validation, drawn by the trainers' own save_loss_plot) and lr.png when the LR was logged."""
+def validation_points(records: list[dict], metrics: dict) -> list[tuple[float, float]]:
+    """Validation loss per step: what the trainer logged (val/loss, the Trainer's eval_loss), plus the lineage's
+    before-training and final figures where the log has no point at those steps. A time-boxed sft run can end
+    before its first periodic evaluation; its validation loss before and after training is still measured and
+    recorded, and belongs on the plot."""
+    val = dict(_series(records, "val/loss"))
+    last = metrics.get("step", metrics.get("steps"))
+    for step, key in ((0, "val_loss_before"), (last, "val_loss")):
+        v = metrics.get(key)
+        if _num(step) and _num(v) and math.isfinite(v) and step not in val:
+            val[step] = v
+    return sorted(val.items())
+
+
+def curve_plots(records: list[dict], plot_dir: Path, stage: str | None = None,
+                metrics: dict | None = None) -> list[dict]:
+    """loss.png (train as a line, validation as markers, drawn by the trainers' own save_loss_plot) and lr.png
+    when the LR was logged. `metrics`: the lineage's, for the validation loss before and after training."""
     from gptsmith.train.common import save_loss_plot
 
     plots = []
-    train, val = _series(records, "train/loss"), _series(records, "val/loss")
+    train, val = _series(records, "train/loss"), validation_points(records, metrics or {})
     if train or val:
         unit = "nats / token" if stage in (None, "pretrain") else "nats / assistant token"  # sft: answers only
         save_loss_plot(plot_dir / "loss.png", train=train, val=val, ylabel=f"loss ({unit})", title=stage)
-        plots.append({"title": "Loss (train and validation)", "file": "loss.png"})
+        title = ("Loss (train and validation)" if train and val else "Loss (train; no validation loss recorded)"
+                 if train else "Loss (validation)")
+        plots.append({"title": title, "file": "loss.png"})
     lr = _series(records, "train/lr")
     if lr:
         plt = _pyplot()
@@ -407,8 +425,9 @@ def curve_plots(records: list[dict], plot_dir: Path, stage: str | None = None) -
 
 def training_summary(lineage: dict) -> dict:
     m = lineage.get("metrics") if isinstance(lineage.get("metrics"), dict) else {}
-    keys = ("step", "steps", "tokens_seen", "train_loss", "val_loss_before", "val_loss", "val_bpb_before", "val_bpb",
-            "tokens_per_s", "mfu", "stop_reason", "train_seconds", "trainable_params", "total_params")
+    keys = ("step", "steps", "steps_planned_at_start", "steps_planned", "steps_at_best_speed", "tokens_seen",
+            "train_loss", "val_loss_before", "val_loss", "val_bpb_before", "val_bpb", "tokens_per_s", "mfu",
+            "stop_reason", "train_seconds", "trainable_params", "total_params", "verdict")
     out = {k: m[k] for k in keys if m.get(k) is not None}
     if lineage.get("stage"):
         out = {"stage": lineage["stage"], **({"mode": lineage["mode"]} if lineage.get("mode") else {}), **out}
@@ -436,6 +455,21 @@ def _same_model(target, model_dir: Path) -> bool:
         return False
 
 
+def _interval(s: dict, metric: str, seed) -> list[float] | None:
+    """The 95% interval `gptsmith eval` prints for a suite metric: recomputed from the result's items by the same
+    function (eval.results.metric_ci, same seed), else one the result stores, else None."""
+    from gptsmith.eval.results import metric_ci
+
+    items = s.get("items")
+    if isinstance(items, list) and items and all(isinstance(it, dict) for it in items):
+        ci = metric_ci(items, metric, seed if isinstance(seed, int) else 0)
+        if ci is not None:
+            return [float(ci[0]), float(ci[1])]
+    stored = (s.get("ci") or {}).get(metric) if isinstance(s.get("ci"), dict) else None
+    return [float(stored[0]), float(stored[1])] if isinstance(stored, list) and len(stored) == 2 and all(
+        _num(c) for c in stored) else None
+
+
 def _eval_entry(path: Path, r: dict, notes: list[str]) -> dict | None:
     suites = r.get("suites")
     if not isinstance(suites, list):
@@ -449,12 +483,18 @@ def _eval_entry(path: Path, r: dict, notes: list[str]) -> dict | None:
         primary = s.get("primary") if isinstance(s.get("primary"), str) and s["primary"] in metrics \
             else next(iter(metrics), None)
         hib = s.get("higher_is_better") if isinstance(s.get("higher_is_better"), dict) else {}
+        ci = _interval(s, primary, r.get("seed")) if primary else None
+        # chance: what guessing scores (multiple choice: the mean of 1/choices over the items); None where no
+        # guess has a known score (generation, text)
+        chance = s.get("chance") if _num(s.get("chance")) else None
         rows.append({"suite": str(s.get("name", "?")), "kind": s.get("kind"), "primary": primary,
                      "value": metrics.get(primary) if primary else None, "n": s.get("n"), "k_shot": s.get("k_shot"),
-                     "higher_is_better": hib.get(primary),
-                     "others": {k: v for k, v in metrics.items() if k != primary and _num(v)}})
+                     "higher_is_better": hib.get(primary), "ci": ci, "chance": chance,
+                     "at_chance": bool(ci and chance is not None and ci[0] <= chance <= ci[1]),
+                     "others": {k: {"value": v, "ci": _interval(s, k, r.get("seed"))} for k, v in metrics.items()
+                                if k != primary and k not in ("tokens", "bytes") and _num(v)}})
     return {"file": path.name, "created": str(r.get("created") or ""), "target": _target_name(r.get("target")),
-            "seed": r.get("seed"), "rows": rows}
+            "seed": r.get("seed"), "rows": rows, "any_at_chance": any(row["at_chance"] for row in rows)}
 
 
 def _compare_entry(path: Path, r: dict, model_dir: Path, notes: list[str]) -> dict | None:
@@ -515,7 +555,15 @@ def eval_bar_plot(run: dict, plot_dir: Path) -> dict | None:
     plt = _pyplot()
     labels = [f"{r['suite']} ({r['primary']})" for r in rows]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
-    bars = ax.barh(range(len(rows)), [r["value"] for r in rows], color="#4c72b0")
+    bars = ax.barh(range(len(rows)), [r["value"] for r in rows], color="#4c72b0",
+                   xerr=[[max(0.0, r["value"] - r["ci"][0]) if r.get("ci") else 0 for r in rows],
+                         [max(0.0, r["ci"][1] - r["value"]) if r.get("ci") else 0 for r in rows]], capsize=3)
+    for i, r in enumerate(rows):  # guessing's score: a bar whose interval reaches it shows nothing learned
+        if r.get("chance") is not None:
+            ax.plot([r["chance"]] * 2, [i - 0.4, i + 0.4], color="#c44e52", linestyle="--", linewidth=1.5,
+                    label="chance" if i == min(j for j, x in enumerate(rows) if x.get("chance") is not None) else None)
+    if any(r.get("chance") is not None for r in rows):
+        ax.legend(loc="lower right")
     ax.set_yticks(range(len(rows)), labels)
     ax.bar_label(bars, labels=[_fmt(r["value"]) for r in rows], padding=3)
     ax.invert_yaxis()
@@ -555,16 +603,18 @@ def _adapter_engine(adapter_dir: Path, device: str):
 
 
 def generate_samples(model_dir: Path, n: int, device: str, max_new_tokens: int, notes: list[str],
-                     chat: bool) -> list[dict]:
+                     chat: bool, engine=None) -> list[dict]:
     """n short greedy generations: chat prompts through the chat template for a chat model, text continuations
-    (a new document: the separator, then the prompt) for a base model."""
+    (a new document: the separator, then the prompt) for a base model. `engine`: the model already loaded (eval
+    re-writing the card of the model it just scored), else it is loaded here."""
     from gptsmith.engine import SamplingParams
 
     if n <= 0:
         return []
     try:
-        engine = _adapter_engine(model_dir, device) if (model_dir / "adapter_config.json").is_file() \
-            else _engine(model_dir, device)
+        if engine is None:
+            engine = _adapter_engine(model_dir, device) if (model_dir / "adapter_config.json").is_file() \
+                else _engine(model_dir, device)
     except Exception as e:
         notes.append(f"samples: the model cannot be loaded ({e})")
         return []
@@ -598,7 +648,7 @@ def _part(notes: list[str], name: str, build, default):
 
 
 def build_report(model_dir: str | os.PathLike, plot_dir: Path, samples: int = 3, device: str = "auto",
-                 max_new_tokens: int = 32) -> Report:
+                 max_new_tokens: int = 32, engine=None) -> Report:
     """Read everything the report shows; PNGs are written into plot_dir."""
     model_dir = Path(model_dir)
     rep = Report(model_dir=model_dir.resolve(), name=model_dir.resolve().name,
@@ -610,7 +660,9 @@ def build_report(model_dir: str | os.PathLike, plot_dir: Path, samples: int = 3,
                             {"bytes_per_token": None, "source": "not measurable"})
     rep.training = _part(notes, "training metrics", lambda: training_summary(_lineage(model_dir, [])), {})
     records = _part(notes, "metrics.jsonl", lambda: training_records(model_dir, notes), [])
-    rep.plots = curve_plots(records, plot_dir, rep.training.get("stage"))
+    lineage_metrics = _lineage(model_dir, []).get("metrics")
+    rep.plots = curve_plots(records, plot_dir, rep.training.get("stage"),
+                            lineage_metrics if isinstance(lineage_metrics, dict) else {})
     rep.evals, rep.compares = eval_results(model_dir, notes)
     if rep.evals:
         bar = eval_bar_plot(rep.evals[-1], plot_dir)
@@ -622,14 +674,14 @@ def build_report(model_dir: str | os.PathLike, plot_dir: Path, samples: int = 3,
         p["png"] = (plot_dir / p["file"]).read_bytes()
     # a pretrained model carries the tokenizer's chat template but was never taught to chat: it continues text
     chat = bool(rep.model.get("chat_template")) and rep.training.get("stage") != "pretrain"
-    rep.samples = generate_samples(model_dir, samples, device, max_new_tokens, notes, chat)
+    rep.samples = generate_samples(model_dir, samples, device, max_new_tokens, notes, chat, engine)
     return rep
 
 
 def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, samples: int = 3,
-                 device: str = "auto", max_new_tokens: int = 32) -> tuple[Path, Path]:
+                 device: str = "auto", max_new_tokens: int = 32, engine=None) -> tuple[Path, Path]:
     """Write OUT/report.md (its plots in OUT/report/*.png) and the self-contained OUT/report.html; OUT defaults to
-    the model directory. Returns (md_path, html_path)."""
+    the model directory. `engine`: the model already loaded, for the samples. Returns (md_path, html_path)."""
     from gptsmith.errors import InputError
 
     model_dir = Path(model_dir)
@@ -637,18 +689,21 @@ def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         raise InputError(f"{model_dir}: no such model directory; give a directory written by `gptsmith pretrain`, "
                          "`gptsmith sft` or `gptsmith merge-lora`")
     out = Path(out_dir) if out_dir else model_dir
-    rep = build_report(model_dir, out / PLOTS_DIR, samples=samples, device=device, max_new_tokens=max_new_tokens)
+    rep = build_report(model_dir, out / PLOTS_DIR, samples=samples, device=device, max_new_tokens=max_new_tokens,
+                       engine=engine)
     md_path, html_path = out / REPORT_MD, out / REPORT_HTML
     atomic_write_text(md_path, render_markdown(rep))
     atomic_write_text(html_path, render_html(rep))
     return md_path, html_path
 
 
-def report_after_training(model_dir: str | os.PathLike, device: str = "auto", samples: int = 2) -> None:
-    """What the training commands call at their end: the report card, or a warning; the trained model is saved
-    already and a report that fails (a plotting backend missing, a full disk) must never make the run fail."""
+def report_after_training(model_dir: str | os.PathLike, device: str = "auto", samples: int = 2,
+                          engine=None) -> None:
+    """What the training commands call at their end, and `gptsmith eval` after scoring a local model: the report
+    card, or a warning; the model (or the eval result) is saved already and a report that fails (a plotting
+    backend missing, a full disk) must never make the run fail."""
     try:
-        md, html = write_report(model_dir, samples=samples, device=device)
+        md, html = write_report(model_dir, samples=samples, device=device, engine=engine)
         print(f"report card: {md} and {html}", file=sys.stderr)
     except Exception as e:
         print(f"warning: the report card of {model_dir} could not be written ({type(e).__name__}: {e}); the model "
@@ -680,6 +735,11 @@ def _pct(v) -> str:
 
 def _ci(ci) -> str:
     return f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "-"
+
+
+def _interval_text(ci) -> str:
+    """[lo, hi] with the digits `gptsmith eval` prints (results_table); "-" when there is none."""
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
 
 
 def _md_text(v) -> str:
@@ -715,8 +775,8 @@ def _env(autoescape: bool):
     # instead of failing the report
     env = Environment(loader=PackageLoader("gptsmith.eval", "templates"), autoescape=autoescape, trim_blocks=True,
                       lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(fmt=_fmt, pct=_pct, ci=_ci, md=_md_text, mdspan=_md_span, mdcode=_md_code,
-                       b64=lambda b: base64.b64encode(b).decode("ascii"))
+    env.filters.update(fmt=_fmt, pct=_pct, ci=_ci, interval=_interval_text, md=_md_text, mdspan=_md_span,
+                       mdcode=_md_code, b64=lambda b: base64.b64encode(b).decode("ascii"))
     return env
 
 
@@ -727,7 +787,11 @@ def _context(rep: Report) -> dict:
                            ("context", "context (tokens)"), ("dtype", "dtype"), ("vocab_size", "vocabulary (model)"),
                            ("tokenizer_vocab", "vocabulary (tokenizer)"), ("chat_template", "chat template"),
                            ("params", "parameters")],
-            "train_keys": [("stage", "stage"), ("mode", "mode"), ("step", "steps"), ("steps", "steps"),
+            "train_keys": [("stage", "stage"), ("mode", "mode"), ("verdict", "what the run bought"),
+                           ("step", "steps"), ("steps", "steps"),
+                           ("steps_planned_at_start", "steps planned at the start"),
+                           ("steps_planned", "steps planned at the end"),
+                           ("steps_at_best_speed", "steps the budget buys at the fastest measured speed"),
                            ("tokens_seen", "tokens seen"), ("train_loss", "final train loss"),
                            ("val_loss_before", "validation loss before"), ("val_loss", "validation loss after"),
                            ("val_bpb_before", "validation bits/byte before"), ("val_bpb", "validation bits/byte after"),

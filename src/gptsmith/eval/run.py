@@ -110,13 +110,16 @@ def _task_suite(target, spec: SuiteSpec, k_shot: int, limit: int | None, seed: i
         items = score_multiple_choice(target, suite.items, k_shot, seed, n_items=len(scored))
         metrics = {m: sum(it[m] for it in items) / len(items) for m in ("acc", "acc_norm")}
         primary, higher = "acc_norm", {"acc": True, "acc_norm": True}
+        # what guessing scores on these items: the report card marks a result whose interval contains it
+        chance = sum(1 / len(it["choices"]) for it in scored) / len(scored)
     else:
         items = score_generation(target, suite.items, k_shot, seed, max_tokens, n_items=len(scored))
         metrics = {"score": sum(it["score"] for it in items) / len(items)}
         primary, higher = "score", {"score": True}
+        chance = None  # a free-form answer has no guessing rate
     return {"name": spec.name, "kind": suite.kind, "version": suite_version(spec.path), "source": spec.source,
             "n": len(items), "k_shot": k_shot, "chat_template": target.is_chat, "primary": primary,
-            "metrics": metrics, "higher_is_better": higher, "items": items}
+            "metrics": metrics, "higher_is_better": higher, "chance": chance, "items": items}
 
 
 def _lm_eval_suites(target, spec: SuiteSpec, k_shot: int | None, limit: int | None, seed: int) -> list[dict]:
@@ -136,11 +139,12 @@ def default_out_dir(target) -> Path:
 
 def evaluate(target, suites: list[str], out_dir: str | Path | None = None, k_shot: int | None = None,
              limit: int | None = None, seed: int = 0, baseline: str | Path | dict | None = None,
-             max_tokens: int = 256) -> dict:
+             max_tokens: int = 256, update_card: bool = True) -> dict:
     """Run every suite on `target`; returns the result dict (the plan's "eval" contract). With `out_dir` it is
     written to OUT_DIR/eval-YYYYmmdd-HHMMSS.json and result["path"] names the file (the key is not in the file).
     With `baseline` (a result file or dict), result["baseline"] = {"path", "comparison": compare_to_baseline(...)}.
-    `k_shot` None: 0 for task suites, the task's own default for lm-eval. `limit`: the first N items/documents."""
+    `k_shot` None: 0 for task suites, the task's own default for lm-eval. `limit`: the first N items/documents.
+    `update_card`: results written into a local model's MODEL/eval/ re-write its report card (report.md/html)."""
     from gptsmith.eval.results import compare_to_baseline, make_result, read_result, write_result
 
     if not suites:
@@ -170,4 +174,18 @@ def evaluate(target, suites: list[str], out_dir: str | Path | None = None, k_sho
     if out_dir is not None:
         path = write_result(result, out_dir)
         result["path"] = str(path)
+        if update_card:
+            _update_card(target, Path(out_dir))
     return result
+
+
+def _update_card(target, out_dir: Path) -> None:
+    """A local model's report card shows its eval results, so once a result lands in MODEL/eval/ the card is
+    written again (samples from the engine already loaded); other targets and other --out folders have no card."""
+    if target.kind != "model" or target.engine is None:
+        return
+    model_dir = Path(target.ref)
+    if out_dir.resolve() != (model_dir / "eval").resolve():
+        return
+    from gptsmith.eval.report import report_after_training
+    report_after_training(model_dir, samples=2, engine=target.engine)

@@ -135,14 +135,14 @@ def _open_backend(url: str, model: str | None):
 
 def open_target(model: str | Path | None = None, assistant: str | Path | None = None, backend: str | None = None,
                 backend_model: str | None = None, device: str = "auto") -> Target:
-    """Exactly one of a model folder, an assistant file or a backend URL."""
-    from gptsmith.model import read_lineage
-
+    """Exactly one of a model folder, an assistant file or a backend URL. A backend needs no torch: gptsmith.model
+    (torch, transformers) is imported only for a local model."""
     given = [x for x in (model, assistant, backend) if x is not None]
     if len(given) != 1:
         raise InputError("give exactly one of --model DIR, --assistant FILE or --backend URL")
     if model is not None:
         from gptsmith.engine import Engine
+        from gptsmith.model import read_lineage
 
         path = Path(model)
         try:
@@ -159,6 +159,7 @@ def open_target(model: str | Path | None = None, assistant: str | Path | None = 
     profile = bot.profile
     if profile.model is not None:
         from gptsmith.engine import Engine
+        from gptsmith.model import read_lineage
 
         engine = Engine.load(profile.model, device=device)
         return Target("assistant", profile.name, str(Path(assistant).resolve()), engine=engine, assistant=bot,

@@ -137,8 +137,11 @@ class LRSchedule:
     a resumed run gets the same LR as the uninterrupted one. It is saved in every checkpoint.
 
     `rebase_step`/`rebase_multiplier`: set when the length changed after the decay had begun (a resume with
-    a new --max-steps, or the time budget's plan): from that step the decay restarts at the LR the run had
-    there and ends at min_lr_ratio on the new last step, with no jump in the LR."""
+    a new --max-steps): from that step the decay restarts at the LR the run had there and ends at min_lr_ratio
+    on the new last step, with no jump in the LR.
+    `rebase_progress`: set by `stretched` (a time budget re-planned from measured speed): from `rebase_step` the
+    rest of the decay, from the point it had reached, is stretched (or squeezed) over the steps up to the new
+    last one: the same curve, a new length, no jump in the LR."""
 
     total_steps: int
     warmup_steps: int
@@ -147,8 +150,15 @@ class LRSchedule:
     decay_fraction: float = 0.2
     rebase_step: int = 0
     rebase_multiplier: float | None = None
+    rebase_progress: float | None = None
 
     def multiplier(self, step: int) -> float:
+        if self.rebase_progress is not None and step >= self.rebase_step and self.kind != "constant":
+            progress = self.rebase_progress + (1.0 - self.rebase_progress) * min(
+                1.0, (step - self.rebase_step) / max(1, self.total_steps - self.rebase_step))
+            if self.kind == "wsd":  # progress through the linear decay
+                return 1.0 - (1.0 - self.min_lr_ratio) * progress
+            return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if self.rebase_multiplier is None or step < self.rebase_step:
             return lr_multiplier(step, self.total_steps, self.warmup_steps, self.kind, self.min_lr_ratio,
                                  self.decay_fraction)
@@ -166,7 +176,7 @@ class LRSchedule:
     def decay_started(self, step: int) -> bool:
         if self.kind == "constant" or step <= self.warmup_steps:
             return False
-        if self.kind == "wsd" and self.rebase_multiplier is None:
+        if self.kind == "wsd" and self.rebase_multiplier is None and self.rebase_progress is None:
             return step > max(self.warmup_steps, int(self.total_steps * (1 - self.decay_fraction)))
         return True
 
@@ -179,7 +189,25 @@ class LRSchedule:
         planned_anew = replace(self, total_steps=total_steps)
         if not self.decay_started(step) and not planned_anew.decay_started(step):
             return planned_anew
-        return replace(self, total_steps=total_steps, rebase_step=step, rebase_multiplier=self.multiplier(step))
+        return replace(self, total_steps=total_steps, rebase_step=step, rebase_multiplier=self.multiplier(step),
+                       rebase_progress=None)
+
+    def stretched(self, step: int, total_steps: int) -> "LRSchedule":
+        """The schedule for a new length when the length is an estimate that keeps being revised (a time
+        budget): before the decay has begun, the schedule planned for `total_steps`; after, the decay goes on
+        from the point of its curve the LR has reached, stretched over the steps left. Re-planning often keeps
+        the shape of one cosine, where `with_total`'s fresh decay from each re-plan would hold the LR near its
+        peak until the last few steps."""
+        if total_steps == self.total_steps:
+            return self
+        planned_anew = replace(self, total_steps=total_steps)
+        if self.kind == "constant" or (not self.decay_started(step) and not planned_anew.decay_started(step)):
+            return planned_anew
+        low = self.min_lr_ratio
+        left = min(1.0, max(0.0, (self.multiplier(step) - low) / (1.0 - low))) if low < 1 else 1.0
+        progress = 1.0 - left if self.kind == "wsd" else math.acos(2.0 * left - 1.0) / math.pi
+        return replace(self, total_steps=total_steps, rebase_step=step, rebase_multiplier=None,
+                       rebase_progress=progress)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -424,7 +452,9 @@ def save_loss_plot(path: str | os.PathLike, train: list[tuple[int, float]], val:
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
+        # markers, joined only by a faint dotted line: evaluations are sparse (a short run may have only the
+        # before and after points), and a solid line would draw a curve that was never measured
+        ax.plot(*zip(*val), "o:", label="validation", linewidth=0.8, markersize=6)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if title:

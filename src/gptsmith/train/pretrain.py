@@ -11,6 +11,9 @@ the ranks of a data-parallel run read different data.
 
 The code runs in three parts: `build_run` (model, optimizer, data, schedule, logging: a `PretrainRun`),
 `train` (the loop, with the time budget's calibration as an explicit first phase) and `finish`.
+
+A time budget (--minutes) is a step count planned from measured step times, re-planned every REPLAN_EVERY
+steps from a moving average of them (train/budget.py), with the LR schedule stretched over each new count.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from gptsmith.errors import InputError
 from gptsmith.files import sha256_file
 from gptsmith.model import (build_model, count_params, flops_per_token, llama_config, resolve_shape,
                             save_model_dir)
+from gptsmith.train.budget import (CALIBRATION_SHARE, REPLAN_EVERY, StepSpeed, plan_time_budget, steps_at_speed,
+                                   training_verdict)
 from gptsmith.train.common import (Dist, LRSchedule, MetricsLog, StopOnSigint, all_reduce_mean, autocast,
                                    autocast_dtype, dist_from_env, find_latest_checkpoint, init_distributed,
                                    load_checkpoint, param_groups, peak_flops, rng_state, save_checkpoint,
@@ -45,6 +50,11 @@ SAMPLE_TOKENS = 48
 # data order, optimizer, schedule) is the saved run's, or the resumed run would not continue the same training.
 CHANGEABLE_ON_RESUME = frozenset({"max_steps", "max_minutes", "eval_every", "eval_batches", "save_every",
                                   "keep_checkpoints", "sample_every", "sample_prompt", "compile", "device", "dtype"})
+
+
+def clock() -> float:
+    """Seconds, for the time budget: a module function so a test can run the budget on a clock it controls."""
+    return time.perf_counter()
 
 
 def batch_rng(seed: int, step: int, micro: int) -> np.random.Generator:
@@ -284,6 +294,12 @@ class PretrainRun:
     # the time budget (--minutes): spent in earlier processes of this run, and whether it became a step count
     seconds_before: float = 0.0
     budget_planned: bool = False
+    # the plan follows the measured speed unless the user fixed the step count (a resume with --max-steps)
+    step_count_fixed: bool = False
+    speed: StepSpeed | None = None
+    steps_planned_at_start: int | None = None
+    t_replan: float = 0.0
+    step_replan: int = 0
     resumed_from: Path | None = None
     last: dict = field(default_factory=lambda: {"train_loss": float("nan"), "val_loss": float("nan"),
                                                  "val_bpb": float("nan")})
@@ -302,10 +318,14 @@ class PretrainRun:
             tqdm.write(text)
 
     def seconds_used(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.t_start
+        return self.seconds_before + clock() - self.t_start
 
     def out_of_time(self) -> bool:
         return self.pc.max_minutes is not None and self.seconds_used() > self.pc.max_minutes * 60
+
+    @property
+    def replanning(self) -> bool:
+        return bool(self.pc.max_minutes) and self.budget_planned and not self.step_count_fixed
 
 
 def new_schedule(pc) -> LRSchedule:
@@ -382,6 +402,10 @@ def restore(run: PretrainRun, state: dict, latest: Path) -> None:
     run.last.update(state.get("last", {}))
     run.seconds_before = float(state.get("train_seconds", 0.0))
     run.budget_planned = bool(state.get("budget_planned", run.pc.max_minutes is None))
+    run.step_count_fixed = bool(state.get("step_count_fixed", False))
+    run.steps_planned_at_start = state.get("steps_planned_at_start")
+    if state.get("speed"):
+        run.speed = StepSpeed(**state["speed"])
     if state.get("schedule"):
         run.schedule = LRSchedule(**state["schedule"])
     elif state.get("plan"):  # checkpoints of gptsmith before the LRSchedule: {"steps": total, "fixed": planned}
@@ -407,6 +431,7 @@ def _new_max_steps(run: PretrainRun, new: int) -> None:
     before = run.schedule
     run.schedule = before.with_total(run.step, new)
     run.budget_planned = True  # the user's step count replaces any time-budget plan; the budget still stops it
+    run.step_count_fixed = True
     how = ("the LR schedule is the one a run planned for that many steps has" if run.schedule.rebase_multiplier is None
            else f"the LR continues from its current {run.schedule.multiplier(run.step) * run.pc.lr:.3g} and decays to "
                 f"its end on step {new}")
@@ -418,6 +443,7 @@ def _new_time_budget(run: PretrainRun, minutes: float | None) -> None:
     # the calibration plans from max_steps down, so the schedule first spans max_steps again
     run.schedule = run.schedule.with_total(run.step, run.pc.max_steps)
     run.budget_planned = minutes is None
+    run.step_count_fixed = False
     used = run.seconds_before / 60
     run.say(f"resuming at step {run.step} with " + (f"a time budget of {minutes:g} min for the whole run ({used:.1f} "
             f"min used): the step count is planned again" if minutes else f"no time budget: training to step "
@@ -532,20 +558,39 @@ def stop_requested(run: PretrainRun, sigint) -> str | None:
     return None
 
 
-def train_until(run: PretrainRun, total: int, sigint) -> str | None:
-    """Train up to step `total`; returns why it stopped early, or None."""
-    while run.step < total:
+def train_until(run: PretrainRun, total: int | None, sigint) -> str | None:
+    """Train up to step `total` (None: to the schedule's end, which a time budget's re-plans move); returns why
+    it stopped early, or None."""
+    while run.step < (run.schedule.total_steps if total is None else total):
         reason = stop_requested(run, sigint)
         if reason:
             return reason
         after_step(run, train_step(run))
+        if run.replanning and run.step - run.step_replan >= REPLAN_EVERY:
+            replan(run)
     return None
 
 
-def plan_time_budget(step: int, seconds_per_step: float, seconds_left: float, max_steps: int) -> int:
-    """The run's total step count under a time budget: as many steps as fit in what is left, with 8% headroom
-    for what the timed steps did not include (evaluations, checkpoints, samples), at most max_steps."""
-    return max(step + 1, min(max_steps, step + int(0.92 * seconds_left / seconds_per_step)))
+def replan(run: PretrainRun) -> None:
+    """Measure the steps since the last re-plan (evaluations and checkpoints included: they recur), fold them
+    into the speed estimate and plan the step count again from the budget that is left; the LR schedule is
+    stretched over the new count. Every rank plans the same count (the mean of theirs)."""
+    now = clock()
+    measured = (now - run.t_replan) / (run.step - run.step_replan)
+    if run.speed is None:  # a checkpoint of a gptsmith that planned once and kept no speed
+        run.speed = StepSpeed.first(measured)
+    run.speed.update(measured)
+    run.t_replan, run.step_replan = now, run.step
+    left = run.pc.max_minutes * 60 - run.seconds_used()
+    total = plan_time_budget(step=run.step, seconds_per_step=run.speed.ema, seconds_left=left,
+                             max_steps=run.pc.max_steps)
+    total = max(run.step, int(all_reduce_mean([float(total)], run.dist, run.device)[0]))
+    old = run.schedule.total_steps
+    # a change of a step or two is noise: keeping the schedule keeps the LR curve calm
+    if total != old and abs(total - old) >= max(2, 0.02 * old):
+        run.schedule = run.schedule.stretched(run.step, total)
+        run.bar.total = total
+        run.bar.refresh()
 
 
 def calibrate_time_budget(run: PretrainRun, sigint) -> str | None:
@@ -555,19 +600,30 @@ def calibrate_time_budget(run: PretrainRun, sigint) -> str | None:
     pc = run.pc
     # the first step pays one-off costs (allocation, compilation); it is not timed
     reason = train_until(run, min(run.schedule.total_steps, run.step + 1), sigint)
-    timed_from, t0 = run.step, time.perf_counter()
-    timed = min(20, max(5, pc.max_steps // 50))
-    reason = reason or train_until(run, min(run.schedule.total_steps, run.step + timed), sigint)
+    timed_from, t0 = run.step, clock()
+    end = min(run.schedule.total_steps, run.step + min(20, max(5, pc.max_steps // 50)))
+    while not reason and run.step < end:
+        reason = train_until(run, run.step + 1, sigint)
+        # on a busy machine 20 slow steps can eat the whole budget before any plan exists: a few timed steps
+        # are enough, the re-plans correct the estimate as training goes (every rank stops timing together)
+        late = clock() - t0 > CALIBRATION_SHARE * pc.max_minutes * 60
+        if run.step - timed_from >= 2 and all_reduce_mean([float(late)], run.dist, run.device)[0] > 0:
+            break
     if reason or run.step == timed_from or run.step >= run.schedule.total_steps:
         return reason
-    per_step = (time.perf_counter() - t0) / (run.step - timed_from)
+    now = clock()
+    per_step = (now - t0) / (run.step - timed_from)
     left = pc.max_minutes * 60 - run.seconds_used()
     total = plan_time_budget(step=run.step, seconds_per_step=per_step, seconds_left=left, max_steps=pc.max_steps)
     total = max(run.step, int(all_reduce_mean([float(total)], run.dist, run.device)[0]))
     run.schedule = run.schedule.with_total(run.step, total)
     run.budget_planned = True
+    run.speed = StepSpeed.first(per_step)
+    run.steps_planned_at_start = total
+    run.t_replan, run.step_replan = now, run.step
     run.bar.total = total
-    run.say(f"time budget {pc.max_minutes:g} min at {per_step:.3f} s/step: training {total} steps")
+    run.say(f"time budget {pc.max_minutes:g} min at {per_step:.3f} s/step: planning {total} steps (re-planned "
+            f"every {REPLAN_EVERY} steps from the measured speed)")
     return None
 
 
@@ -576,14 +632,16 @@ def train(run: PretrainRun) -> str:
     if run.resumed_from is None:  # the untrained model's score: the baseline every later number is read against
         run.last["val_bpb_before"] = run_eval(run)["bpb"]
     run.window_loss, run.window_steps = torch.zeros((), device=run.device), 0
-    run.t_start = run.t_window = time.perf_counter()
+    run.t_start = clock()
+    run.t_window = time.perf_counter()
+    run.t_replan, run.step_replan = run.t_start, run.step
     run.bar = tqdm(total=run.schedule.total_steps, initial=run.step, disable=not run.dist.main, unit="step",
                    dynamic_ncols=True, desc="pretrain")
     with StopOnSigint() as sigint:
         reason = None
         if not run.budget_planned:
             reason = calibrate_time_budget(run, sigint)
-        reason = reason or train_until(run, run.schedule.total_steps, sigint)
+        reason = reason or train_until(run, None, sigint)
     run.bar.close()
     if reason is None and run.schedule.total_steps < run.pc.max_steps and run.pc.max_minutes:
         reason = f"time budget ({run.pc.max_minutes:g} min)"
@@ -623,6 +681,8 @@ def checkpoint(run: PretrainRun) -> None:
                 "scaler": run.scaler.state_dict(), "rng": rng_state(), "metrics": run.log.records,
                 "data_position": {"seed": run.pc.seed, "next_step": run.step}, "last": dict(run.last),
                 "schedule": asdict(run.schedule), "budget_planned": run.budget_planned,
+                "step_count_fixed": run.step_count_fixed, "steps_planned_at_start": run.steps_planned_at_start,
+                "speed": asdict(run.speed) if run.speed else None,
                 "train_seconds": run.seconds_used(), "config": run.cfg.model_dump(mode="json"),
             }, keep=run.pc.keep_checkpoints)
         run.log.flush()
@@ -635,7 +695,7 @@ def finish(run: PretrainRun, stop_reason: str) -> dict:
     """Final evaluation, checkpoint and model directory (with its lineage); returns the final metrics."""
     steps_this_run = run.step - run.start_step
     if steps_this_run:
-        tokens_per_s = steps_this_run * run.tokens_per_step / (time.perf_counter() - run.t_start)
+        tokens_per_s = steps_this_run * run.tokens_per_step / max(clock() - run.t_start, 1e-9)
         run.last.update(tokens_per_s=tokens_per_s,
                         mfu=run.flops_per_token * tokens_per_s / run.dist.world_size / run.peak_flops)
     res = run_eval(run)
@@ -643,7 +703,9 @@ def finish(run: PretrainRun, stop_reason: str) -> dict:
     metrics = {"step": run.step, "train_loss": run.last.get("train_loss"), "val_loss": res["loss"],
                "val_bpb": res["bpb"], "tokens_seen": run.step * run.tokens_per_step,
                "tokens_per_s": run.last.get("tokens_per_s"), "mfu": run.last.get("mfu"), "stop_reason": stop_reason,
-               "val_bpb_before": run.last.get("val_bpb_before"), "planned_steps": run.schedule.total_steps}
+               "val_bpb_before": run.last.get("val_bpb_before"), "planned_steps": run.schedule.total_steps,
+               **what_the_run_bought(run)}
+    metrics["verdict"] = training_verdict(metrics)  # the run's own yardstick; the quickstart adds its own figure
     if run.dist.enabled:
         metrics["ranks_in_sync"] = _ranks_in_sync(run.model, run.dist)
     checkpoint(run)
@@ -659,6 +721,23 @@ def finish(run: PretrainRun, stop_reason: str) -> dict:
         from gptsmith.eval.report import report_after_training
         report_after_training(run.out_dir, device=str(run.device))
     return metrics
+
+
+def what_the_run_bought(run: PretrainRun) -> dict:
+    """The numbers training_verdict (train/budget.py) reads: steps done against the plan at the start, the
+    final plan, and (under a time budget) what the budget buys at the fastest speed this run measured."""
+    pc = run.pc
+    # a budget spent before its plan was made (a very slow machine) planned nothing: no count to compare with
+    planned = run.schedule.total_steps if run.budget_planned else None
+    bought = {"steps_done": run.step, "steps_planned": planned,
+              "steps_planned_at_start": run.steps_planned_at_start or (None if pc.max_minutes else pc.max_steps)}
+    speed = run.speed
+    if pc.max_minutes and speed is None and run.step > run.start_step:
+        speed = StepSpeed.first((clock() - run.t_start) / (run.step - run.start_step))
+    if pc.max_minutes and speed:
+        bought.update(seconds_per_step=round(speed.ema, 4), best_seconds_per_step=round(speed.best, 4),
+                      steps_at_best_speed=steps_at_speed(pc.max_minutes * 60, speed.best, pc.max_steps))
+    return bought
 
 
 def _ranks_in_sync(model, dist: Dist) -> bool:

@@ -31,7 +31,8 @@ from gptsmith.tokenizer import encode_chat
 # shared with dpo/kto (train/tuning.py); re-exported under the names sft has always had
 from gptsmith.train.tuning import (PLAIN_CHAT_TEMPLATE, StopAfterMinutes, file_identity, latest_checkpoint,  # noqa: F401
                                    load_model, lora_config, prepare_chat_template, resolve_device,
-                                   save_trained, start_run)
+                                   save_trained, start_run, what_the_run_bought)
+from gptsmith.train.budget import training_verdict
 from gptsmith.train.tuning import generation_config as _generation_config
 from gptsmith.train.tuning import MetricsTrail, trainer_args
 
@@ -291,7 +292,8 @@ def sft(model: str, data, out, cfg: ProjectConfig, resume: bool = False) -> dict
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step, "train_seconds": round(seconds, 2),
                "train_cpu_seconds": round(cpu_seconds, 2),
                "train_conversations": len(train), "val_conversations": len(val), "skipped": loaded.skipped,
-               "trainable_params": n_trainable, "total_params": n_total}
+               "trainable_params": n_trainable, "total_params": n_total, **what_the_run_bought(trainer)}
+    metrics["verdict"] = training_verdict(metrics)
     if trainer.eval_dataset is not None:
         metrics.update(assistant_metrics(trainer.model, trainer.processing_class, trainer.eval_dataset, s.batch_size))
         if before is not None:

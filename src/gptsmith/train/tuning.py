@@ -167,6 +167,7 @@ class StopAfterMinutes(TrainerCallback):
         self.seconds = minutes * 60
         self.stage = stage
         self.start = None
+        self.stopped_at: int | None = None  # the step it ended training at, for the run's stop_reason
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -177,7 +178,17 @@ class StopAfterMinutes(TrainerCallback):
                   "stopping")
             control.should_training_stop = True
             control.should_save = True
+            self.stopped_at = state.global_step
         return control
+
+
+def what_the_run_bought(trainer) -> dict:
+    """steps_done, steps_planned and stop_reason of a finished Trainer run, for train.budget.training_verdict: a
+    run its time budget cut short says so (its LR schedule was planned for steps_planned and did not finish)."""
+    budget = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StopAfterMinutes)), None)
+    stopped = budget is not None and budget.stopped_at is not None
+    return {"steps_done": trainer.state.global_step, "steps_planned": trainer.state.max_steps,
+            "stop_reason": f"time budget ({budget.seconds / 60:g} min)" if stopped else "max_steps"}
 
 
 def latest_checkpoint(out: Path) -> Path | None:
