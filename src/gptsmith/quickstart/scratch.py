@@ -169,11 +169,20 @@ def from_scratch(out: str | Path, cfg: ProjectConfig, minutes: float = 8.0, smok
 
     results["minutes"] = round((time.perf_counter() - t0) / 60, 2)
     _banner(f"done in {results['minutes']} min")
-    print("This model is tiny (a few million parameters, minutes of CPU): it babbles Python-doc-like text and "
-          "chats in short phrases. The README shows the one-GPU recipe for a real one.\n")
+    from gptsmith.train.budget import training_verdict
+
+    # what the runs bought: a busy machine can cut a time-budgeted run to a fraction of its plan, and the message
+    # about the model must say so instead of promising what a full run gives
+    verdicts = [training_verdict(base, stage="pretrain"), training_verdict(chat, stage="fine-tune")]
+    for line in verdicts:
+        print(line)
+    results["verdicts"] = verdicts
+    print("\nThis model is tiny (a few million parameters, minutes of CPU): at best it writes Python-doc-like text and "
+          "chats in short phrases. `gptsmith quickstart` (no --from-scratch) builds an assistant on a pretrained "
+          "model instead; the README shows the one-GPU recipe for a real one trained from scratch.\n")
     print("The assistant's prose is as weak as the model; its sources come from retrieval and are the part to trust.")
     print(f"Chat with it:   gptsmith chat --model {out / 'chat'}")
-    print(f"Ask the docs:   gptsmith ask --assistant {assistant} \"How do I read a file line by line?\"")
+    print(f"Ask the docs:   gptsmith ask --assistant {assistant} \"{ASSISTANT_QUESTION}\"")
     print(f"Serve it:       gptsmith serve --model {out / 'chat'}")
     print(f"Its report:     {out / 'chat' / 'report.html'}")
     return results
