@@ -208,8 +208,14 @@ def load_gguf(path: Path, dtype, log: Callable[[str], None]):
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    # Parameters on the meta device (accelerate, which the GGUF loader needs anyway, keeps buffers such as the
+    # rotary frequencies real), then the dequantized tensors assigned, not copied: no random init, one copy in memory.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
     del gguf_model
     if fields.get("tokenizer.ggml.pre") == "smollm":
         _set_pre_tokenizer(tokenizer, SMOLLM_PRE_TOKENIZER, only_if={"type": "ByteLevel"})
