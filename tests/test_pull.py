@@ -114,6 +114,23 @@ def test_quantized_gguf_is_dequantized(chatml_dir, tmp_path):
     assert not torch.equal(w, v) and torch.allclose(w, v, atol=w.abs().max().item() / 100)
 
 
+@pytest.mark.parametrize("ignore_merges, pre", [(False, "dbrx"), (True, "llama-bpe")])
+def test_gguf_round_trip_keeps_the_merge_rule(tmp_path, ignore_merges, pre):
+    """llama.cpp's "llama-bpe" makes a word that is itself a token one token (ignore_merges), which transformers'
+    GGUF reader does not set: pull does, so 'abc' stays ['abc'] (and ['a', 'bc'] where merges always apply)."""
+    from test_export_gguf import build_llama, merge_order_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    tok_dir = merge_order_tokenizer_dir(tmp_path, ignore_merges)
+    result = export_gguf(build_llama(tok_dir, tmp_path / "m", tied=True), tmp_path / "m.gguf", dtype="f32")
+    assert result.pre_tokenizer == pre
+    pull(str(result.path), tmp_path / "pulled", dtype="float32", log=quiet)
+    original = AutoTokenizer.from_pretrained(str(tok_dir))
+    pulled = AutoTokenizer.from_pretrained(str(tmp_path / "pulled"))
+    for text in ("abc", "abc abcabc"):
+        assert pulled.encode(text, add_special_tokens=False) == original.encode(text, add_special_tokens=False)
+
+
 def write_hub_cache(cache: Path, hub_id: str, files_from: Path, commit: str = "0123456789abcdef" * 2 + "01234567"):
     """The layout huggingface_hub keeps: models--owner--name/{refs/main, snapshots/COMMIT/...}."""
     repo = cache / ("models--" + hub_id.replace("/", "--"))
