@@ -275,8 +275,8 @@ def load_hub(source: Source, dtype, cache_dir: str | None, log: Callable[[str], 
         else:
             fix = "check the id on huggingface.co and your network (a gated model needs `hf auth login`)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{hub_id}: no such local path, and could not load it as a hub id ({first[:200]}); "
-                         f"{fix}") from None
+        what = f"{source.given} (hub id {hub_id})" if source.entry else f"{hub_id}: no such local path, and it"
+        raise InputError(f"{what} could not be loaded from the Hugging Face hub ({first[:200]}); {fix}") from None
     snapshot = _snapshot_dir(hub_id, cache_dir)
     return model, tokenizer, snapshot
 
