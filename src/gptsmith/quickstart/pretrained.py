@@ -113,7 +113,7 @@ def _retrieval(index_dir: Path, questions: Path) -> dict:
 
 
 def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 10.0, smoke: bool = False,
-               source: str = MODEL, device: str = "cpu") -> dict:
+               source: str = MODEL, device: str = "auto") -> dict:
     from gptsmith.engine import Engine
     from gptsmith.eval.targets import Target
     from gptsmith.eval.tune import assistant_target, holdout_report, tune_assistant
