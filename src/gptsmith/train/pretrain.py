@@ -616,6 +616,12 @@ def calibrate_time_budget(run: PretrainRun, sigint) -> str | None:
     left = pc.max_minutes * 60 - run.seconds_used()
     total = plan_time_budget(step=run.step, seconds_per_step=per_step, seconds_left=left, max_steps=pc.max_steps)
     total = max(run.step, int(all_reduce_mean([float(total)], run.dist, run.device)[0]))
+    warmup = min(run.schedule.warmup_steps, max(run.step, total // 4))
+    if warmup < run.schedule.warmup_steps:
+        # a budget that buys fewer steps than the warmup would train its whole run below the peak LR: the warmup
+        # becomes at most a quarter of the plan (what a run planned for this count from the start would use)
+        run.say(f"warmup shortened from {run.schedule.warmup_steps} to {warmup} steps to fit the plan")
+        run.schedule = replace(run.schedule, warmup_steps=warmup)
     run.schedule = run.schedule.with_total(run.step, total)
     run.budget_planned = True
     run.speed = StepSpeed.first(per_step)
