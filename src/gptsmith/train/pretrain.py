@@ -595,8 +595,9 @@ def replan(run: PretrainRun) -> None:
 
 def calibrate_time_budget(run: PretrainRun, sigint) -> str | None:
     """The explicit first phase of a --minutes run: time a few steps, then turn the budget into a step count,
-    so the LR schedule decays to its end within the budget. The count is saved in every checkpoint after
-    this, so a resumed run follows the same plan and never calibrates again."""
+    so the LR schedule decays to its end within the budget; `replan` revises it as training goes. The plan and
+    the speed estimate are saved in every checkpoint after this, so a resumed run goes on from them and never
+    calibrates again."""
     pc = run.pc
     # the first step pays one-off costs (allocation, compilation); it is not timed
     reason = train_until(run, min(run.schedule.total_steps, run.step + 1), sigint)
