@@ -34,12 +34,16 @@ def test_help_and_config_show_import_no_heavy_library():
     assert seen["config show"] == ["pydantic"]  # the config is what `config show` prints; nothing heavier
 
 
-def test_evaluating_a_backend_needs_no_torch():
-    """An OpenAI-compatible backend is scored over HTTP: the command must not pay for torch's import (seconds,
-    hundreds of MB) to find out it is not reachable."""
-    code = ("import sys\nfrom gptsmith.cli import main\n"
-            "rc = main(['eval', '--backend', 'http://127.0.0.1:9/v1', '--suite', 'chat-sanity'])\n"
-            "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.split("\n")[-2] == "2 []", done.stdout + done.stderr
-    assert "not reachable" in done.stderr
+def test_commands_over_a_backend_need_no_torch(tmp_path):
+    """An OpenAI-compatible backend is used over HTTP: eval, chat and ask of an assistant over one must not pay
+    for torch's import (seconds, hundreds of MB) to find out it is not reachable."""
+    bot = tmp_path / "bot.yaml"
+    bot.write_text("name: bot\nbackend_url: http://127.0.0.1:9/v1\n")
+    for argv in (["eval", "--backend", "http://127.0.0.1:9/v1", "--suite", "chat-sanity"],
+                 ["chat", "--assistant", str(bot)], ["ask", "--assistant", str(bot), "hello"]):
+        code = ("import sys\nfrom gptsmith.cli import main\n"
+                f"rc = main({argv!r})\n"
+                "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, input="")
+        assert done.stdout.split("\n")[-2] == "2 []", (argv, done.stdout + done.stderr)
+        assert "not reachable" in done.stderr

@@ -10,9 +10,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gptsmith.engine import Engine, SamplingParams
 from gptsmith.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from gptsmith.engine import Engine, SamplingParams
+
+
+def __getattr__(name: str):
+    # gptsmith.engine imports torch and transformers (seconds): `chat --assistant` over a backend URL needs
+    # neither, so the engine is imported when a local model is chatted with (or when these names are asked for)
+    if name in ("Engine", "SamplingParams"):
+        import gptsmith.engine
+        return getattr(gptsmith.engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 HELP = """commands:
   /reset         forget the conversation (the system prompt stays)
@@ -83,6 +95,8 @@ def run_chat(model_dir, gen_cfg, system: str | None = None, device: str = "auto"
     if assistant is not None:
         reply, banner = _assistant_replier(assistant, device, show_reasoning, out)
     else:
+        from gptsmith.engine import Engine, SamplingParams
+
         engine = Engine.load(model_dir, device=device)
         params = engine.resolve(SamplingParams.from_config(gen_cfg))  # unset: the model's generation_config.json
         banner = f"chatting with {model_dir} (context {engine.max_context} tokens)"

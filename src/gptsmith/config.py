@@ -51,7 +51,7 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
-    preset: str = Field("tiny", description="named size: test, tiny, small, gpt2-small (124M), gpt2-medium (350M)")
+    preset: str = Field("tiny", description="named size: test, tiny, small, gpt2-small (~101M), gpt2-medium (~304M)")
     n_layer: int | None = Field(None, ge=1, description="override the preset's number of layers")
     d_model: int | None = Field(None, ge=8, description="override the preset's hidden size")
     n_head: int | None = Field(None, ge=1, description="override the preset's number of attention heads")

@@ -176,14 +176,18 @@ def results_table(result: dict, seed: int = 0):
     target = result.get("target", {})
     table = Table(title=f"eval of {target.get('kind', '')} {target.get('name', '')}".strip())
     for col, justify in (("suite", "left"), ("metric", "left"), ("value", "right"), ("95% CI", "right"),
-                         ("n", "right")):
+                         ("chance", "right"), ("n", "right")):
         table.add_column(col, justify=justify, no_wrap=col != "suite")
     for suite in result["suites"]:
         items = suite.get("items", [])
+        chance = suite.get("chance")  # multiple choice: what guessing scores (acc and acc_norm alike)
         for i, metric in enumerate(shown_metrics(suite)):
             ci = metric_ci(items, metric, seed)
+            at_chance = ci is not None and chance is not None and ci[0] <= chance <= ci[1]
             table.add_row(suite["name"] if i == 0 else "", metric, _fmt(suite["metrics"][metric]),
-                          f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-", str(suite.get("n", len(items))))
+                          f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-",
+                          _fmt(chance) + (" [yellow](in the CI)[/]" if at_chance else ""),
+                          str(suite.get("n", len(items))))
     return table
 
 

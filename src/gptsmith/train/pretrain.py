@@ -595,8 +595,9 @@ def replan(run: PretrainRun) -> None:
 
 def calibrate_time_budget(run: PretrainRun, sigint) -> str | None:
     """The explicit first phase of a --minutes run: time a few steps, then turn the budget into a step count,
-    so the LR schedule decays to its end within the budget. The count is saved in every checkpoint after
-    this, so a resumed run follows the same plan and never calibrates again."""
+    so the LR schedule decays to its end within the budget; `replan` revises it as training goes. The plan and
+    the speed estimate are saved in every checkpoint after this, so a resumed run goes on from them and never
+    calibrates again."""
     pc = run.pc
     # the first step pays one-off costs (allocation, compilation); it is not timed
     reason = train_until(run, min(run.schedule.total_steps, run.step + 1), sigint)
@@ -616,6 +617,12 @@ def calibrate_time_budget(run: PretrainRun, sigint) -> str | None:
     left = pc.max_minutes * 60 - run.seconds_used()
     total = plan_time_budget(step=run.step, seconds_per_step=per_step, seconds_left=left, max_steps=pc.max_steps)
     total = max(run.step, int(all_reduce_mean([float(total)], run.dist, run.device)[0]))
+    warmup = min(run.schedule.warmup_steps, max(run.step, total // 4))
+    if warmup < run.schedule.warmup_steps:
+        # a budget that buys fewer steps than the warmup would train its whole run below the peak LR: the warmup
+        # becomes at most a quarter of the plan (what a run planned for this count from the start would use)
+        run.say(f"warmup shortened from {run.schedule.warmup_steps} to {warmup} steps to fit the plan")
+        run.schedule = replace(run.schedule, warmup_steps=warmup)
     run.schedule = run.schedule.with_total(run.step, total)
     run.budget_planned = True
     run.speed = StepSpeed.first(per_step)
