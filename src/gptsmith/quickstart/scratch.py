@@ -76,7 +76,7 @@ def _evaluate(out: Path, smoke: bool) -> dict:
         target = open_target(model=out / name, device="cpu")
         try:
             result = evaluate(target, suites, out_dir=out / name / "eval", limit=EVAL_LIMIT_SMOKE if smoke else
-                              EVAL_LIMIT, max_tokens=32 if smoke else 64)
+                              EVAL_LIMIT, max_tokens=32 if smoke else 64, update_card=False)  # written below
         finally:
             target.close()
         print_result(result)
