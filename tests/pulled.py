@@ -11,8 +11,10 @@ Tests that use them call `require_smollm()` first, which skips with the reason w
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -69,7 +71,9 @@ def pulled_tiny_dir() -> Path:
                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=eos, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
-    out = Path(tempfile.mkdtemp(prefix="gptsmith-pulled-")) / "pulled-tiny"
+    root = Path(tempfile.mkdtemp(prefix="gptsmith-pulled-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    out = root / "pulled-tiny"
     model.save_pretrained(out)
     tok.save_pretrained(out)
     _generation_config(tok).save_pretrained(out)
@@ -114,8 +118,6 @@ def scripted_pulled_dir(out: Path, answer: str = "Paris is lovely.") -> Path:
     token's embedding, and with tied embeddings the next token is the one whose embedding is most aligned with it.
     The chain "\\n" -> answer tokens -> <|im_end|> gets embeddings s_k (e_k + e_k+1) along fresh axes with s
     tripling at each link, so each token's strongest match is the next one (not itself, not the one before)."""
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -287,15 +287,13 @@ def test_terminal_chat_shows_the_answer_without_the_end_token(scripted, tmp_path
 
 # ---------------------------------------------------------------------------------------------- export, refine
 
+@pytest.mark.xfail(strict=False, reason="needs the smollm pre-tokenizer mapping")
 def test_export_gguf_of_a_pulled_model_reads_back_its_tokenizer(pulled, tmp_path):
     import gguf
 
     from gptsmith.export.gguf import export_gguf
 
-    try:
-        export_gguf(pulled, tmp_path / "m.gguf", dtype="f32")
-    except Exception as e:  # noqa: BLE001 - the mapping is being fixed on branch `pull`
-        pytest.xfail(f"needs the smollm pre-tokenizer mapping ({type(e).__name__}: {e})")
+    export_gguf(pulled, tmp_path / "m.gguf", dtype="f32")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     fields = {k: reader.fields[k] for k in ("tokenizer.ggml.eos_token_id", "llama.attention.head_count_kv")}
     assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == 2
@@ -324,3 +322,38 @@ def test_refine_trains_a_candidate_from_a_pulled_live_version(pulled, tmp_path):
     record = json.loads((run / "refine.json").read_text())
     assert record["verdict"] in ("promote", "reject") and record["candidate"] == "v2"
     assert {c["name"] for c in record["checks"]} >= {"held-out correction bits-per-byte falls"}
+
+
+# ---------------------------------------------------------------------------------------------- the offline judge
+
+# Obvious items: (question, the right answer, the wrong one)
+OBVIOUS = [("What is the capital of France?", "Paris.", "The capital of France is Berlin."),
+           ("What is 2+2?", "4", "2+2 is 5."),
+           ("Can you help me with my homework?", "Of course! What subject is it? I'm happy to help.",
+            "No. Do it yourself, idiot.")]
+
+
+@pytest.fixture(scope="module")
+def smollm_judge(tmp_path_factory):
+    from pulled import smollm_dir
+
+    from gptsmith.eval.targets import open_target
+
+    require_smollm()
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # a 135M model: more threads do help here
+    return open_target(model=smollm_dir(tmp_path_factory), device="cpu")
+
+
+@pytest.mark.slow  # ~70 s on 2 busy cores (the model build and six 300-token judge prompts), for an xfail
+@pytest.mark.xfail(strict=False, reason=(
+    "SmolLM2-135M's next letter after '[[' follows the position, not the answers: across MT-Bench's pair-v2 prompt, "
+    "a verdict-primed one, a short one, one with a reference answer, the log-odds of A over B move by < 0.2 nats "
+    "with the content and ~1 nat with the position (measurements in the stages report); no prompt fix found"))
+def test_the_real_smollm_judge_prefers_the_right_answer_in_both_positions(smollm_judge):
+    from gptsmith.eval.judge import judge_pairs
+
+    questions = [q for q, _, _ in OBVIOUS for _ in range(2)]
+    firsts = [x for _, good, bad in OBVIOUS for x in (good, bad)]
+    seconds = [x for _, good, bad in OBVIOUS for x in (bad, good)]
+    verdicts = [j.verdict for j in judge_pairs(smollm_judge, questions, firsts, seconds)]
+    assert verdicts == ["A", "B"] * len(OBVIOUS), list(zip(questions, verdicts))

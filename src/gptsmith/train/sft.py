@@ -58,18 +58,19 @@ def _prefix_tokenize(tokenizer, messages: Messages) -> dict:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = encode_chat(tokenizer, messages[:i], add_generation_prompt=True).input_ids if i else []
         turn = encode_chat(tokenizer, messages[: i + 1]).input_ids
-        if ids[:len(prompt)] != prompt or ids[:len(turn)] != turn or turn[:len(prompt)] != prompt:
+        if ids[:len(turn)] != turn:
             raise InputError(f"the chat template of {tokenizer.name_or_path} renders earlier turns differently once "
-                             "later ones follow (or its generation prompt is not how it renders an assistant "
-                             "turn), so gptsmith cannot tell which tokens are the assistant's. Fix: use a template "
-                             "that marks answers with {% generation %} ... {% endgeneration %} (chat_template.jinja "
-                             "in the model directory)")
-        added = turn[len(prompt):]
-        ends = [k for k, t in enumerate(added) if t in controls]
-        stop = len(prompt) + (ends[-1] + 1 if ends else len(added))
-        labels[len(prompt):stop] = ids[len(prompt):stop]
+                             "later ones follow, so gptsmith cannot tell which tokens are the assistant's. Fix: use "
+                             "a template that marks answers with {% generation %} ... {% endgeneration %} "
+                             "(chat_template.jinja in the model directory)")
+        prompt = encode_chat(tokenizer, messages[:i], add_generation_prompt=True).input_ids if i else []
+        start = 0  # the answer starts where the prompt and the turn diverge (a token may merge across the seam)
+        while start < min(len(prompt), len(turn)) and prompt[start] == turn[start]:
+            start += 1
+        ends = [k for k in range(start, len(turn)) if turn[k] in controls]
+        stop = ends[-1] + 1 if ends else len(turn)
+        labels[start:stop] = ids[start:stop]
     return {"input_ids": ids, "labels": labels}
 
 
