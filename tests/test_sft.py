@@ -157,7 +157,7 @@ def test_template_without_generation_markers_is_masked_by_prefix_rendering(tiny_
     for conv, row in zip(convs, trainer.train_dataset):
         ids, labels = row["input_ids"], row["labels"]
         trained = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
-        assert trained == "".join(m["content"] + "<|end|>\n" for m in conv if m["role"] == "assistant")
+        assert trained == "".join(m["content"] + "<|end|>" for m in conv if m["role"] == "assistant")
         masked = tok.decode([t for t, lab in zip(ids, labels) if lab == -100])
         assert all(m["content"] in masked for m in conv if m["role"] != "assistant")
 

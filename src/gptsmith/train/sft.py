@@ -44,18 +44,34 @@ def _load_base(model_id: str, cfg, device: str):
 
 
 def _prefix_tokenize(tokenizer, messages: Messages) -> dict:
-    """input_ids + labels for a template without generation markers: the tokens an assistant turn adds to the
-    rendered conversation (beyond the prompt that asks for it) are its answer; everything else is masked."""
-    ids: list[int] = []
-    labels: list[int] = []
+    """input_ids + labels for a template without generation markers (SmolLM2's and most pulled models' ChatML):
+    an assistant turn's tokens are found by rendering prefixes. The turn is what the rendering of messages[:i+1]
+    adds beyond the prompt that asks for it (messages[:i] + the generation prompt), up to and including the last
+    control token it adds (`<|im_end|>`, `<|eot_id|>`, `</s>`, ...): the answer and the end token the model must
+    learn to stop with. The template's glue after that token (ChatML's newline between turns) is never generated,
+    so it is not trained. Message text never becomes a control token (encode_chat), so the end token found is the
+    template's. Everything else (system prompt, user turns, role headers) is masked."""
+    from gptsmith.tokenizer import control_tokens
+
+    ids = encode_chat(tokenizer, messages).input_ids
+    controls = {tokenizer.convert_tokens_to_ids(t) for t in control_tokens(tokenizer)}
+    labels = [-100] * len(ids)
     for i, m in enumerate(messages):
-        full = encode_chat(tokenizer, messages[: i + 1]).input_ids
-        if m["role"] == "assistant":
-            prompt = encode_chat(tokenizer, messages[:i], add_generation_prompt=True).input_ids if i else []
-            labels += [-100] * (len(prompt) - len(ids)) + full[len(prompt):]
-        else:
-            labels += [-100] * (len(full) - len(ids))
-        ids = full
+        if m["role"] != "assistant":
+            continue
+        turn = encode_chat(tokenizer, messages[: i + 1]).input_ids
+        if ids[:len(turn)] != turn:
+            raise InputError(f"the chat template of {tokenizer.name_or_path} renders earlier turns differently once "
+                             "later ones follow, so gptsmith cannot tell which tokens are the assistant's. Fix: use "
+                             "a template that marks answers with {% generation %} ... {% endgeneration %} "
+                             "(chat_template.jinja in the model directory)")
+        prompt = encode_chat(tokenizer, messages[:i], add_generation_prompt=True).input_ids if i else []
+        start = 0  # the answer starts where the prompt and the turn diverge (a token may merge across the seam)
+        while start < min(len(prompt), len(turn)) and prompt[start] == turn[start]:
+            start += 1
+        ends = [k for k in range(start, len(turn)) if turn[k] in controls]
+        stop = ends[-1] + 1 if ends else len(turn)
+        labels[start:stop] = ids[start:stop]
     return {"input_ids": ids, "labels": labels}
 
 
