@@ -131,5 +131,6 @@ def test_chat_sanity_patterns_tell_a_kept_instruction_from_a_broken_one(prefix, 
 
 def test_unknown_names_are_not_built_in():
     assert builtin.resolve("nope") is None and builtin.resolve("quiz.jsonl") is None
-    assert set(builtin.BUILTIN) == {"python-docs", "python-docs-text", "chat-sanity"}
+    assert set(builtin.BUILTIN) == {"python-docs", "python-docs-qa", "python-docs-text", "chat-sanity"}
+    assert builtin.resolve("python-docs-qa").is_file()
     assert all(name in builtin.describe() for name in builtin.BUILTIN)

@@ -287,7 +287,6 @@ def test_terminal_chat_shows_the_answer_without_the_end_token(scripted, tmp_path
 
 # ---------------------------------------------------------------------------------------------- export, refine
 
-@pytest.mark.xfail(strict=False, reason="needs the smollm pre-tokenizer mapping")
 def test_export_gguf_of_a_pulled_model_reads_back_its_tokenizer(pulled, tmp_path):
     import gguf
 
