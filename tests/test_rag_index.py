@@ -345,6 +345,25 @@ def test_default_embedder_vectors_are_normalised(embedder):
         load_embedder("/definitely/not/a/model")
 
 
+def test_default_embedder_gives_sentence_transformers_vectors_without_importing_it(embedder):
+    """`ask` and `rag query` start in seconds because the shipped model runs on transformers alone; the vectors
+    must be the ones sentence-transformers computes (indexes built before keep matching their queries)."""
+    import subprocess
+    import sys
+
+    from sentence_transformers import SentenceTransformer
+
+    from gptsmith.rag.embed import default_model_dir
+
+    texts = ["how do I make a string upper case?", "str.upper() Return a copy of the string " * 40, "KeyError"]
+    reference = SentenceTransformer(str(default_model_dir()), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.abs(embedder.embed(texts) - reference).max() < 1e-5
+    probe = ("import sys; from gptsmith.rag.embed import load_embedder; load_embedder('default').embed(['x']); "
+             "print('sentence_transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def test_cli_index_and_query(tmp_path, shared_embedder, monkeypatch, capsys):
