@@ -198,7 +198,7 @@ def test_parse_pairs_finds_json_anywhere(reply, pairs):
 @pytest.mark.parametrize("reply", ["", "no json here", '{"question": "", "answer": "x"}', '{"question": "q"}',
                                    "[1, 2, 3]", '{"pairs": []}'])
 def test_parse_pairs_rejects_replies_without_a_pair(reply):
-    with pytest.raises(ValueError, match="no JSON"):
+    with pytest.raises(ValueError, match="no question and answer"):
         parse_pairs(reply)
 
 

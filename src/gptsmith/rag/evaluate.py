@@ -734,8 +734,8 @@ def render_report(report: EvalReport, console=None, questions: Sequence[QARecord
     table = Table(title=f"Retrieval on {report.questions} {kinds} (top-k {report.top_k}, relevant = "
                         f"{'the source chunk' if report.match == 'chunk' else 'chunks overlapping the source'}"
                         f"{'; hand-written: by source' if HANDWRITTEN in report.generators else ''}; "
-                        "[lo-hi] = 95% interval)")
-    table.add_column("setting")
+                        "95% intervals in brackets)")
+    table.add_column("setting", no_wrap=True, min_width=max(len(m.name) for m in report.modes))
     for c in METRICS:
         table.add_column(c.upper() if c == "mrr" else c, justify="right")
     table.add_column("p50 ms", justify="right")
