@@ -354,6 +354,21 @@ def test_identifiers_match_whole_in_bm25(code_index):
     assert code_index.search("?!", mode="bm25") == []  # no word to look up: nothing, not an error
 
 
+def test_an_index_of_the_older_format_is_refused_then_rebuilt_by_rag_index(tmp_path, embedder):
+    from gptsmith.files import atomic_write_json
+    from gptsmith.rag.index import MANIFEST, read_manifest
+
+    docs = write_docs(tmp_path / "docs", {"kettle.md": DOCS["kettle.md"]})
+    build_index([str(docs)], tmp_path / "idx", RagConfig(), embedder=embedder, progress=False)
+    old = read_manifest(tmp_path / "idx")
+    atomic_write_json(tmp_path / "idx" / MANIFEST, {**old, "format": 1})
+    with pytest.raises(InputError, match="older gptsmith.*gptsmith rag index --index"):
+        Retriever.open(tmp_path / "idx", embedder=embedder)
+    report = build_index([str(docs)], tmp_path / "idx", RagConfig(), embedder=embedder, progress=False)
+    assert report["chunks_embedded"] == 1 and read_manifest(tmp_path / "idx")["format"] == old["format"]
+    assert sources(Retriever.open(tmp_path / "idx", embedder=embedder).search("ZX-81", mode="bm25")) == ["kettle.md"]
+
+
 def test_reranker_choice_follows_rag_eval_and_survives_reindexing(tmp_path, shared_embedder, monkeypatch):
     """`rag eval --save` records the winner; Retriever.open (rag query, ask, serve) uses it unless told otherwise;
     a re-index keeps it."""
