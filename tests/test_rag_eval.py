@@ -215,6 +215,9 @@ def test_teacher_line_replies_parse_and_unusable_questions_are_filtered():
     assert parse_pairs(reply) == [("How do I put an item at the end of a list?", "Use append to add an item.")]
     assert parse_pairs("Q: Why sort?\nA: It orders the list in place.") == [("Why sort?",
                                                                               "It orders the list in place.")]
+    # the order the prompt asks for: a sentence copied from the passage, then the question it answers
+    assert parse_pairs("Answer: Use append to add an item.\nQuestion: How do I grow a list?") == [
+        ("How do I grow a list?", "Use append to add an item.")]
     passage = CHUNKS[0][1].text
     assert question_problem("How do I put an item at the end of a list?", "Use append to add an item.",
                             passage) is None
@@ -227,7 +230,7 @@ def test_teacher_line_replies_parse_and_unusable_questions_are_filtered():
     # the prompt gives a small model the passage's title and one worked example as an earlier turn
     messages = teacher_messages(CHUNKS[1][1], 1)
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
-    assert messages[1]["content"].startswith("Question:") and "guide > Guide > Dictionaries" in messages[2]["content"]
+    assert messages[1]["content"].startswith("Answer:") and "guide > Guide > Dictionaries" in messages[2]["content"]
 
 
 # ---------------------------------------------------------------------------------------------- teachers over HTTP

@@ -244,28 +244,32 @@ def heuristic_questions(chunk: Chunk, df: Counter, n_docs: int, n: int = 1) -> l
 # ---------------------------------------------------------------------------------------------- teachers
 
 # The teacher prompt is written for small local models too (SmolLM2-135M-Instruct, asked for JSON, mostly wrote
-# off-topic questions): plain "Question: / Answer:" lines, one worked example as an earlier turn of the
-# conversation, the passage's title; a local teacher's reply is also started with "Question:" for it.
-TEACHER_ASK = ("Write {ask} that a user might ask, in their own words, which this passage answers, then the answer "
-               "copied from the passage. Do not copy a sentence of the passage into the question, and do not mention "
-               'the passage. Reply with {lines}: "Question: ..." and "Answer: ...".')
+# off-topic questions): plain "Answer: / Question:" lines, one worked example as an earlier turn of the
+# conversation, the passage's title. The answer comes first, copied from the passage, and the question is asked
+# about it: asked for the question first, SmolLM2 then made up answers the passage does not hold (9% of its pairs
+# were usable). A local teacher's reply is also started with "Answer:" for it.
+TEACHER_ASK = ("Copy {ask} from this passage that answers something a user might want to know, then write the "
+               "question the user would ask, in their own words. Do not copy the passage into the question, and do "
+               'not mention the passage. Reply with {lines}: "Answer: ..." and "Question: ...".')
 TEACHER_EXAMPLE = ("Title: typesseq mutable > Mutable Sequence Types\nPassage:\n"
                    "s.reverse()  reverses the items of s in place\n"
                    "s.pop([i])  retrieves the item at i and also removes it from s")
-TEACHER_EXAMPLE_REPLY = ("Question: How can I reverse a list without making a copy of it?\n"
-                         "Answer: s.reverse() reverses the items of s in place.")
-TEACHER_PREFILL = "Question:"
+TEACHER_EXAMPLE_REPLY = ("Answer: s.reverse() reverses the items of s in place.\n"
+                         "Question: How can I reverse a list without making a copy of it?")
+TEACHER_PREFILL = "Answer:"
 
 
 def teacher_messages(chunk: Chunk, n: int) -> list[dict]:
     """The prompt asking a teacher for `n` question/answer pairs that `chunk` answers."""
-    ask = TEACHER_ASK.format(ask="a question" if n == 1 else f"{n} different questions",
+    ask = TEACHER_ASK.format(ask="one sentence" if n == 1 else f"{n} different sentences",
                              lines="two lines" if n == 1 else f"{n} pairs of lines")
     return [{"role": "user", "content": f"{ask}\n\n{TEACHER_EXAMPLE}"},
             {"role": "assistant", "content": TEACHER_EXAMPLE_REPLY},
             {"role": "user", "content": f"{ask}\n\nTitle: {chunk.context()}\nPassage:\n{chunk.text}"}]
 
 
+_LINE_PAIR_AQ = re.compile(r"(?:^|\n)\W*A(?:nswer)?\s*\d*\s*[:.]\s*(.+?)\s*\n+\W*Q(?:uestion)?\s*\d*\s*[:.]\s*"
+                           r"(.+?\?)", re.S | re.I)
 _LINE_PAIR = re.compile(r"(?:^|\n)\W*Q(?:uestion)?\s*\d*\s*[:.]\s*(.+?)\s*\n+\W*A(?:nswer)?\s*\d*\s*[:.]\s*(.+?)"
                         r"\s*(?=\n\W*Q(?:uestion)?\s*\d*\s*[:.]|\n\n|$)", re.S | re.I)
 
@@ -304,6 +308,8 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     none."""
     text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
     pairs = [(q.strip().strip('"'), " ".join(a.split()).strip('"')) for q, a in _LINE_PAIR.findall(text)]
+    if not pairs:  # the order this module's own prompt asks for: the answer, then its question
+        pairs = [(q.strip().strip('"'), " ".join(a.split()).strip('"')) for a, q in _LINE_PAIR_AQ.findall(text)]
     pairs = [p for p in pairs if p[0] and p[1]]
     if not pairs:
         pairs = [p for value in _json_values(text) for p in _pairs_in(value)]
@@ -416,12 +422,12 @@ class LocalTeacher:
 
         # Stop where a small model would start a second, unasked pair or ramble on after a blank line.
         params = self.engine.resolve(SamplingParams(max_new_tokens=self.max_tokens, temperature=0.0,
-                                                    stop=["\n\n", "\nQuestion:"]))
+                                                    stop=["\n\n", "\nAnswer:"]))
         prefill = self.engine.encode(TEACHER_PREFILL)
         replies: list[TeacherReply | None] = [None] * len(prompts)
         todo, ids = [], []
         for i, messages in enumerate(prompts):
-            try:  # the reply starts with "Question:": a small model then writes a question, not a chat reply
+            try:  # the reply starts with "Answer:": a small model then copies a sentence, not a chat reply
                 ids.append(self.engine.encode_chat(messages, self.max_tokens + len(prefill)) + prefill)
                 todo.append(i)
             except ValueError as e:  # the passage alone fills the teacher's context
