@@ -91,7 +91,7 @@ sampling: {temperature: 0.7, max_tokens: 256}
     monkeypatch.chdir(tmp_path / "qs")  # another working directory: paths still start at the file's folder
     p = load_assistant(path)
     assert p.name == "pydocs" and p.model == model_dir.resolve()
-    assert p.rag.index == (tmp_path / "pyindex").resolve() and p.rag.top_k == 4 and p.rag.mode == "hybrid"
+    assert p.rag.index == (tmp_path / "pyindex").resolve() and p.rag.top_k == 4 and p.rag.mode is None
     assert p.few_shot.file == (tmp_path / "examples.jsonl").resolve() and p.few_shot.k == 2
     assert p.sampling.temperature == 0.7 and p.sampling.max_tokens == 256 and p.chain_of_thought is False
 
@@ -279,7 +279,8 @@ def test_retrieval_settings_reach_the_retriever(tmp_path, model_dir):
                                                     "bm25, min_score: 0.2, sources: ['*.md']}\n"))
     r = FakeRetriever([hit(1, "a")])
     Assistant(profile, r).prepare([QUESTION], words, 10_000, 10)
-    assert r.calls == [dict(query=QUESTION["content"], top_k=2, mode="bm25", rerank=False, min_score=0.2,
+    # rerank not set in the profile: None, the index's recorded choice decides
+    assert r.calls == [dict(query=QUESTION["content"], top_k=2, mode="bm25", rerank=None, min_score=0.2,
                             sources=["*.md"])]
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from gptsmith.errors import InputError
 from gptsmith.rag.evaluate import (
+    NO_PAIR,
     QARecord,
     make_questions,
     parse_pairs,
@@ -156,8 +157,17 @@ def test_qa_file_round_trips_and_sft_loads_as_conversations(tmp_path):
 def test_bad_question_file_names_line_and_field(tmp_path):
     good = json.dumps({"question": "q?", "chunk_id": "c1", "source": "/a.md", "start": 1, "end": 2})
     path = tmp_path / "q.jsonl"
-    path.write_text(good + "\n" + json.dumps({"question": "q?", "source": "/a.md", "start": 1, "end": 2}) + "\n")
-    with pytest.raises(InputError, match=r"q.jsonl:2: field 'chunk_id'"):
+    path.write_text(good + "\n" + json.dumps({"question": "q?", "chunk_id": "c2", "source": "/a.md", "end": 2}) + "\n")
+    with pytest.raises(InputError, match=r"q.jsonl:2: field 'start'"):
+        read_questions(path)
+    path.write_text(good + "\n" + json.dumps({"question": "q?", "lines": [1, 2]}) + "\n")
+    with pytest.raises(InputError, match=r"q.jsonl:2: field 'source'"):
+        read_questions(path)
+    path.write_text(json.dumps({"question": "q?", "source": "a.md", "lines": [5, 2]}) + "\n")
+    with pytest.raises(InputError, match=r"q.jsonl:1: field 'lines'"):
+        read_questions(path)
+    path.write_text(json.dumps({"question": "q?", "source": "a.md", "answer": 3}) + "\n")
+    with pytest.raises(InputError, match=r"q.jsonl:1: field 'answer'"):
         read_questions(path)
     path.write_text(good + "\n{not json\n")
     with pytest.raises(InputError, match=r"q.jsonl:2: not valid JSON"):
@@ -188,7 +198,7 @@ def test_parse_pairs_finds_json_anywhere(reply, pairs):
 @pytest.mark.parametrize("reply", ["", "no json here", '{"question": "", "answer": "x"}', '{"question": "q"}',
                                    "[1, 2, 3]", '{"pairs": []}'])
 def test_parse_pairs_rejects_replies_without_a_pair(reply):
-    with pytest.raises(ValueError, match="no JSON"):
+    with pytest.raises(ValueError, match="no question and answer"):
         parse_pairs(reply)
 
 
@@ -196,6 +206,31 @@ def test_record_sft_keeps_the_chunk():
     chunk = Chunk("text", "/a.md", "A", 1, 3)
     rec = QARecord.of("Q?", "A.", "cid", chunk, "heuristic").sft()
     assert rec["source"] == {"chunk_id": "cid", "citation": "/a.md:1-3 (A)", "generator": "heuristic"}
+
+
+def test_teacher_line_replies_parse_and_unusable_questions_are_filtered():
+    from gptsmith.rag.evaluate import question_problem, teacher_messages
+
+    reply = "Question: How do I put an item at the end of a list?\nAnswer: Use append to add an item."
+    assert parse_pairs(reply) == [("How do I put an item at the end of a list?", "Use append to add an item.")]
+    assert parse_pairs("Q: Why sort?\nA: It orders the list in place.") == [("Why sort?",
+                                                                              "It orders the list in place.")]
+    # the order the prompt asks for: a sentence copied from the passage, then the question it answers
+    assert parse_pairs("Answer: Use append to add an item.\nQuestion: How do I grow a list?") == [
+        ("How do I grow a list?", "Use append to add an item.")]
+    passage = CHUNKS[0][1].text
+    assert question_problem("How do I put an item at the end of a list?", "Use append to add an item.",
+                            passage) is None
+    assert question_problem("Tell me about lists.", "Use append.", passage) == "question without a question mark"
+    assert "mentions the passage" in question_problem("What does the passage say about lists?", "append", passage)
+    assert "copies" in question_problem("Why are Lists are mutable sequences. Use append to add?", "append",
+                                        passage)
+    assert question_problem("How do I reverse a dict?", "Call reversed on its keys view.",
+                            passage) == "answer not found in the passage"
+    # the prompt gives a small model the passage's title and one worked example as an earlier turn
+    messages = teacher_messages(CHUNKS[1][1], 1)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[1]["content"].startswith("Answer:") and "guide > Guide > Dictionaries" in messages[2]["content"]
 
 
 # ---------------------------------------------------------------------------------------------- teachers over HTTP
@@ -221,9 +256,11 @@ def test_teacher_json_replies_from_a_real_server_become_records(tmp_path):
         teacher = HTTPTeacher(url + "/v1", max_tokens=64)
         records, report = make_questions(CHUNKS, teacher=teacher, max_chunks=3, seed=1)
         teacher.close()
-    assert report.records == 3 and not report.skipped and report.generator == f"teacher:{url}/v1"
+    assert report.generator == f"teacher:{url}/v1"
     sampled = {r.chunk_id for r in make_questions(CHUNKS, max_chunks=3, seed=1)[0]}
-    assert {r.chunk_id for r in records} == sampled  # the same deterministic sample as the heuristic's
+    # the one answer is grounded only in the chunk about lists; the other sampled chunks' pairs are filtered out
+    assert [r.chunk_id for r in records] == ["c1"] and "c1" in sampled
+    assert report.rejected == {"answer not found in the passage": 2}
     assert {(r.question, r.answer) for r in records} == {("How do I add an item to a list?", "Call append.")}
     assert all(r.citation == dict(CHUNKS)[r.chunk_id].citation() for r in records)
 
@@ -243,7 +280,7 @@ def test_teacher_garbage_from_a_tiny_model_server_is_skipped_and_counted(tmp_pat
         teacher.close()
     assert teacher.model == "model"
     assert records == [] and report.records == 0
-    assert report.skipped == {"reply was not JSON with a question and an answer": len(CHUNKS)}
+    assert report.skipped == {NO_PAIR: len(CHUNKS)}
 
 
 def test_teacher_that_cannot_be_reached_is_a_clear_error():
@@ -267,7 +304,7 @@ def test_local_model_teacher_skips_what_it_cannot_parse(tmp_path, tokenizer_dir)
     records, report = make_questions(CHUNKS[:2] + [long], teacher=LocalTeacher(model, max_tokens=16),
                                      max_chunks=None)
     assert records == [] and report.records == 0
-    assert report.skipped["reply was not JSON with a question and an answer"] == 2
+    assert report.skipped[NO_PAIR] == 2
     refused = [reason for reason in report.skipped if reason.startswith("teacher refused")]
     assert len(refused) == 1 and report.skipped[refused[0]] == 1
 
@@ -316,6 +353,41 @@ def test_evaluate_averages_each_setting_over_the_questions():
     gone = questions + [QARecord.of("q3", "", "old", dict(CHUNKS)["c1"], "heuristic")]
     report = evaluate(CannedRetriever(rankings), gone, dict(CHUNKS), top_k=3)
     assert [m.name for m in report.modes] == ["bm25", "vector", "hybrid"] and report.stale == 1
+
+
+def test_handwritten_questions_are_judged_by_source_lines_and_answer(tmp_path):
+    """A person's questions name a file (by its path's end), optionally a line range or an answer phrase; no chunk
+    ids, and no warning about chunks that left the index."""
+    from rich.console import Console
+
+    from gptsmith.rag.evaluate import evaluate, render_report, write_questions
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "q1", "source": "guide.md", "answer": "the GET  method", "note": "extra keys are ignored"},
+        {"question": "q2", "source": "docs/guide.md", "lines": [10, 20]},
+        {"question": "q3", "source": "statements.md"},
+        {"question": "q4", "source": "missing.md"},
+        {"question": "q5", "source": "ide.md"},  # not a whole file name: matches nothing
+    ]) + "\n")
+    questions = read_questions(path)
+    assert all(q.handwritten and q.generator == "hand-written" for q in questions)
+    rankings = {"q1": ["c1", "c2"], "q2": ["c2", "c4"], "q3": ["c1", "c3"], "q4": ["c1"], "q5": ["c1"]}
+    retriever = CannedRetriever({("hybrid", False): rankings})
+    report = evaluate(retriever, questions, dict(CHUNKS), settings=[("hybrid", {"mode": "hybrid", "rerank": False})])
+    per_q = report.modes[0].per_question
+    assert [m["mrr"] for m in per_q] == [0.5, 0.5, 0.5, 0.0, 0.0]  # q2: c4 (lines 11-12) is relevant, c2 (7-9) not
+    assert report.stale == 0 and report.unmatched == [3, 4]
+    lo, hi = report.modes[0].ci95["mrr"]
+    assert lo <= report.modes[0].metrics["mrr"] <= hi
+    console = Console(record=True, width=200)
+    render_report(report, console, questions)
+    out = console.export_text()
+    assert "no longer in the index" not in out and "2 hand-written question(s) match no indexed chunk" in out
+    write_questions(questions[:2], tmp_path / "again.jsonl")  # written back as a person writes them
+    assert [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()] == [
+        {"question": "q1", "source": "guide.md", "answer": "the GET method"},
+        {"question": "q2", "source": "docs/guide.md", "lines": [10, 20]}]
 
 
 def test_overlap_match_counts_neighbouring_chunks_of_the_same_source():

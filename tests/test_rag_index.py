@@ -313,6 +313,115 @@ def test_cross_encoder_rerank_rescores_the_candidates(tmp_path, question_index):
     assert all("rerank" not in h.scores for h in plain) and sources(plain)[0] == "e2210.md"
 
 
+CODE_DOCS = {
+    "descaling-the-kettle.md": "# Monthly care\n\nFill it with vinegar and water, then boil twice and rinse.",
+    "classes.md": "# Classes\n\nOverride `__init__` to set up a new object; it must return None.",
+    "setup.md": "# Setup\n\nRun the init script once, then init the database and init the cache.",
+    "mappings.md": "# Mappings\n\nLooking up a missing key raises KeyError; use get() for a default.",
+    "errors.md": "# Errors\n\nAn error in a key file stops the run; check the key and the file.",
+}
+
+
+@pytest.fixture(scope="module")
+def code_index(tmp_path_factory, shared_embedder):
+    root = tmp_path_factory.mktemp("code")
+    build_index([str(write_docs(root / "docs", CODE_DOCS))], root / "idx", RagConfig(), embedder=shared_embedder,
+                progress=False)
+    return Retriever.open(root / "idx", embedder=shared_embedder)
+
+
+def test_context_prefix_reaches_both_indexes(code_index):
+    """The kettle chunk never says "descaling": only its file name does. Both BM25 and the vectors find it by
+    that, and the text shown and cited stays the chunk's own."""
+    hits = code_index.search("descaling", top_k=1, mode="bm25")
+    assert sources(hits) == ["descaling-the-kettle.md"]
+    assert hits[0].chunk.text == "Monthly care\n\nFill it with vinegar and water, then boil twice and rinse."
+    assert hits[0].chunk.citation().endswith("descaling-the-kettle.md:1-3 (Monthly care)")
+    assert sources(code_index.search("how do I descale my kettle", top_k=1, mode="vector")) == \
+        ["descaling-the-kettle.md"]
+    row = code_index.table.search().where("source LIKE '%kettle.md'").select(["terms", "vector"]).to_list()[0]
+    assert row["terms"].startswith("descaling the kettle monthly care")
+    expected = code_index.embedder.embed([hits[0].chunk.searchable()])[0]
+    assert np.allclose(row["vector"], expected, atol=1e-5)
+
+
+def test_identifiers_match_whole_in_bm25(code_index):
+    init = code_index.search("__init__", top_k=2, mode="bm25")
+    assert sources(init)[0] == "classes.md"  # setup.md says "init" three times, but not `__init__`
+    assert init[0].scores["bm25"] > init[1].scores["bm25"]
+    assert sources(code_index.search("KeyError", top_k=1, mode="bm25")) == ["mappings.md"]
+    assert sources(code_index.search("what raises a key error?", top_k=1, mode="bm25")) == ["mappings.md"]
+    assert code_index.search("?!", mode="bm25") == []  # no word to look up: nothing, not an error
+
+
+def test_an_index_of_the_older_format_is_refused_then_rebuilt_by_rag_index(tmp_path, embedder):
+    from gptsmith.files import atomic_write_json
+    from gptsmith.rag.index import MANIFEST, read_manifest
+
+    docs = write_docs(tmp_path / "docs", {"kettle.md": DOCS["kettle.md"]})
+    build_index([str(docs)], tmp_path / "idx", RagConfig(), embedder=embedder, progress=False)
+    old = read_manifest(tmp_path / "idx")
+    atomic_write_json(tmp_path / "idx" / MANIFEST, {**old, "format": 1})
+    with pytest.raises(InputError, match="older gptsmith.*gptsmith rag index --index"):
+        Retriever.open(tmp_path / "idx", embedder=embedder)
+    report = build_index([str(docs)], tmp_path / "idx", RagConfig(), embedder=embedder, progress=False)
+    assert report["chunks_embedded"] == 1 and read_manifest(tmp_path / "idx")["format"] == old["format"]
+    assert sources(Retriever.open(tmp_path / "idx", embedder=embedder).search("ZX-81", mode="bm25")) == ["kettle.md"]
+
+
+def test_reranker_choice_follows_rag_eval_and_survives_reindexing(tmp_path, shared_embedder, monkeypatch):
+    """`rag eval --save` records the winner; Retriever.open (rag query, ask, serve) uses it unless told otherwise;
+    a re-index keeps it."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from gptsmith.rag.embed import default_model_dir
+    from gptsmith.rag.evaluate import EvalReport, ModeResult, retrieval_choice, run_eval, save_choice
+    from gptsmith.rag.index import read_manifest
+
+    monkeypatch.setattr(rag_retrieve, "load_embedder", lambda spec: shared_embedder)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "ce")
+    tokenizer.save_pretrained(tmp_path / "ce")
+    docs = write_docs(tmp_path / "docs", DOCS)
+    index = tmp_path / "idx"
+    build_index([str(docs)], index, RagConfig(), embedder=shared_embedder, progress=False)
+    questions = tmp_path / "mine.jsonl"
+    questions.write_text("".join(json.dumps({"question": q, "source": src}) + "\n" for q, src in QUESTIONS))
+
+    report = run_eval(index, questions, rerank=str(tmp_path / "ce"), save=True)
+    recorded = read_manifest(index)["retrieval"]
+    won = report.best().name
+    assert recorded["rerank"] == (won == "hybrid+rerank") and recorded["mode"] == won.split("+")[0]
+    assert recorded["evidence"]["questions"] == len(QUESTIONS) and recorded["evidence"]["setting"] == won
+    opened = Retriever.open(index)
+    assert opened.settings.mode == recorded["mode"] and opened.settings.rerank == recorded["rerank"]
+
+    def record(winner: str) -> None:  # a result where `winner` measured best
+        modes = [ModeResult(name, {"hit@1": 0.5, "hit@5": 0.8, "hit@10": 0.9, "mrr": 0.9 if name == winner else 0.6,
+                                   "ndcg@10": 0.7}, 1.0, 2.0, {"mrr": (0.5, 0.95)},
+                            {"mode": name.split("+")[0], "rerank": name.endswith("+rerank")})
+                 for name in ("bm25", "vector", "hybrid", "hybrid+rerank")]
+        reranking = Retriever.open(index, rerank=str(tmp_path / "ce"))
+        save_choice(index, retrieval_choice(EvalReport(20, 10, "chunk", 0, ["hand-written"], modes), reranking))
+
+    record("hybrid+rerank")
+    served = Retriever.open(index)  # no --rerank given: the index's choice brings its cross-encoder
+    assert served.rerank_model == str((tmp_path / "ce").resolve()) and served.settings.rerank
+    assert all("rerank" in h.scores for h in served.search("printer shows E2210", top_k=3))
+    assert all("rerank" not in h.scores for h in served.search("printer shows E2210", top_k=3, rerank=False))
+    (docs / "pasta.md").write_text("Cook penne for eleven minutes in salted water.\n")
+    build_index([str(docs)], index, RagConfig(), embedder=shared_embedder, progress=False)
+    assert read_manifest(index)["retrieval"]["rerank"] is True  # re-indexing keeps the choice
+    record("bm25")
+    served = Retriever.open(index)
+    assert served.rerank_model is None and served.settings.mode == "bm25"
+    assert all(set(h.scores) == {"bm25"} for h in served.search("printer shows E2210", top_k=3))
+    explicit = Retriever.open(index, cfg=RagConfig(mode="vector"))  # what the user sets wins over the record
+    assert explicit.settings.mode == "vector"
+
+
 # ---------------------------------------------------------------------------------------------- embedder
 
 def test_openai_compatible_embeddings_url(monkeypatch):
@@ -343,6 +452,25 @@ def test_default_embedder_vectors_are_normalised(embedder):
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
     with pytest.raises(InputError, match="could not be loaded"):
         load_embedder("/definitely/not/a/model")
+
+
+def test_default_embedder_gives_sentence_transformers_vectors_without_importing_it(embedder):
+    """`ask` and `rag query` start in seconds because the shipped model runs on transformers alone; the vectors
+    must be the ones sentence-transformers computes (indexes built before keep matching their queries)."""
+    import subprocess
+    import sys
+
+    from sentence_transformers import SentenceTransformer
+
+    from gptsmith.rag.embed import default_model_dir
+
+    texts = ["how do I make a string upper case?", "str.upper() Return a copy of the string " * 40, "KeyError"]
+    reference = SentenceTransformer(str(default_model_dir()), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.abs(embedder.embed(texts) - reference).max() < 1e-5
+    probe = ("import sys; from gptsmith.rag.embed import load_embedder; load_embedder('default').embed(['x']); "
+             "print('sentence_transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # ---------------------------------------------------------------------------------------------- CLI

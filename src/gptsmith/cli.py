@@ -379,7 +379,7 @@ def cmd_rag_eval(args) -> None:
     if not cfg.rag.index:
         raise UserError("rag eval needs --index DIR (or rag.index in the config)")
     run_eval(cfg.rag.index, args.questions, rerank=cfg.rag.rerank, top_k=args.top_k, match=args.match,
-             json_out=args.json, cfg=cfg.rag)
+             json_out=args.json, cfg=cfg.rag, save=args.save)
 
 
 def cmd_eval(args) -> None:
@@ -879,8 +879,11 @@ def _rag_commands(sub, add) -> None:
     p = add("eval", "Measure retrieval on a questions file: hit@1/5/10, MRR, nDCG@10 and latency for bm25, vector, "
                     "hybrid and hybrid+rerank, in one table.", cmd_rag_eval, rag_sub)
     p.add_argument("--index", help="index folder (rag.index)")
-    p.add_argument("--questions", type=Path, required=True, help="JSONL written by `rag questions`")
+    p.add_argument("--questions", type=Path, required=True, help="JSONL written by `rag questions`, or your own: "
+                   '{"question", "source"} per line, optional "lines": [start, end] and "answer": "phrase"')
     p.add_argument("--rerank", metavar="DIR", help="local cross-encoder: adds the hybrid+rerank row (rag.rerank)")
+    p.add_argument("--save", action="store_true", help="record the best setting (mode, rerank on/off) and its "
+                   "evidence in the index: rag query, ask and serve use it where you did not choose")
     p.add_argument("--top-k", type=int, default=10, help="hits fetched per question")
     p.add_argument("--match", choices=["chunk", "overlap"], default="chunk", help="relevant = the question's own "
                    "chunk, or any chunk of its source whose lines overlap it")

@@ -291,8 +291,10 @@ class RagConfig(Section):
                               "such as the embedder's)")
     chunk_overlap: int = Field(32, ge=0, description="tokens a chunk repeats from the end of the previous one")
     top_k: int = Field(5, ge=1, description="chunks a query returns")
-    mode: Literal["hybrid", "bm25", "vector"] = Field("hybrid", description="retrieval: hybrid (BM25 and vectors "
-                                                      "fused by reciprocal rank fusion), bm25 alone, or vector alone")
+    mode: Literal["hybrid", "bm25", "vector"] | None = Field(None, description="retrieval: hybrid (BM25 and "
+                                                             "vectors fused by reciprocal rank fusion), bm25 alone, "
+                                                             "or vector alone; null = the index's choice (recorded "
+                                                             "by `rag eval --save`), else hybrid")
     rerank: str | None = Field(None, description="cross-encoder directory (sentence-transformers) that re-scores "
                                "the candidates; null = no rerank")
     min_score: float | None = Field(None, description="drop hits scoring below this (the score of the last stage: "

@@ -39,11 +39,14 @@ class _Strict(BaseModel):
 class RagSettings(_Strict):
     index: Path = Field(..., description="index folder written by `gptsmith rag index`")
     top_k: int = Field(4, ge=1, le=100, description="chunks retrieved per question (fewer when they do not fit)")
-    mode: Literal["hybrid", "bm25", "vector"] = Field("hybrid", description="hybrid (BM25 + vectors fused by "
-                                                      "reciprocal rank), bm25 alone or vectors alone")
+    mode: Literal["hybrid", "bm25", "vector"] | None = Field(None, description="hybrid (BM25 + vectors fused by "
+                                                             "reciprocal rank), bm25 alone or vectors alone; null = "
+                                                             "the index's choice (recorded by `gptsmith rag eval "
+                                                             "--save`), else hybrid")
     min_score: float | None = Field(None, description="drop chunks scoring below this; null = keep the top_k")
     rerank: Path | None = Field(None, description="a local cross-encoder folder that re-orders the retrieved "
-                                "chunks; null = no rerank")
+                                "chunks; null = the index's choice (rerank only where `gptsmith rag eval --save` "
+                                "measured it better), else no rerank")
     sources: list[str] | None = Field(None, description="only search files whose path matches one of these globs")
 
 

@@ -127,8 +127,10 @@ class Assistant:
         rag = self.profile.rag
         if self.retriever is None or rag is None:
             return []
-        return list(self.retriever.search(question, top_k=rag.top_k, mode=rag.mode, rerank=bool(rag.rerank),
-                                          min_score=rag.min_score, sources=rag.sources))
+        # mode and rerank left None follow the index's recorded choice (Retriever.settings)
+        return list(self.retriever.search(question, top_k=rag.top_k, mode=rag.mode,
+                                          rerank=True if rag.rerank else None, min_score=rag.min_score,
+                                          sources=rag.sources))
 
     def system_text(self, caller_system: str, hits: list[Hit] | None, reasoning: bool) -> str:
         parts = [self.profile.system_prompt.strip(), caller_system.strip()]

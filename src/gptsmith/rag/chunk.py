@@ -4,8 +4,9 @@
 `max_tokens` tokens:
 
 - A section boundary (a heading, a PDF page, a JSONL record) always starts a new chunk, so a chunk never mixes
-  two sections and its heading path is exact. A heading directly followed by a sub-heading stays with it (no
-  chunk holds a bare title).
+  two sections and its heading path is exact. A heading stays with what follows it, a sub-heading or the
+  start of its text: no chunk holds a bare title (when the text after a heading fills a chunk by itself, the
+  heading rides along and the chunk may pass the budget by the heading's few tokens).
 - A block that does not fit in what is left of the current chunk starts the next one, so a short paragraph or
   code block is never cut in two. Only a block longer than the whole budget is split: at its lines, a prose
   line at its sentences, a sentence longer than the budget at its words (a word longer than it, at characters).
@@ -175,7 +176,11 @@ class _Packer:
         self.used += sum(p.tokens for p in pieces)
 
     def close(self, carry: bool, room: int = 0) -> None:
-        """Finish the current chunk; with `carry`, start the next with its tail (within the overlap and `room`)."""
+        """Finish the current chunk; with `carry`, start the next with its tail (within the overlap and `room`).
+        A chunk of headings alone is not finished: its headings open the next chunk (a title's words belong with
+        the text under it)."""
+        if carry and self.fresh and all(p.heading for p in self.pieces):
+            return
         if self.fresh:
             self.groups.append((self.heading, self.pieces))
         tail = self._tail(min(self.overlap_tokens, room)) if carry and self.fresh else []
@@ -204,7 +209,7 @@ def _fit(pieces: list[_Piece], count: Callable[[str], int], max_tokens: int) -> 
         return [pieces]
     groups, current = [], []
     for piece in pieces:
-        if current and count(_text(current + [piece])) > max_tokens:
+        if current and not all(p.heading for p in current) and count(_text(current + [piece])) > max_tokens:
             groups.append(current)
             current = []
         current.append(piece)

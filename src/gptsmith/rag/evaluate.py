@@ -15,6 +15,16 @@ queries share words with their passage, which favours BM25; a teacher's question
 Every record keeps the chunk it came from (id, source, heading, line or page range, citation); a question's relevant
 chunk is that one (`match="chunk"`), or with `match="overlap"` any chunk of the same source whose range overlaps it.
 
+A person can write questions too, without chunk ids (they survive re-chunking): one JSON object per line,
+
+    {"question": "How do I pad a number with zeros?", "source": "formatstrings.rst", "lines": [40, 52],
+     "answer": "zero-padding"}
+
+`source` matches an indexed chunk's source path by its end (`string-methods.rst` matches
+/x/pydocs/string-methods.rst); a chunk of that source is relevant, narrowed by the optional `lines` (1-based,
+inclusive: the chunk overlaps them) and `answer` (the chunk holds the phrase, whitespace and case aside). Other
+keys are ignored.
+
 Metrics are tie-aware (McSherry & Najork, 2008): hits with equal scores (common in reciprocal rank fusion, where
 rank 1 in one retriever and rank 1 in the other fuse to the same score) count as every order of the tied group
 equally likely, so no retriever gains or loses by how its ties happened to be broken.
@@ -59,7 +69,14 @@ class QARecord:
     end: int
     unit: str
     citation: str
-    generator: str  # "heuristic", or "teacher:<url or model dir>"
+    generator: str  # "heuristic", "teacher:<url or model dir>", or "hand-written"
+    lines: tuple[int, int] | None = None  # hand-written: the relevant line range of `source`, if given
+    phrase: str = ""  # hand-written: a relevant chunk holds this phrase, if given
+
+    @property
+    def handwritten(self) -> bool:
+        """Judged by source (lines, phrase), not by the chunk it was made from."""
+        return not self.chunk_id
 
     @classmethod
     def of(cls, question: str, answer: str, chunk_id: str, chunk: Chunk, generator: str) -> QARecord:
@@ -75,10 +92,34 @@ class QARecord:
 
 
 _RECORD_FIELDS = {"question": str, "chunk_id": str, "source": str, "start": int, "end": int}
+HANDWRITTEN = "hand-written"
+
+
+def _handwritten(rec: dict, where: str) -> QARecord:
+    for key in ("question", "source"):
+        if not isinstance(rec.get(key), str) or not rec[key].strip():
+            raise InputError(f"{where}: field '{key}' is missing or not a non-empty string; a hand-written question "
+                             'is {"question": "...", "source": "file name or path end"} with optional "lines": '
+                             '[start, end] and "answer": "a phrase of the passage"')
+    lines = rec.get("lines")
+    if lines is not None:
+        if not (isinstance(lines, list) and len(lines) == 2 and all(type(n) is int for n in lines)
+                and 1 <= lines[0] <= lines[1]):
+            raise InputError(f"{where}: field 'lines' must be [start, end], whole numbers with 1 <= start <= end "
+                             f"(1-based, inclusive); got {json.dumps(lines)}")
+        lines = (lines[0], lines[1])
+    answer = rec.get("answer")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise InputError(f"{where}: field 'answer' must be a non-empty string (a phrase the relevant passage "
+                         "holds), or left out")
+    start, end = lines or (0, 0)
+    return QARecord(rec["question"].strip(), (answer or "").strip(), "", rec["source"].strip(), "", start, end,
+                    "line", rec["source"].strip(), HANDWRITTEN, lines, " ".join((answer or "").split()))
 
 
 def read_questions(path: str | os.PathLike) -> list[QARecord]:
-    """The records of a `rag questions --format qa` file; a bad line is an InputError naming it."""
+    """The records of a `rag questions --format qa` file, or hand-written questions (no chunk_id: see the module
+    docstring); a bad line is an InputError naming FILE:LINE and the field."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; write one with `gptsmith rag questions --index DIR --out {path}`")
@@ -97,6 +138,9 @@ def read_questions(path: str | os.PathLike) -> list[QARecord]:
                              "records, written with `gptsmith rag questions --format qa` (the default)")
         if not isinstance(rec, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if not rec.get("chunk_id"):  # no chunk id (or an empty placeholder): a question a person wrote
+            records.append(_handwritten(rec, where))
+            continue
         for key, kind in _RECORD_FIELDS.items():
             if not isinstance(rec.get(key), kind) or (kind is str and not rec[key].strip()):
                 wanted = "non-empty string" if kind is str else "whole number"
@@ -110,10 +154,19 @@ def read_questions(path: str | os.PathLike) -> list[QARecord]:
     return records
 
 
+def _qa_json(r: QARecord) -> dict:
+    out = asdict(r)
+    lines, phrase = out.pop("lines"), out.pop("phrase")
+    if r.handwritten:  # written back in the form a person writes
+        return {"question": r.question, "source": r.source, **({"lines": list(lines)} if lines else {}),
+                **({"answer": phrase} if phrase else {})}
+    return out
+
+
 def write_questions(records: Sequence[QARecord], out: str | os.PathLike, fmt: str = "qa") -> None:
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    lines = [json.dumps(asdict(r) if fmt == "qa" else r.sft(), ensure_ascii=False) for r in records]
+    lines = [json.dumps(_qa_json(r) if fmt == "qa" else r.sft(), ensure_ascii=False) for r in records]
     atomic_write_text(out, "".join(line + "\n" for line in lines))
 
 
@@ -190,19 +243,35 @@ def heuristic_questions(chunk: Chunk, df: Counter, n_docs: int, n: int = 1) -> l
 
 # ---------------------------------------------------------------------------------------------- teachers
 
-TEACHER_SYSTEM = "You write test questions for a search engine over a set of documents. You reply with JSON only."
+# The teacher prompt is written for small local models too (SmolLM2-135M-Instruct, asked for JSON, mostly wrote
+# off-topic questions): plain "Answer: / Question:" lines, one worked example as an earlier turn of the
+# conversation, the passage's title. The answer comes first, copied from the passage, and the question is asked
+# about it: asked for the question first, SmolLM2 then made up answers the passage does not hold (9% of its pairs
+# were usable). A local teacher's reply is also started with "Answer:" for it.
+TEACHER_ASK = ("Copy {ask} from this passage that answers something a user might want to know, then write the "
+               "question the user would ask, in their own words. Do not copy the passage into the question, and do "
+               'not mention the passage. Reply with {lines}: "Answer: ..." and "Question: ...".')
+TEACHER_EXAMPLE = ("Title: typesseq mutable > Mutable Sequence Types\nPassage:\n"
+                   "s.reverse()  reverses the items of s in place\n"
+                   "s.pop([i])  retrieves the item at i and also removes it from s")
+TEACHER_EXAMPLE_REPLY = ("Answer: s.reverse() reverses the items of s in place.\n"
+                         "Question: How can I reverse a list without making a copy of it?")
+TEACHER_PREFILL = "Answer:"
 
 
 def teacher_messages(chunk: Chunk, n: int) -> list[dict]:
     """The prompt asking a teacher for `n` question/answer pairs that `chunk` answers."""
-    ask = "one question" if n == 1 else f"{n} different questions"
-    return [{"role": "system", "content": TEACHER_SYSTEM},
-            {"role": "user", "content": (
-                f"Passage (from {chunk.citation()}):\n\"\"\"\n{chunk.text}\n\"\"\"\n\n"
-                f"Write {ask} that a user of these documents might ask and that this passage answers, each with "
-                "its answer taken from the passage. A question must make sense on its own: name its subject, and "
-                "do not mention 'the passage' or 'the text'.\n"
-                'Reply with JSON only, in this form: {"pairs": [{"question": "...", "answer": "..."}]}')}]
+    ask = TEACHER_ASK.format(ask="one sentence" if n == 1 else f"{n} different sentences",
+                             lines="two lines" if n == 1 else f"{n} pairs of lines")
+    return [{"role": "user", "content": f"{ask}\n\n{TEACHER_EXAMPLE}"},
+            {"role": "assistant", "content": TEACHER_EXAMPLE_REPLY},
+            {"role": "user", "content": f"{ask}\n\nTitle: {chunk.context()}\nPassage:\n{chunk.text}"}]
+
+
+_LINE_PAIR_AQ = re.compile(r"(?:^|\n)\W*A(?:nswer)?\s*\d*\s*[:.]\s*(.+?)\s*\n+\W*Q(?:uestion)?\s*\d*\s*[:.]\s*"
+                           r"(.+?\?)", re.S | re.I)
+_LINE_PAIR = re.compile(r"(?:^|\n)\W*Q(?:uestion)?\s*\d*\s*[:.]\s*(.+?)\s*\n+\W*A(?:nswer)?\s*\d*\s*[:.]\s*(.+?)"
+                        r"\s*(?=\n\W*Q(?:uestion)?\s*\d*\s*[:.]|\n\n|$)", re.S | re.I)
 
 
 def _json_values(text: str) -> Iterable[object]:
@@ -234,13 +303,43 @@ def _pairs_in(value: object) -> list[tuple[str, str]]:
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
-    """The (question, answer) pairs in a teacher's reply: JSON anywhere in it (after any <think> block), as one
-    object, a list of them, or a list under any key. ValueError when there is none."""
+    """The (question, answer) pairs in a teacher's reply (after any <think> block): "Question: ... / Answer: ..."
+    lines, else JSON anywhere in it (one object, a list of them, or a list under any key). ValueError when there is
+    none."""
     text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
-    pairs = [p for value in _json_values(text) for p in _pairs_in(value)]
+    pairs = [(q.strip().strip('"'), " ".join(a.split()).strip('"')) for q, a in _LINE_PAIR.findall(text)]
+    if not pairs:  # the order this module's own prompt asks for: the answer, then its question
+        pairs = [(q.strip().strip('"'), " ".join(a.split()).strip('"')) for a, q in _LINE_PAIR_AQ.findall(text)]
+    pairs = [p for p in pairs if p[0] and p[1]]
     if not pairs:
-        raise ValueError("no JSON with a non-empty question and answer in the reply")
+        pairs = [p for value in _json_values(text) for p in _pairs_in(value)]
+    if not pairs:
+        raise ValueError("no question and answer in the reply")
     return list(dict.fromkeys(pairs))
+
+
+NO_PAIR = "reply had no 'Question: ... Answer: ...' (nor JSON with a question and an answer)"
+_MENTIONS_SOURCE = re.compile(r"\b(?:the|this|that|above|given|following) (?:passage|text|document|excerpt|section|"
+                              r"paragraph|article|context)\b", re.I)
+COPY_WORDS = 6  # a question sharing a run of this many words with its passage copies it
+GROUNDED = 0.5  # share of the answer's content words that must be in the passage
+
+
+def question_problem(question: str, answer: str, passage: str) -> str | None:
+    """Why a teacher's pair is unusable as a test of retrieval in a user's words, or None when it is fine."""
+    if "?" not in question:
+        return "question without a question mark"
+    if _MENTIONS_SOURCE.search(question):
+        return "question mentions the passage (makes no sense on its own)"
+    said = [w.lower() for w in re.findall(r"\w+", question)]
+    text = " " + " ".join(w.lower() for w in re.findall(r"\w+", passage)) + " "
+    if any(f" {' '.join(said[i:i + COPY_WORDS])} " in text for i in range(len(said) - COPY_WORDS + 1)):
+        return f"question copies {COPY_WORDS}+ words of the passage"
+    content = [w for w in _content_words(answer)]
+    found = {w.lower() for w in _content_words(passage)}
+    if not content or sum(w.lower() in found for w in content) < GROUNDED * len(content):
+        return "answer not found in the passage"
+    return None
 
 
 @dataclass
@@ -321,12 +420,15 @@ class LocalTeacher:
     def ask(self, prompts: list[list[dict]]) -> list[TeacherReply]:
         from gptsmith.engine import SamplingParams
 
-        params = self.engine.resolve(SamplingParams(max_new_tokens=self.max_tokens, temperature=0.0))
+        # Stop where a small model would start a second, unasked pair or ramble on after a blank line.
+        params = self.engine.resolve(SamplingParams(max_new_tokens=self.max_tokens, temperature=0.0,
+                                                    stop=["\n\n", "\nAnswer:"]))
+        prefill = self.engine.encode(TEACHER_PREFILL)
         replies: list[TeacherReply | None] = [None] * len(prompts)
         todo, ids = [], []
         for i, messages in enumerate(prompts):
-            try:
-                ids.append(self.engine.encode_chat(messages))
+            try:  # the reply starts with "Answer:": a small model then copies a sentence, not a chat reply
+                ids.append(self.engine.encode_chat(messages, self.max_tokens + len(prefill)) + prefill)
                 todo.append(i)
             except ValueError as e:  # the passage alone fills the teacher's context
                 replies[i] = TeacherReply(None, str(e))
@@ -334,7 +436,7 @@ class LocalTeacher:
             per_prompt = [replace(params, max_new_tokens=min(self.max_tokens, self.engine.max_context - len(p)))
                           for p in ids]
             for i, completion in zip(todo, self.engine.generate(ids, per_prompt)):
-                replies[i] = TeacherReply(completion.text)
+                replies[i] = TeacherReply(TEACHER_PREFILL + completion.text)
         return replies  # type: ignore[return-value]
 
     def close(self) -> None: ...
@@ -359,6 +461,12 @@ class QuestionsReport:
     chunks_sampled: int = 0
     records: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> chunks that gave no question
+    rejected: Counter = field(default_factory=Counter)  # reason -> teacher's pairs filtered out
+
+    @property
+    def yield_(self) -> float:
+        """Usable questions per chunk sampled."""
+        return self.records / self.chunks_sampled if self.chunks_sampled else 0.0
     generator: str = ""
     seconds: float = 0.0
 
@@ -395,7 +503,7 @@ def make_questions(chunks: Sequence[tuple[str, Chunk]], teacher=None, per_chunk:
             if on_progress:
                 on_progress(1)
     else:
-        step = max(1, teacher.concurrency)
+        step, seen = max(1, teacher.concurrency), set()
         for i in range(0, len(sample), step):
             batch = sample[i:i + step]
             replies = teacher.ask([teacher_messages(chunk, per_chunk) for _, chunk in batch])
@@ -406,9 +514,21 @@ def make_questions(chunks: Sequence[tuple[str, Chunk]], teacher=None, per_chunk:
                 try:
                     pairs = parse_pairs(reply.text)[:per_chunk]
                 except ValueError:
-                    report.skipped["reply was not JSON with a question and an answer"] += 1
+                    report.skipped[NO_PAIR] += 1
                     continue
-                records += [QARecord.of(q, a, cid, chunk, teacher.name) for q, a in pairs]
+                kept = []
+                for q, a in pairs:
+                    problem = question_problem(q, a, chunk.searchable())
+                    if problem is None and q.lower() not in seen:
+                        kept.append((q, a))
+                        seen.add(q.lower())
+                    elif problem is not None:
+                        report.rejected[problem] += 1
+                    else:
+                        report.rejected["same question as another chunk's"] += 1
+                if not kept:
+                    report.skipped["no usable question (see rejected)"] += 1
+                records += [QARecord.of(q, a, cid, chunk, teacher.name) for q, a in kept]
             if on_progress:
                 on_progress(len(batch))
     report.records = len(records)
@@ -473,10 +593,13 @@ def _reciprocal_rank(groups: list[tuple[int, int, int]]) -> float:
 
 @dataclass
 class ModeResult:
-    name: str  # bm25 | vector | hybrid | hybrid+rerank
+    name: str  # bm25 | vector | hybrid | hybrid+rerank (or a benchmark's own setting names)
     metrics: dict[str, float]  # mean over questions: hit@1, hit@5, hit@10, mrr, ndcg@10
     p50_ms: float
     p95_ms: float
+    ci95: dict[str, tuple[float, float]] = field(default_factory=dict)  # bootstrap interval of each mean
+    search: dict = field(default_factory=dict)  # the Retriever.search keywords of this setting
+    per_question: list[dict[str, float]] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -484,17 +607,21 @@ class EvalReport:
     questions: int
     top_k: int
     match: str
-    stale: int  # questions whose chunk is no longer in the index (its file changed): they count as misses
+    stale: int  # generated questions whose chunk is no longer in the index (its file changed): they count as misses
     generators: list[str]
     modes: list[ModeResult]
+    unmatched: list[int] = field(default_factory=list)  # 0-based positions of questions no indexed chunk answers
 
     def best(self) -> ModeResult:
-        return max(self.modes, key=lambda m: (m.metrics["mrr"], m.metrics[f"ndcg@{NDCG_AT}"], -m.p50_ms))
+        """Highest MRR, then nDCG; a tie goes to the faster setting (so a reranker is kept only where it helps)."""
+        return max(self.modes, key=lambda m: (round(m.metrics["mrr"], 9), round(m.metrics[f"ndcg@{NDCG_AT}"], 9),
+                                              -m.p50_ms))
 
     def to_json(self) -> dict:
         return {"questions": self.questions, "top_k": self.top_k, "match": self.match, "stale": self.stale,
-                "generators": self.generators, "best": self.best().name,
-                "modes": {m.name: {**m.metrics, "p50_ms": m.p50_ms, "p95_ms": m.p95_ms} for m in self.modes}}
+                "unmatched": len(self.unmatched), "generators": self.generators, "best": self.best().name,
+                "modes": {m.name: {**m.metrics, "ci95": {k: list(v) for k, v in m.ci95.items()},
+                                   "p50_ms": m.p50_ms, "p95_ms": m.p95_ms} for m in self.modes}}
 
 
 def eval_modes(has_reranker: bool) -> list[tuple[str, dict]]:
@@ -508,14 +635,33 @@ def _overlaps(q: QARecord, c: Chunk) -> bool:
     return c.source == q.source and c.unit == q.unit and c.start <= q.end and q.start <= c.end
 
 
+def source_matches(wanted: str, source: str) -> bool:
+    """A hand-written question's `source` names an indexed file by its path's end: `string-methods.rst` and
+    `pydocs/string-methods.rst` both match /x/pydocs/string-methods.rst (whole path components only)."""
+    wanted = wanted.replace("\\", "/").removeprefix("./")
+    return source == wanted or source.endswith("/" + wanted.lstrip("/"))
+
+
+def _answers(q: QARecord, c: Chunk) -> bool:
+    """Is `c` relevant to a hand-written question: its source, overlapping its lines, holding its phrase."""
+    if not source_matches(q.source, c.source):
+        return False
+    if q.lines and not (c.start <= q.lines[1] and q.lines[0] <= c.end):
+        return False
+    return not q.phrase or q.phrase.lower() in " ".join(c.text.split()).lower()
+
+
 def relevance(questions: Sequence[QARecord], index_chunks: dict[str, Chunk], match: str
               ) -> list[tuple[Callable[[Hit], bool], int]]:
-    """For each question: a test of whether a hit is relevant, and how many chunks of the index are."""
+    """For each question: a test of whether a hit is relevant, and how many chunks of the index are. Hand-written
+    questions are judged by source (see the module docstring) whatever `match` says."""
     if match not in MATCHES:
         raise InputError(f"unknown match {match!r}; choose one of {', '.join(MATCHES)}")
     out = []
     for q in questions:
-        if match == "chunk":
+        if q.handwritten:
+            out.append(((lambda h, q=q: _answers(q, h.chunk)), sum(_answers(q, c) for c in index_chunks.values())))
+        elif match == "chunk":
             out.append(((lambda h, cid=q.chunk_id: h.id == cid), int(q.chunk_id in index_chunks)))
         else:
             n = sum(_overlaps(q, c) for c in index_chunks.values())
@@ -528,66 +674,142 @@ def _percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))] if ordered else 0.0
 
 
+BOOTSTRAP = 2000  # resamples for the 95% intervals
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of per-question values (questions resampled with
+    replacement; a fixed seed, so the same results give the same interval)."""
+    import numpy as np
+
+    if not values:
+        return (0.0, 0.0)
+    data = np.asarray(values, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(data), size=(resamples, len(data)))
+    means = data[idx].mean(axis=1)
+    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
+METRICS = [f"hit@{k}" for k in KS] + ["mrr", f"ndcg@{NDCG_AT}"]
+
+
 def evaluate(retriever, questions: Sequence[QARecord], index_chunks: dict[str, Chunk], top_k: int = 10,
              match: str = "chunk", has_reranker: bool = False,
-             on_progress: Callable[[int], None] | None = None) -> EvalReport:
+             on_progress: Callable[[int], None] | None = None,
+             settings: Sequence[tuple[str, dict]] | None = None) -> EvalReport:
     """Run every question through every retrieval setting of `retriever` (a gptsmith.rag.retrieve.Retriever) and
-    average the metrics; `index_chunks` = id -> Chunk of the whole index (to find questions whose chunk is gone,
-    and the relevant chunks under match="overlap"). Latency is per query, after one warm-up query per setting."""
+    average the metrics, with bootstrap 95% intervals; `index_chunks` = id -> Chunk of the whole index (to find
+    questions whose chunk is gone, and the relevant chunks under match="overlap" or of hand-written questions).
+    `settings`: (name, Retriever.search keywords) to compare instead of eval_modes(). Latency is per query, after
+    one warm-up query per setting."""
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1 (got {top_k})")
     if not questions:
         raise InputError("no questions to evaluate; write some with `gptsmith rag questions`")
     judges = relevance(questions, index_chunks, match)
     results = []
-    for name, kwargs in eval_modes(has_reranker):
+    for name, kwargs in settings or eval_modes(has_reranker):
         retriever.search(questions[0].question, top_k=top_k, **kwargs)  # warm-up: loads models, opens the table
         retriever.clear_cache()  # each setting pays for embedding its queries, as a new question does
-        totals, latencies = Counter(), []
+        per_question, latencies = [], []
         for q, (is_relevant, n_relevant) in zip(questions, judges):
             t0 = time.perf_counter()
             hits = retriever.search(q.question, top_k=top_k, **kwargs)
             latencies.append((time.perf_counter() - t0) * 1000)
-            totals.update(ranking_metrics([(is_relevant(h), h.score) for h in hits], n_relevant))
+            per_question.append(ranking_metrics([(is_relevant(h), h.score) for h in hits], n_relevant))
             if on_progress:
                 on_progress(1)
-        metrics = {k: totals[k] / len(questions) for k in [f"hit@{k}" for k in KS] + ["mrr", f"ndcg@{NDCG_AT}"]}
-        results.append(ModeResult(name, metrics, _percentile(latencies, 50), _percentile(latencies, 95)))
-    stale = sum(q.chunk_id not in index_chunks for q in questions)
+        metrics = {k: sum(m[k] for m in per_question) / len(questions) for k in METRICS}
+        ci95 = {k: bootstrap_ci([m[k] for m in per_question]) for k in METRICS}
+        results.append(ModeResult(name, metrics, _percentile(latencies, 50), _percentile(latencies, 95), ci95,
+                                  dict(kwargs), per_question))
+    stale = sum(not q.handwritten and q.chunk_id not in index_chunks for q in questions) if match == "chunk" \
+        else sum(not q.handwritten and n == 0 for q, (_, n) in zip(questions, judges))
+    unmatched = [i for i, (q, (_, n)) in enumerate(zip(questions, judges)) if q.handwritten and n == 0]
     generators = sorted({q.generator for q in questions if q.generator})
-    return EvalReport(len(questions), top_k, match, stale, generators, results)
+    return EvalReport(len(questions), top_k, match, stale, generators, results, unmatched)
 
 
-def render_report(report: EvalReport, console=None) -> None:
+def render_report(report: EvalReport, console=None, questions: Sequence[QARecord] = ()) -> None:
     """The comparison table (rich), best value of each column in bold, and which setting to serve."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    columns = [f"hit@{k}" for k in KS] + ["mrr", f"ndcg@{NDCG_AT}"]
-    table = Table(title=f"Retrieval on {report.questions} questions (top-k {report.top_k}, relevant = "
-                        f"{'the source chunk' if report.match == 'chunk' else 'chunks overlapping the source'})")
-    table.add_column("setting")
-    for c in columns:
+    kinds = "hand-written questions" if report.generators == [HANDWRITTEN] else "questions"
+    table = Table(title=f"Retrieval on {report.questions} {kinds} (top-k {report.top_k}, relevant = "
+                        f"{'the source chunk' if report.match == 'chunk' else 'chunks overlapping the source'}"
+                        f"{'; hand-written: by source' if HANDWRITTEN in report.generators else ''}; "
+                        "95% intervals in brackets)")
+    table.add_column("setting", no_wrap=True, min_width=max(len(m.name) for m in report.modes))
+    for c in METRICS:
         table.add_column(c.upper() if c == "mrr" else c, justify="right")
     table.add_column("p50 ms", justify="right")
     table.add_column("p95 ms", justify="right")
-    best = {c: max(m.metrics[c] for m in report.modes) for c in columns}
+    best = {c: max(m.metrics[c] for m in report.modes) for c in METRICS}
     for m in report.modes:
-        cells = [(f"[bold]{m.metrics[c]:.3f}[/bold]" if m.metrics[c] == best[c] else f"{m.metrics[c]:.3f}")
-                 for c in columns]
+        cells = []
+        for c in METRICS:
+            value = f"{m.metrics[c]:.3f}"
+            if c in ("hit@5", "mrr") and c in m.ci95:
+                value += f" [{m.ci95[c][0]:.2f}-{m.ci95[c][1]:.2f}]"
+            cells.append(f"[bold]{value}[/bold]" if m.metrics[c] == best[c] else value)
         table.add_row(m.name, *cells, f"{m.p50_ms:.1f}", f"{m.p95_ms:.1f}")
     console.print(table)
     top = report.best()
-    console.print(f"Best on these questions: {top.name} (MRR {top.metrics['mrr']:.3f}); serve it with "
-                  f"rag.mode={top.name.split('+')[0]}" + (" and a reranker" if "+rerank" in top.name else ""))
+    console.print(f"Best on these questions: {top.name} (MRR {top.metrics['mrr']:.3f}); `gptsmith rag eval --save` "
+                  "records it in the index, and `rag query`, `ask` and `serve` then use it unless told otherwise")
     if report.stale:
         console.print(f"[yellow]{report.stale} question(s) come from chunks no longer in the index (their file "
-                      "changed since `rag questions`); they count as misses. Re-run `rag questions`, or pass "
-                      "--match overlap.[/yellow]")
+                      "changed since `rag questions`); they count as misses. Re-run `rag questions`"
+                      + (", or pass --match overlap." if report.match == "chunk" else ".") + "[/yellow]")
+    if report.unmatched:
+        shown = "; ".join(f"{questions[i].source}: {questions[i].question[:60]}" for i in report.unmatched[:5]
+                          if i < len(questions))
+        console.print(f"[yellow]{len(report.unmatched)} hand-written question(s) match no indexed chunk (source "
+                      "not indexed, lines outside it, or no chunk holds the answer phrase); they count as misses"
+                      + (f": {shown}" if shown else "") + "[/yellow]")
     if report.generators == ["heuristic"]:
         console.print("Questions from the heuristic share words with their passage, which favours bm25; questions "
                       "from a teacher (--teacher) are the fairer test.")
+
+
+def retrieval_choice(report: EvalReport, retriever, questions_path: str | os.PathLike | None = None) -> dict:
+    """The `retrieval` record `--save` writes into gptsmith_index.json: the best setting's search parameters and
+    the evidence for it (metric, interval, questions, what it beat)."""
+    from datetime import datetime, timezone
+
+    top = report.best()
+    s = retriever.settings
+    mode = top.search.get("mode") or s.mode
+    rerank = bool(top.search.get("rerank", s.rerank)) and retriever.rerank_model is not None
+    return {
+        "mode": mode, "rerank": rerank,
+        "rerank_model": str(Path(retriever.rerank_model).resolve()) if rerank else None,
+        "rrf_k": s.rrf_k, "candidates": int(top.search.get("candidates") or s.candidates),
+        "vector_weight": float(top.search.get("vector_weight") or s.vector_weight),
+        "evidence": {
+            "setting": top.name, "metric": "mrr", "value": round(top.metrics["mrr"], 4),
+            "ci95": [round(v, 4) for v in top.ci95.get("mrr", (0.0, 0.0))],
+            "hit@5": round(top.metrics["hit@5"], 4),
+            "questions": report.questions, "unmatched": len(report.unmatched), "generators": report.generators,
+            "questions_file": str(Path(questions_path).resolve()) if questions_path else None,
+            "compared": {m.name: round(m.metrics["mrr"], 4) for m in report.modes},
+            "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def save_choice(index_dir: str | os.PathLike, choice: dict) -> None:
+    """Record `choice` (retrieval_choice) in the index's manifest; re-indexing keeps it."""
+    from gptsmith.files import atomic_write_json
+    from gptsmith.rag.index import MANIFEST, read_manifest
+
+    manifest = read_manifest(index_dir)
+    if manifest is None:
+        raise InputError(f"{index_dir} holds no gptsmith index; nothing to record the choice in")
+    manifest["retrieval"] = choice
+    atomic_write_json(Path(index_dir) / MANIFEST, manifest)
 
 
 # ---------------------------------------------------------------------------------------------- the commands
@@ -617,7 +839,7 @@ def _progress():
 
 def run_questions(index_dir: str | os.PathLike, out: str | os.PathLike, teacher: str | None = None,
                   per_chunk: int = 1, max_chunks: int | None = 200, fmt: str = "qa", seed: int = 0,
-                  max_tokens: int = 384) -> QuestionsReport:
+                  max_tokens: int = 160) -> QuestionsReport:
     """`gptsmith rag questions`: write question records (or SFT conversations) for a sample of the index's chunks."""
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -642,29 +864,44 @@ def run_questions(index_dir: str | os.PathLike, out: str | os.PathLike, teacher:
     print(f"wrote {report.records} {'questions' if fmt == 'qa' else 'SFT conversations'} to {out} from "
           f"{report.chunks_sampled} of {report.chunks_in_index} chunks ({report.generator}, "
           f"{report.seconds:.1f} s)")
+    if report.generator != "heuristic":
+        print(f"  yield: {report.records} usable of {report.chunks_sampled} chunks ({report.yield_:.0%})")
     for why, n in report.skipped.items():
         print(f"  skipped {n} chunk(s): {why}")
+    for why, n in report.rejected.most_common():
+        print(f"  rejected {n} question(s): {why}")
     return report
 
 
 def run_eval(index_dir: str | os.PathLike, questions_path: str | os.PathLike, rerank: str | None = None,
              top_k: int = 10, match: str = "chunk", json_out: str | os.PathLike | None = None,
-             cfg=None) -> EvalReport:
-    """`gptsmith rag eval`: the comparison table of every retrieval setting on a questions file. `cfg`: the
-    RagConfig whose rrf_k and candidates the retriever uses (as serving would)."""
+             cfg=None, save: bool = False) -> EvalReport:
+    """`gptsmith rag eval`: the comparison table of every retrieval setting on a questions file (generated by
+    `rag questions`, or written by a person). `cfg`: the RagConfig whose rrf_k and candidates the retriever uses
+    (as serving would). `save`: record the best setting and its evidence in the index's gptsmith_index.json, so
+    `rag query`, `ask` and `serve` use it where the user did not choose (a reranker only where it won)."""
     from gptsmith.files import atomic_write_json
     from gptsmith.rag.retrieve import Retriever
 
     questions = read_questions(questions_path)
     retriever = Retriever.open(index_dir, rerank=rerank, cfg=cfg)
     chunks = dict(retriever.chunks())
+    has_reranker = retriever.rerank_model is not None
     with _progress() as bar:
-        modes = len(eval_modes(rerank is not None))
+        modes = len(eval_modes(has_reranker))
         task = bar.add_task("retrieving", total=modes * len(questions))
-        report = evaluate(retriever, questions, chunks, top_k, match, has_reranker=rerank is not None,
+        report = evaluate(retriever, questions, chunks, top_k, match, has_reranker=has_reranker,
                           on_progress=lambda n: bar.advance(task, n))
-    render_report(report)
+    render_report(report, questions=questions)
+    choice = retrieval_choice(report, retriever, questions_path)
+    if save:
+        save_choice(index_dir, choice)
+        ev = choice["evidence"]
+        print(f"recorded in {Path(index_dir) / 'gptsmith_index.json'}: mode={choice['mode']} rerank="
+              f"{'on' if choice['rerank'] else 'off'} (MRR {ev['value']:.3f}, 95% {ev['ci95'][0]:.3f}-"
+              f"{ev['ci95'][1]:.3f}, {ev['questions']} questions)")
     if json_out:
         atomic_write_json(json_out, {"index": str(index_dir), "questions_file": str(questions_path),
-                                     "rerank": rerank, **report.to_json()})
+                                     "rerank": retriever.rerank_model, **report.to_json(),
+                                     "choice": choice, "saved": save})
     return report

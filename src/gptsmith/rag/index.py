@@ -30,11 +30,12 @@ from gptsmith.config import RagConfig
 from gptsmith.errors import InputError
 from gptsmith.files import atomic_write_json, read_json, sha256_file
 from gptsmith.rag.embed import Embedder, load_embedder
+from gptsmith.rag.terms import bm25_terms
 from gptsmith.rag.types import Chunk
 
 MANIFEST = "gptsmith_index.json"
 TABLE = "chunks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunks embedded and keyword-indexed with their context (Chunk.searchable), `terms` column
 WRITE_BATCH_CHUNKS = 512  # chunks embedded and committed together: one LanceDB commit per batch of files
 GLOB_CHARS = set("*?[")
 SHOW_SKIPPED = 20  # skipped files listed in the printed summary (a folder of images would fill the screen)
@@ -52,6 +53,7 @@ def schema(dim: int) -> pa.Schema:
         pa.field("unit", pa.string()),
         pa.field("n_tokens", pa.int32()),
         pa.field("text", pa.string()),
+        pa.field("terms", pa.string()),  # what BM25 indexes: bm25_terms(chunk.searchable()), see terms.py
         pa.field("file_sha256", pa.string()),
         pa.field("chunking", pa.string()),  # the chunk settings the file was cut with: a change re-chunks it
         pa.field("vector", pa.list_(pa.float32(), dim)),
@@ -102,16 +104,23 @@ def indexed_files(table) -> dict[str, tuple[str, str, int, int]]:
             for r in grouped.to_pylist()}
 
 
+def text_index_config():
+    """The full-text index over `terms`: split at whitespace only (terms.py already cut the words and kept
+    identifiers whole), lower-cased, English stemming and stop words (the same for documents and queries)."""
+    from lancedb.index import FTS
+
+    return FTS(base_tokenizer="whitespace", stem=True, remove_stop_words=True, ascii_folding=True,
+               max_token_length=64)
+
+
 def ensure_text_index(table, changed_rows: int) -> None:
-    """BM25 needs a full-text index on `text`; it is made on the new, empty table, so that a run killed after its
+    """BM25 needs a full-text index on `terms`; it is made on the new, empty table, so that a run killed after its
     first commit leaves a searchable index. Rows added later are searched even before they are indexed, so the
     index is only merged (optimize) once enough rows are outside it or small fragments pile up: optimize also
     compacts, which rewrites small fragments."""
-    from lancedb.index import FTS
-
-    fts = [ix for ix in table.list_indices() if ix.columns == ["text"]]
+    fts = [ix for ix in table.list_indices() if ix.columns == ["terms"]]
     if not fts:
-        table.create_index("text", config=FTS(), replace=True)
+        table.create_index("terms", config=text_index_config(), replace=True)
         return
     if changed_rows == 0:
         return
@@ -276,6 +285,7 @@ def to_rows(batch: list[FileChunks], vectors: np.ndarray, chunking: str, dim: in
         "unit": [c.unit for _, _, c in chunks],
         "n_tokens": [c.n_tokens for _, _, c in chunks],
         "text": [c.text for _, _, c in chunks],
+        "terms": [bm25_terms(c.searchable()) for _, _, c in chunks],
         "file_sha256": [fc.sha for fc, _, _ in chunks],
         "chunking": [chunking] * len(chunks),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
@@ -316,7 +326,7 @@ def embed_and_write(table, todo: list[FileChunks], embedder: Embedder, chunking:
     with tqdm(total=total, unit="chunk", desc="embedding", disable=not progress or total == 0,
               dynamic_ncols=True) as bar:
         for batch in batches(todo, WRITE_BATCH_CHUNKS):
-            texts = [c.text for fc in batch for c in fc.chunks]
+            texts = [c.searchable() for fc in batch for c in fc.chunks]
             parts = []
             for i in range(0, len(texts), embedder.batch_size):
                 parts.append(embedder.embed(texts[i:i + embedder.batch_size]))
@@ -382,6 +392,14 @@ def build_index(inputs: list[str], index_dir: str | Path, cfg: RagConfig, *, emb
     embedder = LazyEmbedder(cfg.embedder, manifest, index_dir, embedder)
     chunking = chunking_key(cfg)
     index_dir.mkdir(parents=True, exist_ok=True)
+    if manifest is not None and manifest.get("format", 1) != FORMAT_VERSION:
+        # An older layout (no context in the vectors, no `terms` column): every chunk must be embedded again.
+        if progress:
+            print(f"index {index_dir} was built by an older gptsmith (format {manifest.get('format', 1)}); "
+                  f"rebuilding it as format {FORMAT_VERSION}")
+        db = connect(index_dir)
+        if TABLE in db.list_tables().tables:
+            db.drop_table(TABLE)
     write_manifest(index_dir, inputs, cfg, embedder, manifest, stats=None)
     table = open_table(index_dir, embedder.dim)
     ensure_text_index(table, changed_rows=0)
@@ -424,6 +442,8 @@ def write_manifest(index_dir: Path, inputs: list[str], cfg: RagConfig, embedder:
         "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap,
         "created": (old or {}).get("created") or now, "updated": now, **counts,
     }
+    if (old or {}).get("retrieval"):  # the settings `rag eval --save` chose stay chosen through re-indexing
+        manifest["retrieval"] = old["retrieval"]
     atomic_write_json(index_dir / MANIFEST, manifest)
 
 
