@@ -109,7 +109,10 @@ def _retrieval(index_dir: Path, questions: Path) -> dict:
     from gptsmith.rag.evaluate import run_eval
 
     report = run_eval(index_dir, questions, match="overlap", save=True).to_json()
-    return {"best": report["best"], "modes": report["modes"], "n": report["questions"]}
+    shown = ("hit@1", "hit@5", "mrr", "ndcg@10")
+    modes = {name: {m: [row[m], *row.get("ci95", {}).get(m, [row[m], row[m]])] for m in shown if m in row}
+             | {"p50_ms": row.get("p50_ms")} for name, row in report["modes"].items()}
+    return {"best": report["best"], "modes": modes, "n": report["questions"]}
 
 
 def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 10.0, smoke: bool = False,
@@ -275,13 +278,13 @@ def render_report(results: dict, out: Path) -> Path:
     for label, why in NOT_MEASURED:
         lines.append(f"| {label} | not tried: {why} | | | | |")
     r = results["retrieval"]
-    lines += ["", f"## Retrieval on the dev questions ({r['n']} questions, `gptsmith rag eval`)", "",
-              f"Kept: **{r['best']}** (recorded in the index).", "", "| setting | " + " | ".join(
-                  next(iter(r["modes"].values())).keys()) + " |",
-              "|---|" + "---|" * len(next(iter(r["modes"].values())))]
+    names = [k for k in next(iter(r["modes"].values())) if k != "p50_ms"]
+    lines += ["", f"## Retrieval on the dev questions ({r['n']} questions, `gptsmith rag eval`, 95% intervals)", "",
+              f"Kept: **{r['best']}** (recorded in the index, so ask and serve use it).", "",
+              "| setting | " + " | ".join(names) + " | p50 ms |", "|---|" + "---|" * (len(names) + 1)]
     for mode, metrics in r["modes"].items():
-        lines.append(f"| {mode} | " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v)
-                                                  for v in metrics.values()) + " |")
+        cells = [f"{metrics[k][0]:.2f} [{metrics[k][1]:.2f}, {metrics[k][2]:.2f}]" for k in names]
+        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {metrics.get('p50_ms') or 0:.0f} |")
     lines += ["", "## Example answers (greedy)", ""]
     for e in results["examples"]:
         lines += [f"**{e['question']}**", "", e["answer"].replace("\n", " "), "",
