@@ -298,7 +298,8 @@ def cmd_quickstart(args) -> None:
         raise UserError("--preset sizes the model --from-scratch trains; the default quickstart pulls a pretrained "
                         "one (--model NAME)")
     cfg = _config(args, {})
-    quickstart(args.out, cfg, minutes=args.minutes or 10.0, smoke=args.smoke, source=args.model or "smollm2-135m-instruct")
+    quickstart(args.out, cfg, minutes=args.minutes or 10.0, smoke=args.smoke,
+               source=args.model or "smollm2-135m-instruct")
 
 
 def cmd_export_gguf(args) -> None:

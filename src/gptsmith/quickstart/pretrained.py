@@ -165,20 +165,25 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 10.0, smoke
         return time.monotonic() + last.seconds + reserve["s"] < budget_end
 
     def show(trial) -> None:
-        vs = "" if trial.diff is None else f"   vs best so far {trial.diff[0]:+.3f} [{trial.diff[1]:+.3f}, {trial.diff[2]:+.3f}]"
+        vs = "" if trial.diff is None else "   vs best so far {:+.3f} [{:+.3f}, {:+.3f}]".format(*trial.diff)
         print(f"  {trial.label:26} acc {_ci((trial.score, trial.lo, trial.hi))}  ~{trial.prompt_tokens:.0f} prompt "
               f"tokens  {trial.seconds:.0f} s{vs}  {'KEPT' if trial.kept else ''}", flush=True)
 
     start = start_profile(model_dir, index_dir)
+    # --smoke is an install check: one challenger shows the search works; the rest are named as not tried
+    fits = (lambda last: last.label == "start") if smoke else may_start
+    why_not = ("--smoke tries one setting" if smoke
+               else f"the held-out report would not fit the {minutes:g}-minute budget (--minutes)")
     tuned = tune_assistant(engine, start, settings_axes(qs["examples_chat"]), qs["dev"], retriever,
-                           retriever.embedder, may_start=may_start, on_trial=show)
+                           retriever.embedder, may_start=fits, on_trial=show)
     for label in tuned.not_tried:
-        print(f"  {label:26} not tried: the held-out report would not fit the {minutes:g}-minute budget")
+        print(f"  {label:26} not tried: {why_not}")
     for label, why in NOT_MEASURED:
         print(f"  {label:26} not tried: {why}")
     (out / "trials").mkdir(exist_ok=True)
     for i, trial in enumerate(tuned.trials):
-        atomic_write_text(out / "trials" / f"{i:02d}.yaml", f"# {trial.label}: dev acc {_ci((trial.score, trial.lo, trial.hi))}"
+        score = _ci((trial.score, trial.lo, trial.hi))
+        atomic_write_text(out / "trials" / f"{i:02d}.yaml", f"# {trial.label}: dev acc {score}"
                           f" over {trial.n} questions{' (kept)' if trial.kept else ''}\n"
                           + yaml.safe_dump(trial.profile, sort_keys=False))
 
@@ -205,13 +210,15 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 10.0, smoke
 
     assistant = out / "assistant.yaml"
     kept = [t.label for t in tuned.trials if t.kept and t.label != "start"]
-    atomic_write_text(assistant, f"# gptsmith ask --assistant {assistant} \"QUESTION\"\n# chosen by gptsmith quickstart "
-                      f"on {tuned.best.n} dev questions (dev acc {_ci((tuned.best.score, tuned.best.lo, tuned.best.hi))}"
+    best = _ci((tuned.best.score, tuned.best.lo, tuned.best.hi))
+    atomic_write_text(assistant, f"# gptsmith ask --assistant {assistant} \"QUESTION\"\n# chosen by gptsmith "
+                      f"quickstart on {tuned.best.n} dev questions (dev acc {best}"
                       f"; kept: {', '.join(kept) or 'the starting settings'}); held-out acc {_ci(report.after)} over "
                       f"{report.n} test questions\n" + yaml.safe_dump(tuned.profile, sort_keys=False))
     examples = _example_answers(winner, engine)
     results.update(trials=[_trial_json(t) for t in tuned.trials], not_tried=tuned.not_tried,
-                   not_measured=[label for label, _ in NOT_MEASURED], assistant=str(assistant),
+                   not_tried_why=why_not, not_measured=[label for label, _ in NOT_MEASURED],
+                   assistant=str(assistant),
                    holdout={"n": report.n, "before": report.before, "after": report.after, "diff": report.diff,
                             "verdict": report.verdict, "results": [report.before_result.get("path"),
                                                                    report.after_result.get("path")]},
@@ -262,8 +269,8 @@ def render_report(results: dict, out: Path) -> Path:
              f"min, took {results['minutes']} min.", "",
              "## Held-out test questions (never used to choose a setting)", "",
              "| | accuracy | 95% interval | questions |", "|---|---|---|---|",
-             f"| pulled model as it comes | {h['before'][0]:.3f} | [{h['before'][1]:.3f}, {h['before'][2]:.3f}] | {h['n']} |",
-             f"| the assistant (assistant.yaml) | {h['after'][0]:.3f} | [{h['after'][1]:.3f}, {h['after'][2]:.3f}] | {h['n']} |",
+             "| pulled model as it comes | {:.3f} | [{:.3f}, {:.3f}] | {} |".format(*h["before"], h["n"]),
+             "| the assistant (assistant.yaml) | {:.3f} | [{:.3f}, {:.3f}] | {} |".format(*h["after"], h["n"]),
              "", f"Paired gain {h['diff'][0]:+.3f} [{h['diff'][1]:+.3f}, {h['diff'][2]:+.3f}]: {h['verdict']}. "
              "Chance is 0.25 (four answers, one documented).", "",
              "## Settings tried on the dev questions (greedy: each against the best so far)", "",
@@ -274,7 +281,7 @@ def render_report(results: dict, out: Path) -> Path:
         lines.append(f"| {t['label']} | {t['score']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] | {vs} | "
                      f"{t['prompt_tokens']:.0f} | {t['seconds']:.0f} | {'yes' if t['kept'] else ''} |")
     for label in results["not_tried"]:
-        lines.append(f"| {label} | not tried: out of time budget | | | | |")
+        lines.append(f"| {label} | not tried: {results['not_tried_why']} | | | | |")
     for label, why in NOT_MEASURED:
         lines.append(f"| {label} | not tried: {why} | | | | |")
     r = results["retrieval"]
