@@ -318,7 +318,7 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-NO_PAIR = "reply had no 'Question: ... Answer: ...' (nor JSON with a question and an answer)"
+NO_PAIR = "reply had no 'Answer: ... Question: ...' lines (nor JSON with a question and an answer)"
 _MENTIONS_SOURCE = re.compile(r"\b(?:the|this|that|above|given|following) (?:passage|text|document|excerpt|section|"
                               r"paragraph|article|context)\b", re.I)
 COPY_WORDS = 6  # a question sharing a run of this many words with its passage copies it
