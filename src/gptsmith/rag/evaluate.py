@@ -318,7 +318,7 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-NO_PAIR = "reply had no 'Question: ... Answer: ...' (nor JSON with a question and an answer)"
+NO_PAIR = "reply had no 'Answer: ... Question: ...' lines (nor JSON with a question and an answer)"
 _MENTIONS_SOURCE = re.compile(r"\b(?:the|this|that|above|given|following) (?:passage|text|document|excerpt|section|"
                               r"paragraph|article|context)\b", re.I)
 COPY_WORDS = 6  # a question sharing a run of this many words with its passage copies it
@@ -740,7 +740,7 @@ def render_report(report: EvalReport, console=None, questions: Sequence[QARecord
     table = Table(title=f"Retrieval on {report.questions} {kinds} (top-k {report.top_k}, relevant = "
                         f"{'the source chunk' if report.match == 'chunk' else 'chunks overlapping the source'}"
                         f"{'; hand-written: by source' if HANDWRITTEN in report.generators else ''}; "
-                        "95% intervals in brackets)")
+                        "95% intervals below)")
     table.add_column("setting", no_wrap=True, min_width=max(len(m.name) for m in report.modes))
     for c in METRICS:
         table.add_column(c.upper() if c == "mrr" else c, justify="right")
@@ -748,14 +748,16 @@ def render_report(report: EvalReport, console=None, questions: Sequence[QARecord
     table.add_column("p95 ms", justify="right")
     best = {c: max(m.metrics[c] for m in report.modes) for c in METRICS}
     for m in report.modes:
-        cells = []
-        for c in METRICS:
-            value = f"{m.metrics[c]:.3f}"
-            if c in ("hit@5", "mrr") and c in m.ci95:
-                value += f" [{m.ci95[c][0]:.2f}-{m.ci95[c][1]:.2f}]"
-            cells.append(f"[bold]{value}[/bold]" if m.metrics[c] == best[c] else value)
+        cells = [(f"[bold]{m.metrics[c]:.3f}[/bold]" if m.metrics[c] == best[c] else f"{m.metrics[c]:.3f}")
+                 for c in METRICS]
         table.add_row(m.name, *cells, f"{m.p50_ms:.1f}", f"{m.p95_ms:.1f}")
     console.print(table)
+    # Intervals on lines of their own: inside the table they would not fit an 80-column terminal.
+    for m in report.modes:
+        if "mrr" in m.ci95:
+            console.print(f"  95% intervals, {m.name}: hit@5 {m.ci95['hit@5'][0]:.2f}-{m.ci95['hit@5'][1]:.2f}, "
+                          f"MRR {m.ci95['mrr'][0]:.2f}-{m.ci95['mrr'][1]:.2f}, nDCG@{NDCG_AT} "
+                          f"{m.ci95[f'ndcg@{NDCG_AT}'][0]:.2f}-{m.ci95[f'ndcg@{NDCG_AT}'][1]:.2f}", highlight=False)
     top = report.best()
     console.print(f"Best on these questions: {top.name} (MRR {top.metrics['mrr']:.3f}); `gptsmith rag eval --save` "
                   "records it in the index, and `rag query`, `ask` and `serve` then use it unless told otherwise")
