@@ -68,7 +68,7 @@ TIE_MARGIN_NATS = math.log(2)  # closer than "twice as likely" is a tie: no verd
 @dataclass
 class Judgment:
     verdict: str | None  # "A" or "B" (the position shown to the judge) or "C" (tie); None = no verdict found
-    text: str  # the judge's words, or for a log-prob judge the three probabilities
+    text: str  # the judge's words, or for a likelihood judge its two scores and its reference answer
 
 
 def judge_messages(question: str, answer_a: str, answer_b: str) -> list[dict]:
