@@ -260,7 +260,7 @@ def test_a_local_judge_that_knows_the_answer_prefers_it_in_both_orders(paris_jud
     assert "reference: 'Paris.'" in first["judgment_ab"]  # the judge's own answer to the question
     assert (result["wins_a"], result["ties"], result["wins_b"]) == (1, 0, 1)
     html = (tmp_path / "out" / "compare.html").read_text()
-    assert "reference-likelihood verdicts" in html
+    assert "reference-likelihood verdicts" in html and "The judge answered each question itself first" in html
 
 
 def test_a_local_judge_that_cannot_tell_the_answers_apart_gives_ties(flat_judge_dir, tokenizer_dir, tmp_path):
