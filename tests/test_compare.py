@@ -380,5 +380,9 @@ def test_unknown_targets_and_bad_numbers_are_refused(tmp_path, prompts_txt):
 
 def test_a_judge_without_room_for_the_prompt_is_refused(tiny_model_dir, prompts_txt, tmp_path):
     fake = FakeTarget("x", ["a long answer " * 100])
-    with pytest.raises(InputError, match="context is 256"):
+    with pytest.raises(InputError, match="an answer with the question and the reference takes .* context is 256"):
         compare(fake, fake, prompts_txt, tiny_model_dir, out_dir=tmp_path / "out")
+    long_question = tmp_path / "long.txt"
+    long_question.write_text("why " * 300 + "\n")  # no room left for the judge's own reference answer
+    with pytest.raises(InputError, match="the question and the reference take .* context is 256"):
+        compare(FakeTarget("x", ["hi"]), fake, long_question, tiny_model_dir, out_dir=tmp_path / "out")

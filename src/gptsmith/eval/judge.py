@@ -117,12 +117,9 @@ class LikelihoodJudge:
         self.scores: dict[tuple[str, str], float] = {}
 
     def judge(self, questions: list[str], firsts: list[str], seconds: list[str]) -> list[Judgment]:
-        questions, firsts, seconds = list(questions), list(firsts), list(seconds)
-        if not len(questions) == len(firsts) == len(seconds):
-            raise ValueError("questions, firsts and seconds must be as long as each other")
         self._references(questions)
         out = []
-        for q, a, b in zip(questions, firsts, seconds):
+        for q, a, b in zip(questions, firsts, seconds, strict=True):
             score_a, score_b = self.score(q, a), self.score(q, b)
             verdict = "C" if abs(score_a - score_b) < TIE_MARGIN_NATS else ("A" if score_a > score_b else "B")
             out.append(Judgment(verdict, f"[[{verdict}]] (reference-likelihood: log p(A) = {score_a:.2f}, "
@@ -156,13 +153,12 @@ class LikelihoodJudge:
             self.scores[key] = self._score(self.messages(question), answer)
         return self.scores[key]
 
-    def _check_fits(self, messages: list[dict], extra: int, what: str) -> list[int]:
-        ids = self.target.prompt_ids(messages)
-        if len(ids) + extra > self.engine.max_context:
-            raise InputError(f"judge {self.target.ref}: {what} and the reference take {len(ids) + extra} tokens "
-                             f"but the model's context is {self.engine.max_context}; use a judge with a longer "
-                             "context, or shorter answers (--max-tokens) and prompts")
-        return ids
+    def _check_fits(self, messages: list[dict], extra: int, what: str) -> None:
+        needed = len(self.target.prompt_ids(messages)) + extra
+        if needed > self.engine.max_context:
+            raise InputError(f"judge {self.target.ref}: {what} and the reference take {needed} tokens but the "
+                             f"model's context is {self.engine.max_context}; use a judge with a longer context, "
+                             "or shorter prompts")
 
     def _answer_ids(self, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids): the answer as the chat template writes an assistant turn, end of turn
