@@ -1,6 +1,6 @@
 """gptsmith compare: answers of two targets judged pairwise in both orders, the aggregation (ties, interval,
-length control), the HTML page, bad inputs; with real judges: a second gptsmith process over HTTP and a local
-model folder read by log-probabilities."""
+length control), the HTML page, bad inputs; with real judges: a second gptsmith process over HTTP (text verdicts)
+and local model folders (reference-guided likelihood verdicts)."""
 
 import json
 import random
@@ -50,10 +50,7 @@ def always_a_judge_dir(tmp_path_factory, tokenizer_dir):
     """A tiny model trained (plain AdamW, 60 full-batch steps) to answer every judge prompt with "[[A]]": the
     extreme of position bias. Trained on the end of judge prompts (the system prompt's last words, short
     questions and answers, some of them verdict-like), which RoPE's relative positions carry over to full ones."""
-    import torch
-
     from gptsmith.model import save_model_dir
-    from gptsmith.tokenizer import encode_chat
 
     out = tmp_path_factory.mktemp("judge") / "always-a"
     model, tok = _long_context_model(tokenizer_dir, out)
@@ -64,7 +61,20 @@ def always_a_judge_dir(tmp_path_factory, tokenizer_dir):
         rng.shuffle(answers)
         messages = judge_messages(texts[i][:rng.randint(5, 60)], *answers)
         messages[0]["content"] = SYSTEM_PROMPT[-rng.randint(0, 100):]
-        enc = encode_chat(tok, messages + [{"role": "assistant", "content": "[[A]]"}], assistant_mask=True)
+        rows.append(messages + [{"role": "assistant", "content": "[[A]]"}])
+    save_model_dir(_train_on_replies(model, tok, rows, steps=60), tok, out)
+    return out
+
+
+def _train_on_replies(model, tok, conversations, steps):
+    """Plain AdamW on the assistant turns of the conversations, full batch, one thread."""
+    import torch
+
+    from gptsmith.tokenizer import encode_chat
+
+    rows = []
+    for messages in conversations:
+        enc = encode_chat(tok, messages, assistant_mask=True)
         rows.append((enc.input_ids, [t if m else -100 for t, m in zip(enc.input_ids, enc.assistant_masks)]))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([r[0] + [0] * (width - len(r[0])) for r in rows])
@@ -75,13 +85,46 @@ def always_a_judge_dir(tmp_path_factory, tokenizer_dir):
     try:
         torch.manual_seed(0)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(60):
+        for _ in range(steps):
             model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
             opt.step()
             opt.zero_grad()
     finally:
         torch.set_num_threads(threads)
-    save_model_dir(model.eval(), tok, out)
+    return model.eval()
+
+
+CAPITAL = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def paris_judge_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny model trained (40 steps) to answer the capital question with "Paris.", asked plainly and with a
+    reference in the system prompt, as the likelihood judge asks it: it knows one answer and nothing else."""
+    from gptsmith.eval.judge import REFERENCE_SYSTEM
+    from gptsmith.model import save_model_dir
+
+    out = tmp_path_factory.mktemp("judge") / "paris"
+    model, tok = _long_context_model(tokenizer_dir, out)
+    reply = [{"role": "user", "content": CAPITAL}, {"role": "assistant", "content": "Paris."}]
+    guided = [{"role": "system", "content": REFERENCE_SYSTEM.format(reference="Paris.")}] + reply
+    save_model_dir(_train_on_replies(model, tok, [reply, guided], steps=40), tok, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def flat_judge_dir(tmp_path_factory, tokenizer_dir):
+    """A model whose next-token distribution is uniform (zero output layer): every answer of n tokens has the
+    same likelihood, whatever it says."""
+    import torch
+
+    from gptsmith.model import save_model_dir
+
+    out = tmp_path_factory.mktemp("judge") / "flat"
+    model, tok = _long_context_model(tokenizer_dir, out, seed=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    save_model_dir(model, tok, out)
     return out
 
 
@@ -203,15 +246,36 @@ def test_a_judge_that_always_says_a_over_http_makes_every_pair_a_tie(always_a_ju
     assert json.loads(copy.read_text())["b"]["ref"] == str(answer_model.resolve())
 
 
-def test_a_local_judge_reads_verdicts_from_log_probabilities(always_a_judge_dir, random_judge_dir, answer_model,
-                                                            prompts_txt, tmp_path):
-    result = compare(answer_model, random_judge_dir, prompts_txt, always_a_judge_dir, out_dir=tmp_path / "out",
-                     max_tokens=6)
-    assert result["judge_method"] == "log-prob" and result["unparsed"] == 0
-    for item in result["items"]:
-        assert (item["verdict_ab"], item["verdict_ba"], item["result"]) == ("a", "b", "tie")
-        assert item["judgment_ab"].startswith("[[A]] (log-prob verdict: P(A)=")
-    assert result["ties"] == 3
+def test_a_local_judge_that_knows_the_answer_prefers_it_in_both_orders(paris_judge_dir, tmp_path):
+    prompts = tmp_path / "capital.txt"
+    prompts.write_text(f"{CAPITAL}\n{CAPITAL}\n")
+    a = FakeTarget("alpha", ["Paris.", "Berlin."])  # right on the first prompt, wrong on the second
+    b = FakeTarget("beta", ["Berlin.", "Paris."])
+    result = compare(a, b, prompts, paris_judge_dir, out_dir=tmp_path / "out")
+    assert result["judge_method"] == "reference-likelihood" and result["unparsed"] == 0
+    first, second = result["items"]
+    assert (first["verdict_ab"], first["verdict_ba"], first["result"]) == ("a", "a", "a")
+    assert (second["verdict_ab"], second["verdict_ba"], second["result"]) == ("b", "b", "b")
+    assert first["judgment_ab"].startswith("[[A]] (reference-likelihood: log p(A) = ")
+    assert "reference: 'Paris.'" in first["judgment_ab"]  # the judge's own answer to the question
+    assert (result["wins_a"], result["ties"], result["wins_b"]) == (1, 0, 1)
+    html = (tmp_path / "out" / "compare.html").read_text()
+    assert "reference-likelihood verdicts" in html and "The judge answered each question itself first" in html
+
+
+def test_a_local_judge_that_cannot_tell_the_answers_apart_gives_ties(flat_judge_dir, tokenizer_dir, tmp_path):
+    """The likelihood reading's position-bias-free premise: equal scores are a tie in both orders, never a win."""
+    from gptsmith.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    right, wrong = "Paris.", "Rome."
+    assert len(tok.encode(right, add_special_tokens=False)) == len(tok.encode(wrong, add_special_tokens=False))
+    prompts = tmp_path / "capital.txt"
+    prompts.write_text(f"{CAPITAL}\nWhere is the Louvre?\n")
+    result = compare(FakeTarget("alpha", [right]), FakeTarget("beta", [wrong]), prompts, flat_judge_dir,
+                     out_dir=tmp_path / "out")
+    assert all((i["verdict_ab"], i["verdict_ba"], i["result"]) == ("tie", "tie", "tie") for i in result["items"])
+    assert result["ties"] == 2 and result["win_rate_a"] == 0.5 and result["unparsed"] == 0
 
 
 def test_a_model_against_itself_ties_on_every_prompt_from_the_cli(answer_model, random_judge_dir, prompts_txt,
@@ -315,6 +379,10 @@ def test_unknown_targets_and_bad_numbers_are_refused(tmp_path, prompts_txt):
 
 
 def test_a_judge_without_room_for_the_prompt_is_refused(tiny_model_dir, prompts_txt, tmp_path):
-    fake = FakeTarget("x", ["hi"])
-    with pytest.raises(InputError, match="context is 256"):
+    fake = FakeTarget("x", ["a long answer " * 100])
+    with pytest.raises(InputError, match="an answer with the question and the reference takes .* context is 256"):
         compare(fake, fake, prompts_txt, tiny_model_dir, out_dir=tmp_path / "out")
+    long_question = tmp_path / "long.txt"
+    long_question.write_text("why " * 300 + "\n")  # no room left for the judge's own reference answer
+    with pytest.raises(InputError, match="the question and the reference take .* context is 256"):
+        compare(FakeTarget("x", ["hi"]), fake, long_question, tiny_model_dir, out_dir=tmp_path / "out")

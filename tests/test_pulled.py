@@ -225,7 +225,7 @@ def test_compare_with_a_pulled_model_as_answerer_and_judge(pulled, scripted, tmp
     prompts.write_text("What is a list?\nWhat does yield do?\n")
     a = shutil.copytree(pulled, tmp_path / "a")
     result = compare(a, scripted, prompts, pulled, out_dir=tmp_path / "cmp", max_tokens=6, device="cpu")
-    assert result["n"] == 2 and result["judge_method"] == "log-prob" and result["unparsed"] == 0
+    assert result["n"] == 2 and result["judge_method"] == "reference-likelihood" and result["unparsed"] == 0
     assert all(i["answer_b"] == "Paris is lovely." for i in result["items"])  # stopped at <|im_end|>, not shown
 
 
@@ -325,11 +325,21 @@ def test_refine_trains_a_candidate_from_a_pulled_live_version(pulled, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the offline judge
 
-# Obvious items: (question, the right answer, the wrong one)
+# Obvious items: (question, the right answer, the wrong one): facts, arithmetic, polite vs rude, on- vs off-topic,
+# correct vs wrong code; the right answer is the shorter one in some, the longer one in others
 OBVIOUS = [("What is the capital of France?", "Paris.", "The capital of France is Berlin."),
            ("What is 2+2?", "4", "2+2 is 5."),
            ("Can you help me with my homework?", "Of course! What subject is it? I'm happy to help.",
-            "No. Do it yourself, idiot.")]
+            "No. Do it yourself, idiot."),
+           ("How many legs does a spider have?", "A spider has eight legs.", "A spider has three legs."),
+           ("What is 10 times 3?", "10 times 3 is 30.", "10 times 3 is 13."),
+           ("What colour is the sky on a clear day?", "Blue.", "I like pizza with extra cheese."),
+           ("Write a Python function that returns the sum of two numbers.", "def add(a, b):\n    return a + b",
+            "def add(a, b):\n    return a - b"),
+           ("Thank you for your help!", "You're welcome! Glad I could help.", "Whatever. Stop bothering me."),
+           ("What is the boiling point of water at sea level in Celsius?", "100 degrees Celsius.",
+            "Water boils at 10 degrees Celsius."),
+           ("Translate 'hello' into French.", "Bonjour.", "Hello in French is 'gracias'.")]
 
 
 @pytest.fixture(scope="module")
@@ -343,16 +353,13 @@ def smollm_judge(tmp_path_factory):
     return open_target(model=smollm_dir(tmp_path_factory), device="cpu")
 
 
-@pytest.mark.slow  # ~70 s on 2 busy cores (the model build and six 300-token judge prompts), for an xfail
-@pytest.mark.xfail(strict=False, reason=(
-    "SmolLM2-135M's next letter after '[[' follows the position, not the answers: across MT-Bench's pair-v2 prompt, "
-    "a verdict-primed one, a short one, one with a reference answer, the log-odds of A over B move by < 0.2 nats "
-    "with the content and ~1 nat with the position (measurements in the stages report); no prompt fix found"))
+@pytest.mark.slow  # ~2-4 min on 2 busy cores: the model build, ten 48-token references, twenty scored answers
 def test_the_real_smollm_judge_prefers_the_right_answer_in_both_positions(smollm_judge):
     from gptsmith.eval.judge import judge_pairs
 
     questions = [q for q, _, _ in OBVIOUS for _ in range(2)]
     firsts = [x for _, good, bad in OBVIOUS for x in (good, bad)]
     seconds = [x for _, good, bad in OBVIOUS for x in (bad, good)]
-    verdicts = [j.verdict for j in judge_pairs(smollm_judge, questions, firsts, seconds)]
-    assert verdicts == ["A", "B"] * len(OBVIOUS), list(zip(questions, verdicts))
+    judgments = judge_pairs(smollm_judge, questions, firsts, seconds)
+    assert [j.verdict for j in judgments] == ["A", "B"] * len(OBVIOUS), [(q, j.text) for q, j in
+                                                                         zip(questions, judgments)]

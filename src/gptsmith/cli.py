@@ -924,7 +924,7 @@ def _eval_commands(sub, add) -> None:
                         "with one prompt a line")
     p.add_argument("--judge", required=True, metavar="URL_OR_DIR",
                    help="an OpenAI-compatible URL or assistant .yaml (verdict read from its text), or a local "
-                        "model folder (verdict read from its log-probabilities after '[[')")
+                        "model folder (each answer scored by its likelihood given the judge's own reference answer)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="where compare.json and compare.html go (default ./compare-<A>-vs-<B>/)")
     p.add_argument("--max-tokens", type=int, default=256, help="longest answer of A and B in tokens")

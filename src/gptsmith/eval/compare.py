@@ -6,9 +6,10 @@ better, judged pairwise by a third model.
 
 1. A and B answer every prompt greedily (temperature 0) with the same token budget.
 2. The judge (gptsmith.eval.judge) rates each pair twice, A's answer shown first and then B's answer shown first.
-   Judges prefer a position; a verdict that flips with the order is that bias, not a preference, so only
-   agreement counts: both say A -> A wins, both say B -> B wins, anything else (disagreement, a tie, a verdict
-   that could not be read) is a tie.
+   A local model folder judges by reference-guided likelihood, each answer scored alone, so its two orders agree
+   by construction; the protocol is for text judges (URLs, assistants), which prefer a position: a verdict that
+   flips with the order is that bias, not a preference, so only agreement counts: both say A -> A wins, both say
+   B -> B wins, anything else (disagreement, a tie, a verdict that could not be read) is a tie.
 3. Win rate of A = (wins + ties / 2) / n, with a bootstrap interval over prompts (stats.mean_ci of the
    per-prompt outcomes 1 / 0.5 / 0).
 4. Length-controlled win rate (in the spirit of AlpacaEval's LC win rate): judges like long answers, so the
@@ -34,7 +35,7 @@ import numpy as np
 
 from gptsmith.errors import InputError
 from gptsmith.eval import stats
-from gptsmith.eval.judge import JUDGE_MAX_TOKENS, Judgment, judge_pairs, method
+from gptsmith.eval.judge import JUDGE_MAX_TOKENS, Judgment, method, pair_judge
 
 OUTCOME = {"a": 1.0, "tie": 0.5, "b": 0.0}
 LC_METHOD = ("logistic regression of the per-prompt outcome (1 / 0.5 / 0) on an intercept and "
@@ -276,8 +277,9 @@ def run_comparison(a, b, judge, prompts: list[PromptItem], max_tokens: int = 256
     answers_b = b.replies(conversations, max_tokens=max_tokens, temperature=0.0, seed=seed)
     texts_a, texts_b = [x.text for x in answers_a], [x.text for x in answers_b]
     questions = [question_text(p.messages) for p in prompts]
-    judged_ab = judge_pairs(judge, questions, texts_a, texts_b, judge_max_tokens, seed)
-    judged_ba = judge_pairs(judge, questions, texts_b, texts_a, judge_max_tokens, seed)
+    rate = pair_judge(judge, judge_max_tokens, seed)  # one judge for both orders (a local one reuses its scores)
+    judged_ab = rate(questions, texts_a, texts_b)
+    judged_ba = rate(questions, texts_b, texts_a)
     rows, unparsed = score_items(judged_ab, judged_ba)
     items = [{"id": p.id, "prompt": q, "answer_a": ta.text, "answer_b": tb.text, **row,
               "judgment_ab": jab.text, "judgment_ba": jba.text,
@@ -346,7 +348,7 @@ def render_summary(result: dict, console=None) -> None:
     if result["unparsed"]:
         console.print(f"[yellow]{result['unparsed']} of {2 * result['n']} judgments had no [[A]]/[[B]]/[[C]] "
                       "verdict and counted as ties; a judge that follows the format (or a local model folder as "
-                      "judge, read by log-probabilities) gives fewer.[/yellow]")
+                      "judge, read by reference-guided likelihood) gives none.[/yellow]")
     files = result.get("files") or {}
     for label, key in (("result", "json"), ("side by side", "html")):
         if key in files:
