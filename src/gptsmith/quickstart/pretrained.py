@@ -18,6 +18,7 @@ did not fit is named in the report, never silently skipped.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -155,14 +156,15 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 10.0, smoke
 
     n_test = len(load_suite(qs["test"]).items)
     n_dev = max(1, len(load_suite(qs["dev"]).items))
-    reserve = {"s": 0.0}
+    per_item_seconds: list[float] = []
 
     def may_start(last) -> bool:
-        # the held-out report (two passes over the test set: the plain model is cheaper, count it as one) and the
-        # example answers must still fit after one more trial like the last
-        per_item = last.seconds / last.n
-        reserve["s"] = per_item * n_test * 1.6 + 30
-        return time.monotonic() + last.seconds + reserve["s"] < budget_end
+        # one more dev trial, then the held-out report (the assistant over the test set, plus the plain model at
+        # about 0.6 of its cost) and the example answers must fit. Seconds per item are the median over the trials
+        # so far: one trial slowed by another process must not cancel the rest, nor one fast one promise too much
+        per_item_seconds.append(last.seconds / last.n)
+        per_item = statistics.median(per_item_seconds)
+        return time.monotonic() + per_item * (n_dev + n_test * 1.6) + 30 < budget_end
 
     def show(trial) -> None:
         vs = "" if trial.diff is None else "   vs best so far {:+.3f} [{:+.3f}, {:+.3f}]".format(*trial.diff)
@@ -190,7 +192,7 @@ def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 10.0, smoke
     banner("6/6 held-out: the pulled model as it comes vs the assistant, on questions neither was chosen on")
     test_suite = qs["test"]
     left = budget_end - time.monotonic()
-    per_item = tuned.best.seconds / tuned.best.n
+    per_item = statistics.median(t.seconds / t.n for t in tuned.trials)
     fits = int(max(0, left - 30) / (per_item * 1.6)) if per_item > 0 else n_test
     if fits < n_test:
         keep = max(min(fits, n_test), min(MIN_TEST, n_test))
