@@ -172,7 +172,7 @@ def test_a_bad_candidate_is_refused_with_the_failing_check_named(reg, tmp_path, 
     assert record["verdict"] == "keep live" and not record["promoted"]
     assert {"held-out preference accuracy does not drop", "held-out correction bits-per-byte does not rise"} <= \
         set(record["failed"])
-    assert reg.live() == "v1" and statuses(reg) == {"v1": "live", "v2": "candidate"}
+    assert reg.live() == "v1" and statuses(reg) == {"v1": "live", "v2": "rejected"}
     out = capsys.readouterr().out
     assert "failed check: held-out preference accuracy does not drop: live 1.0000, candidate 0.0000, needs >= " \
         "1.0000" in out and "keeping v1 live" in out
