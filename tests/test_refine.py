@@ -225,13 +225,12 @@ def test_a_rerun_with_other_settings_is_another_run_and_trains_anew(reg, tmp_pat
 def test_a_moved_run_folder_or_swapped_weights_never_reach_the_registry_as_this_runs(reg, tmp_path):
     import shutil
 
-    from gptsmith.files import weights_sha256
-
     db = corrections_db(tmp_path)
     first = sft_run(reg, db, tmp_path, 2, promote=False)
     (reg.root / "refine" / first["run"]).rename(tmp_path / "moved-aside")
     second = sft_run(reg, db, tmp_path, 6, promote=False)
     assert second["candidate"] == "v3"  # not v2, the older weights once trained in a folder of that name
+    from gptsmith.files import weights_sha256
     assert reg.read()["versions"]["v3"]["weights_sha256"] == second["candidate_weights_sha256"] \
         == weights_sha256(reg.version_dir("v3")) != weights_sha256(reg.version_dir("v2"))
     # a crash right after add, then v3's weights replaced by other ones: the rerun refuses to evaluate them
@@ -274,14 +273,14 @@ def test_feedback_given_during_a_run_is_used_by_the_next_run(reg, tmp_path, tiny
     first = sft_run(reg, db, tmp_path, 2, promote=False, opts=Options(candidate=tiny_model_dir))
     assert sum(c["train"] + c["held_out"] for c in first["counts"].values()) == 3 * len(QUESTIONS)  # sft, dpo, kto
     monkeypatch.setattr(refine_module, "train_candidate", train)
-    # --candidate: refine did not train it, and says so
-    show = reg.show(first["candidate"])
-    assert (show["method"], show["parent"], show["data"]) == ("external", None, [])
-    assert show["consumed_through"] == first["until"] and show["refine_run"] == first["run"]
     reg.promote(first["candidate"])
     nxt = sft_run(reg, db, tmp_path, 2, opts=Options(dry_run=True))
     assert {f: c["train"] + c["held_out"] for f, c in nxt["counts"].items()} == {"sft": 4, "dpo": 4, "kto": 4}
     assert nxt["since"] > first["until"]
+    # --candidate: refine did not train it, and its lineage says so
+    show = reg.show(first["candidate"])
+    assert (show["method"], show["parent"], show["data"]) == ("external", None, [])
+    assert show["consumed_through"] == first["until"] and show["refine_run"] == first["run"]
 
 
 # ---------------------------------------------------------------------------------------------- crash safety

@@ -129,7 +129,11 @@ def train_candidate(run: Run, cfg: ProjectConfig, opts: Options) -> dict:
         if not (Path(opts.candidate) / "config.json").is_file():
             raise InputError(f"--candidate {opts.candidate} is not a model directory (no config.json)")
         where = Path(opts.candidate).resolve()
-        return {"model_dir": str(where), "trained": False, "weights_sha256": weights_sha256(where)}
+        sha = _sha_or_none(where)
+        if sha is None:
+            raise InputError(f"--candidate {opts.candidate} has no weights (*.safetensors or *.bin); pass a trained "
+                             "model directory")
+        return {"model_dir": str(where), "trained": False, "weights_sha256": sha}
     out = run.folder / "candidate"
     live_dir = str(run.registry.version_dir(run.live))
     train_file, held_file = run.folder / f"train-{run.method}.jsonl", run.folder / f"heldout-{run.method}.jsonl"
