@@ -182,6 +182,11 @@ def test_a_bad_candidate_is_refused_with_the_failing_check_named(reg, tmp_path, 
     again = refine(reg.root, db, cfg, Options(candidate=bad))
     assert again["run"] == record["run"] and len(reg.versions()) == 2
     assert "resuming run" in capsys.readouterr().out
+    assert reg.read()["versions"]["v2"]["rejected_by"] == record["run"]
+    # pruned, then the same run again: the verdict stands and says the candidate is gone
+    assert main(["models", "prune", "--registry", str(reg.root)]) == 0
+    assert refine(reg.root, db, cfg, Options(candidate=bad))["verdict"] == "keep live"
+    assert "rejected v2 before; it has been pruned since" in capsys.readouterr().out and statuses(reg) == {"v1": "live"}
 
 
 # ---------------------------------------------------------------------------------------------- trust

@@ -297,7 +297,10 @@ def refine(registry_dir, db_url: str, cfg: ProjectConfig, opts: Options | None =
               "counts": data.counts(), "since": data.since, "until": data.until,
               "candidate_weights_sha256": trained["weights_sha256"], **evaluated, **decision, "promoted": False}
     if decision["verdict"] != "promote":
-        run.registry.reject(version, run.run_id)
+        if version in run.registry.read()["versions"]:
+            run.registry.reject(version, run.run_id)
+        else:  # a rerun after `models prune`: the verdict stands, there is nothing left to mark
+            print(f"refine: run {run.run_id} rejected {version} before; it has been pruned since")
     elif cfg.refine.promote:
         if run.done("promote") is None:
             verify_version(run, version, trained, "promote")
