@@ -250,6 +250,29 @@ def test_a_moved_run_folder_or_swapped_weights_never_reach_the_registry_as_this_
     assert reg.live() == "v1"
 
 
+def test_an_unfinished_run_resumes_over_its_own_window_only_with_the_same_settings(reg, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import gptsmith.refine as refine_module
+    from gptsmith.refine import Options
+
+    db = corrections_db(tmp_path)
+
+    def crash(run, cfg, opts):
+        raise KeyboardInterrupt  # killed while training: only collect is recorded
+
+    monkeypatch.setattr(refine_module, "train_candidate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sft_run(reg, db, tmp_path, 2)
+    (killed,) = (reg.root / "refine").iterdir()
+    add_corrections(db, ["Late question one?", "Late question two?"])  # arrives after the snapshot
+    capsys.readouterr()
+    same = sft_run(reg, db, tmp_path, 2, opts=Options(dry_run=True))
+    assert same["run"] == killed.name and same["counts"]["sft"]["train"] + same["counts"]["sft"]["held_out"] == 8
+    other = sft_run(reg, db, tmp_path, 2, opts=Options(dry_run=True), **{"refine.method": "kto"})
+    assert other["run"] != killed.name and other["counts"]["kto"]["train"] + other["counts"]["kto"]["held_out"] == 10
+    assert f"unfinished run {killed.name} had other settings" in capsys.readouterr().out
+
+
 def test_a_rerun_after_rollback_says_what_registry_json_says(reg, tmp_path, capsys):
     db = corrections_db(tmp_path)
     first = sft_run(reg, db, tmp_path, FAST["max_steps"])

@@ -225,9 +225,13 @@ def open_run(registry_dir, db_url: str, cfg: ProjectConfig, opts: Options) -> tu
     unfinished = [(f, s) for f, s in others if _unfinished(s)]
     for folder, saved in unfinished:  # crash recovery first: the same settings over the window it collected
         data = collect(db_url, since, cfg.refine.holdout, until=saved.get("until"))
-        key = run_key(live, live_sha, saved.get("method"), data, run_settings(cfg, saved.get("method"), opts))
+        try:
+            method = plan_method(data, cfg)  # --method / refine.min_* choose the method, which is in the key
+        except NotEnoughFeedback:
+            continue
+        key = run_key(live, live_sha, method, data, run_settings(cfg, method, opts))
         if key == saved.get("key"):
-            return Run(reg, live, saved["method"], folder.name, folder, saved, key), data
+            return Run(reg, live, method, folder.name, folder, saved, key), data
     data = collect(db_url, since, cfg.refine.holdout)
     method = plan_method(data, cfg)
     key = run_key(live, live_sha, method, data, run_settings(cfg, method, opts))
