@@ -172,7 +172,7 @@ def test_a_bad_candidate_is_refused_with_the_failing_check_named(reg, tmp_path, 
     assert record["verdict"] == "keep live" and not record["promoted"]
     assert {"held-out preference accuracy does not drop", "held-out correction bits-per-byte does not rise"} <= \
         set(record["failed"])
-    assert reg.live() == "v1" and statuses(reg) == {"v1": "live", "v2": "candidate"}
+    assert reg.live() == "v1" and statuses(reg) == {"v1": "live", "v2": "rejected"}
     out = capsys.readouterr().out
     assert "failed check: held-out preference accuracy does not drop: live 1.0000, candidate 0.0000, needs >= " \
         "1.0000" in out and "keeping v1 live" in out
@@ -182,6 +182,133 @@ def test_a_bad_candidate_is_refused_with_the_failing_check_named(reg, tmp_path, 
     again = refine(reg.root, db, cfg, Options(candidate=bad))
     assert again["run"] == record["run"] and len(reg.versions()) == 2
     assert "resuming run" in capsys.readouterr().out
+    assert reg.read()["versions"]["v2"]["rejected_by"] == record["run"]
+    # pruned, then the same run again: the verdict stands and says the candidate is gone
+    assert main(["models", "prune", "--registry", str(reg.root)]) == 0
+    assert refine(reg.root, db, cfg, Options(candidate=bad))["verdict"] == "keep live"
+    assert "rejected v2 before; it has been pruned since" in capsys.readouterr().out and statuses(reg) == {"v1": "live"}
+
+
+# ---------------------------------------------------------------------------------------------- trust
+def sft_run(reg, db, tmp_path, steps: int, promote: bool = True, opts=None, **more) -> dict:
+    from gptsmith.refine import refine
+
+    cfg = refine_config(tmp_path, **{"refine.method": "sft", "refine.train": {**FAST, "max_steps": steps},
+                                     "refine.promote": promote, **more})
+    return refine(reg.root, db, cfg, opts)
+
+
+def add_corrections(db: str, questions: list[str]) -> None:
+    from gptsmith.serve.store import Store
+
+    s = Store(db)
+    for q in questions:
+        c = s.create_conversation()["id"]
+        a = s.add_message(c, "assistant", "grape " * 5, s.add_message(c, "user", q)["id"])["id"]
+        s.set_feedback(a, rating=-1, correction=ANSWER)
+    s.close()
+
+
+def test_a_rerun_with_other_settings_is_another_run_and_trains_anew(reg, tmp_path, capsys):
+    from gptsmith.refine import Options
+
+    db = corrections_db(tmp_path)
+    first = sft_run(reg, db, tmp_path, 2, promote=False)
+    capsys.readouterr()
+    second = sft_run(reg, db, tmp_path, 4, promote=False)  # --refine.train '{"max_steps": 4}'
+    assert second["run"] != first["run"] and "resuming" not in capsys.readouterr().out
+    assert (first["candidate"], second["candidate"]) == ("v2", "v3")
+    assert second["candidate_weights_sha256"] != first["candidate_weights_sha256"]
+    # a tolerance is a setting too; the same settings are the same run, which resumes and trains nothing
+    other = sft_run(reg, db, tmp_path, 4, promote=False, opts=Options(dry_run=True), **{"refine.bpb_tolerance": 0.5})
+    assert other["run"] not in (first["run"], second["run"])
+    again = sft_run(reg, db, tmp_path, 4, promote=False)
+    assert again["run"] == second["run"] and "resuming run" in capsys.readouterr().out
+    assert len(reg.versions()) == 3
+
+
+def test_a_moved_run_folder_or_swapped_weights_never_reach_the_registry_as_this_runs(reg, tmp_path):
+    import shutil
+
+    db = corrections_db(tmp_path)
+    first = sft_run(reg, db, tmp_path, 2, promote=False)
+    (reg.root / "refine" / first["run"]).rename(tmp_path / "moved-aside")
+    second = sft_run(reg, db, tmp_path, 6, promote=False)
+    assert second["candidate"] == "v3"  # not v2, the older weights once trained in a folder of that name
+    from gptsmith.files import weights_sha256
+    assert reg.read()["versions"]["v3"]["weights_sha256"] == second["candidate_weights_sha256"] \
+        == weights_sha256(reg.version_dir("v3")) != weights_sha256(reg.version_dir("v2"))
+    # a crash right after add, then v3's weights replaced by other ones: the rerun refuses to evaluate them
+    state_file = reg.root / "refine" / second["run"] / "state.json"
+    state = json.loads(state_file.read_text())
+    state["steps"] = {k: v for k, v in state["steps"].items() if k in ("collect", "train", "add")}
+    state_file.write_text(json.dumps(state))
+    for w in reg.version_dir("v2").glob("*.safetensors"):
+        shutil.copy(w, reg.version_dir("v3") / w.name)
+    with pytest.raises(InputError, match="not the ones this run trained .* refusing to evaluate it"):
+        sft_run(reg, db, tmp_path, 6)
+    assert reg.live() == "v1"
+
+
+def test_an_unfinished_run_resumes_over_its_own_window_only_with_the_same_settings(reg, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import gptsmith.refine as refine_module
+    from gptsmith.refine import Options
+
+    db = corrections_db(tmp_path)
+
+    def crash(run, cfg, opts):
+        raise KeyboardInterrupt  # killed while training: only collect is recorded
+
+    monkeypatch.setattr(refine_module, "train_candidate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sft_run(reg, db, tmp_path, 2)
+    (killed,) = (reg.root / "refine").iterdir()
+    add_corrections(db, ["Late question one?", "Late question two?"])  # arrives after the snapshot
+    capsys.readouterr()
+    same = sft_run(reg, db, tmp_path, 2, opts=Options(dry_run=True))
+    assert same["run"] == killed.name and same["counts"]["sft"]["train"] + same["counts"]["sft"]["held_out"] == 8
+    other = sft_run(reg, db, tmp_path, 2, opts=Options(dry_run=True), **{"refine.method": "kto"})
+    assert other["run"] != killed.name and other["counts"]["kto"]["train"] + other["counts"]["kto"]["held_out"] == 10
+    assert f"unfinished run {killed.name} had other settings" in capsys.readouterr().out
+
+
+def test_a_rerun_after_rollback_says_what_registry_json_says(reg, tmp_path, capsys):
+    db = corrections_db(tmp_path)
+    first = sft_run(reg, db, tmp_path, FAST["max_steps"])
+    assert first["promoted"] and reg.live() == "v2"
+    assert main(["models", "rollback", "--registry", str(reg.root)]) == 0
+    capsys.readouterr()
+    again = sft_run(reg, db, tmp_path, FAST["max_steps"])
+    out = capsys.readouterr().out
+    assert again["run"] == first["run"] and "v2 is live" not in out
+    assert "registry.json now says v2 is retired and v1 is live" in out and reg.live() == "v1"
+
+
+def test_feedback_given_during_a_run_is_used_by_the_next_run(reg, tmp_path, tiny_model_dir, monkeypatch):
+    """The cut-off is a snapshot taken at collect: what arrives while the run trains waits, and is not lost."""
+    import gptsmith.refine as refine_module
+    from gptsmith.refine import Options
+
+    db = corrections_db(tmp_path)
+    train = refine_module.train_candidate
+
+    def feedback_meanwhile(run, cfg, opts):
+        add_corrections(db, ["Late question one?", "Late question two?", "Late question three?", "Late four?"])
+        return train(run, cfg, opts)
+
+    monkeypatch.setattr(refine_module, "train_candidate", feedback_meanwhile)
+    first = sft_run(reg, db, tmp_path, 2, promote=False, opts=Options(candidate=tiny_model_dir))
+    assert sum(c["train"] + c["held_out"] for c in first["counts"].values()) == 3 * len(QUESTIONS)  # sft, dpo, kto
+    monkeypatch.setattr(refine_module, "train_candidate", train)
+    reg.promote(first["candidate"])
+    nxt = sft_run(reg, db, tmp_path, 2, opts=Options(dry_run=True))
+    assert {f: c["train"] + c["held_out"] for f, c in nxt["counts"].items()} == {"sft": 4, "dpo": 4, "kto": 4}
+    assert nxt["since"] > first["until"]
+    # --candidate: refine did not train it, and its lineage says so
+    show = reg.show(first["candidate"])
+    assert (show["method"], show["parent"], show["data"]) == ("external", None, [])
+    assert show["consumed_through"] == first["until"] and show["refine_run"] == first["run"]
 
 
 # ---------------------------------------------------------------------------------------------- crash safety

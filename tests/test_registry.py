@@ -149,6 +149,24 @@ def test_crash_mid_promote_leaves_registry_unchanged(reg, models, monkeypatch):
     assert reg.promote("v2")["changed"] and reg.live() == "v2"  # and the registry still works
 
 
+def test_rejected_versions_are_pruned_and_their_numbers_never_reused(reg, models, capsys):
+    from gptsmith.files import weights_sha256
+
+    v1, v2, v3 = reg.add(models["a"]), reg.add(models["b"]), reg.add(models["b"])
+    reg.promote(v1)
+    assert reg.read()["versions"][v2]["weights_sha256"] == weights_sha256(models["b"])  # known by its weights
+    reg.reject(v2, "v1-sft-abc")
+    reg.reject(v1, "v1-sft-abc")  # only a candidate is rejected: the live one keeps its status
+    assert statuses(reg) == {"v1": "live", "v2": "rejected", "v3": "candidate"}
+    assert reg.read()["versions"][v2]["rejected_by"] == "v1-sft-abc"
+    assert main(["models", "prune", "--registry", str(reg.root)]) == 0
+    assert "deleted the rejected versions v2" in capsys.readouterr().out
+    assert statuses(reg) == {"v1": "live", "v3": "candidate"} and not reg.version_dir(v2).exists()
+    assert reg.add(models["a"]) == "v4"  # v2 is gone, its number stays taken (history names it)
+    assert main(["models", "prune", "--registry", str(reg.root)]) == 0
+    assert "no rejected versions" in capsys.readouterr().out
+
+
 def test_concurrent_adds_all_land(reg, models):
     """Eight adds at once (each its own lock holder, as separate commands are): every one gets its own id and
     its registry entry; none overwrites another's update."""

@@ -216,7 +216,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_models(args) -> None:
-    """`gptsmith models list|show|add|promote|rollback --registry DIR` (gptsmith.registry)."""
+    """`gptsmith models list|show|add|promote|rollback|prune --registry DIR` (gptsmith.registry)."""
     from gptsmith.registry import Registry, print_version, print_versions
     reg = Registry.open(args.registry, create=args.models_command == "add", name=getattr(args, "name", None))
     if args.models_command == "list":
@@ -231,6 +231,10 @@ def cmd_models(args) -> None:
         version = reg.add(args.model_dir, parent=args.parent, method=args.method, data=args.data, move=args.move)
         print(f"added {args.model_dir} to {reg.root} as {version} (candidate); make it live with "
               f"`gptsmith models promote {version} --registry {args.registry}`")
+    elif args.models_command == "prune":
+        gone = reg.prune()
+        print(f"deleted the rejected versions {', '.join(gone)} from {reg.root}" if gone
+              else f"no rejected versions in {reg.root}; nothing deleted")
     else:
         result = reg.promote(args.version) if args.models_command == "promote" else reg.rollback()
         print(result["message"])
@@ -709,12 +713,12 @@ def _use_commands(sub, add) -> None:
 
 
 def _registry_commands(sub, add) -> None:
-    """models list|show|add|promote|rollback"""
-    models = sub.add_parser("models", help="The model registry: list, show, add, promote, rollback versions.")
+    """models list|show|add|promote|rollback|prune"""
+    models = sub.add_parser("models", help="The model registry: list, show, add, promote, rollback, prune versions.")
     models_sub = models.add_subparsers(dest="models_command", metavar="STEP", required=True)
     registry_help = "the registry folder (registry.json + versions/)"
-    p = add("list", "List the registry's versions: status (live, candidate, retired), parent, method.", cmd_models,
-            models_sub)
+    p = add("list", "List the registry's versions: status (live, candidate, retired, rejected), parent, method.",
+            cmd_models, models_sub)
     p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
     p = add("show", "Show one version: lineage (parent, method, data with hashes), metrics, eval results.",
             cmd_models, models_sub)
@@ -737,6 +741,9 @@ def _registry_commands(sub, add) -> None:
     p.add_argument("version", help="version id, e.g. v3")
     p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
     p = add("rollback", "Make the previously live version live again.", cmd_models, models_sub)
+    p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
+    p = add("prune", "Delete the versions refine rejected (status rejected): their folders and entries.",
+            cmd_models, models_sub)
     p.add_argument("--registry", type=Path, required=True, metavar="DIR", help=registry_help)
 
 

@@ -110,6 +110,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """One sha256 over a model directory's weight files (name + content hash of each *.safetensors / *.bin): the
+    identity of its weights, whatever the folder is called or where it moved."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no *.safetensors or *.bin weights")
+    h = hashlib.sha256()
+    for w in files:
+        h.update(f"{w.name}\0{sha256_file(w)}\0".encode())
+    return h.hexdigest()
+
+
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
     r"""(line number, line without its \n or \r\n) of a JSON Lines file, one line in memory at a time.
 

@@ -1,15 +1,16 @@
 """A model registry: a folder of model versions, each a standard Hugging Face model directory with its lineage
-(parent, method, data with hashes, config), its eval results and a status: candidate, live or retired.
+(parent, method, data with hashes, config), its eval results and a status: candidate, live, retired or rejected
+(refine found it no better than live; `gptsmith models prune` deletes rejected versions).
 
     REGISTRY/
       registry.json                 {"format": 1, "name": "<served model name>", "live": "v3" | null,
                                      "versions": {"v1": {"status": "retired", "created": ..., "parent": null,
-                                                         "method": "sft"}, ...},
-                                     "history": [{"at": ..., "event": "add|promote|rollback", "version": "v3",
-                                                  "previous": "v2"}]}
+                                                         "method": "sft", "weights_sha256": ...}, ...},
+                                     "history": [{"at": ..., "event": "add|promote|rollback|reject|prune",
+                                                  "version": "v3", "previous": "v2"}]}
       versions/v1/                  the model directory (gptsmith_lineage.json inside, eval/*.json results beside)
       versions/v1/gptsmith_version.json   {"version", "parent", "method", "created", "data": [{"path", "sha256"}],
-                                           "config", "source"}
+                                           "config", "source", "weights_sha256"}
 
 registry.json is the one source of truth for status: every change is one atomic write of it (gptsmith.files), so a
 crash never leaves a half-promoted model, and `gptsmith serve --registry` (serve/registry_watch.py) switches to a
@@ -32,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptsmith.errors import InputError
-from gptsmith.files import atomic_write_json, read_json, sha256_file
+from gptsmith.files import atomic_write_json, read_json, sha256_file, weights_sha256
 
 FORMAT = 1
 REGISTRY_FILE = "registry.json"
 VERSION_FILE = "gptsmith_version.json"
 LOCK_FILE = ".lock"
-STATUSES = ("candidate", "live", "retired")
+STATUSES = ("candidate", "live", "retired", "rejected")
 VERSION_ID = re.compile(r"^v(\d+)$")
 LINEAGE_FILE = "gptsmith_lineage.json"  # gptsmith.model.LINEAGE_FILENAME; not imported from there: it loads torch
 
@@ -78,6 +79,13 @@ def data_entries(data) -> list[dict]:
             raise InputError(f"data file {path} does not exist; pass the files the model was trained on")
         entries.append({"path": str(path.resolve()), "sha256": sha256_file(path)})
     return entries
+
+
+def _weights_sha(model_dir: Path) -> str | None:
+    try:
+        return weights_sha256(model_dir)
+    except FileNotFoundError:  # a config-only directory (no weights yet) is still a version; it has no hash
+        return None
 
 
 def eval_summary(model_dir: Path) -> list[dict]:
@@ -202,9 +210,10 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------ changing
     def add(self, model_dir, parent: str | None = None, method: str | None = None, data=None,
-            config: dict | None = None, move: bool = False) -> str:
+            config: dict | None = None, move: bool = False, extra: dict | None = None) -> str:
         """Copy (or move) `model_dir` in as a new candidate version; returns its id ("v4"). Parent, method, data
-        and config default to what the model's gptsmith_lineage.json says."""
+        and config default to what the model's gptsmith_lineage.json says; `extra` goes into its registry.json
+        entry (refine's run id and feedback cut-off)."""
         src = Path(model_dir)
         if not (src / "config.json").is_file():
             raise InputError(f"{src} is not a model directory (no config.json); pass the output folder of "
@@ -226,7 +235,7 @@ class Registry:
             meta = {"parent": parent, "method": method or lineage.get("stage"), "created": now(),
                     "data": data_entries(data if data is not None else lineage.get("data")),
                     "config": config if config is not None else lineage.get("config"),
-                    "source": str(src.resolve())}
+                    "source": str(src.resolve()), "weights_sha256": _weights_sha(incoming)}
             with self.locked():
                 state = self.read()
                 if parent is not None:
@@ -235,7 +244,8 @@ class Registry:
                 atomic_write_json(incoming / VERSION_FILE, {"version": version, **meta})
                 os.rename(incoming, self.version_dir(version))
                 state["versions"][version] = {"status": "candidate", "created": meta["created"], "parent": parent,
-                                              "method": meta["method"]}
+                                              "method": meta["method"], "weights_sha256": meta["weights_sha256"],
+                                              **(extra or {})}
                 state["history"].append({"at": now(), "event": "add", "version": version, "previous": None})
                 self._write(state)
                 return version
@@ -250,6 +260,7 @@ class Registry:
         """One more than any version registry.json names or versions/ holds (a folder renamed in by an add that
         died before its registry.json write is never overwritten)."""
         taken = [version_number(v) for v in state["versions"]]
+        taken += [version_number(ev.get("version") or "") for ev in state["history"]]  # pruned ones stay taken
         taken += [version_number(p.name) for p in (self.root / "versions").iterdir()]
         return max([0, *taken]) + 1
 
@@ -282,6 +293,34 @@ class Registry:
             previous = self._switch(state, target, "rollback")
         return {"version": target, "previous": previous, "changed": True,
                 "message": f"rolled back to {target} (was {previous}, now retired)"}
+
+    def reject(self, version: str, run: str) -> None:
+        """refine found `version` no better than live: status rejected, with the run that decided it. Only a
+        candidate is rejected (a version promoted meanwhile by hand keeps its status)."""
+        with self.locked():
+            state = self.read()
+            entry = self._known(state, version)
+            if entry.get("status") != "candidate":
+                return
+            entry.update(status="rejected", rejected_by=run)
+            state["history"].append({"at": now(), "event": "reject", "version": version, "previous": None,
+                                     "run": run})
+            self._write(state)
+
+    def prune(self) -> list[str]:
+        """Delete every rejected version (its folder and its registry.json entry; history keeps its events, so
+        its number is never given out again). Returns the versions removed."""
+        with self.locked():
+            state = self.read()
+            gone = sorted((v for v, e in state["versions"].items() if e.get("status") == "rejected"),
+                          key=version_number)
+            for v in gone:
+                del state["versions"][v]
+                state["history"].append({"at": now(), "event": "prune", "version": v, "previous": None})
+            self._write(state)  # first: a crash below leaves a stray folder, never an entry without its model
+        for v in gone:
+            shutil.rmtree(self.version_dir(v), ignore_errors=True)
+        return gone
 
     @staticmethod
     def live_sequence(state: dict) -> list[str]:

@@ -198,4 +198,5 @@ def print_decision(run: Run, version: str, decision: dict, checks: list[dict]) -
         for c in checks:
             if c["name"] in decision["failed"]:
                 print(f"refine: failed check: {describe_failure(c)}")
-        print(f"refine: keeping {run.live} live; candidate {version} stays a candidate")
+        print(f"refine: keeping {run.live} live; candidate {version} is rejected (`gptsmith models prune` "
+              "deletes it)")

@@ -1,12 +1,19 @@
-"""refine's data: the feedback since the live version, de-duplicated and split; the method it is enough for."""
+"""refine's data: the feedback in the run's window, de-duplicated and split; the method it is enough for; the run's
+identity.
+
+The window is [since, until]: `since` is the live version's feedback cut-off ("consumed_through" in its registry.json
+entry, set by the refine run that made it; 1 microsecond after it) or, for a version refine did not make, its
+`created`; `until` is the newest Feedback.updated_at / ArenaBattle.voted_at stored when the run collects (a snapshot).
+Feedback that arrives while the run trains is stamped after `until`, so it waits for the next run. A rating changed
+later gets a new updated_at and counts again, as the latest opinion. Limitation: a write stamped before the snapshot
+but committed after it (the milliseconds inside one Store transaction) is missed by both runs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import datetime, timedelta, timezone
 
 from gptsmith.config import ProjectConfig
 from gptsmith.errors import InputError
@@ -23,6 +30,7 @@ class Collected:
     train: dict[str, list[dict]]
     held: dict[str, list[dict]]
     since: str
+    until: str | None = None  # the snapshot: the newest stamp read; None when nothing was stored in the window
 
     def counts(self) -> dict:
         return {f: {"train": len(self.train[f]), "held_out": len(self.held[f])} for f in FORMATS}
@@ -63,20 +71,53 @@ def split(examples: list[dict], fmt: str, holdout: float) -> tuple[list[dict], l
     return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
 
 
+STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"  # microseconds: what the store keeps
+
+
 def parse_time(stamp: str) -> datetime:
-    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    fmt = STAMP if "." in stamp else "%Y-%m-%dT%H:%M:%SZ"  # registry `created` has whole seconds
+    return datetime.strptime(stamp, fmt).replace(tzinfo=timezone.utc)
 
 
-def collect(db_url: str, since: str, holdout: float) -> Collected:
+def format_time(at: datetime) -> str:
+    return at.astimezone(timezone.utc).strftime(STAMP)
+
+
+def after(stamp: str) -> str:
+    """The first stamp after `stamp`: the next run's `since` once a run consumed feedback through `stamp`."""
+    return format_time(parse_time(stamp) + timedelta(microseconds=1))
+
+
+def newest_stamp(store, since: datetime) -> datetime | None:
+    """The newest feedback or arena-vote time at or after `since`: the snapshot a run consumes through."""
+    from sqlalchemy import select
+
+    from gptsmith.serve.store import ArenaBattle, Feedback
+
+    with store.Session() as s:
+        stamps = list(s.scalars(select(Feedback.updated_at))) + list(s.scalars(select(ArenaBattle.voted_at)))
+    aware = [t if t.tzinfo else t.replace(tzinfo=timezone.utc) for t in stamps if t is not None]
+    return max((t for t in aware if t >= since), default=None)
+
+
+def collect(db_url: str, since: str, holdout: float, until: str | None = None) -> Collected:
+    """The feedback stamped in [since, until]; without `until`, through the newest stamp stored now."""
     from gptsmith.serve.feedback import build_examples, open_store
 
     store = open_store(db_url)
     try:
-        found = {f: dedup(build_examples(store, f, since=parse_time(since))) for f in FORMATS}
+        if until is None:
+            newest = newest_stamp(store, parse_time(since))
+            until = format_time(newest) if newest is not None else None
+        if until is None:
+            found = {f: [] for f in FORMATS}
+        else:
+            found = {f: dedup(build_examples(store, f, since=parse_time(since), until=parse_time(until)))
+                     for f in FORMATS}
     finally:
         store.close()
     parts = {f: split(found[f], f, holdout) for f in FORMATS}
-    return Collected({f: parts[f][0] for f in FORMATS}, {f: parts[f][1] for f in FORMATS}, since)
+    return Collected({f: parts[f][0] for f in FORMATS}, {f: parts[f][1] for f in FORMATS}, since, until)
 
 
 def jsonl(rows: list[dict]) -> str:
@@ -99,9 +140,17 @@ def plan_method(data: Collected, cfg: ProjectConfig) -> str:
                             "refine.min_* in the config")
 
 
-def run_identity(live: str, data: Collected, method: str, candidate: Path | None) -> str:
+def run_key(live: str, live_sha: str | None, method: str, data: Collected, settings: dict) -> str:
+    """sha256 of everything that decides a run's outcome: the live version and its weights, the method, the
+    feedback window and the examples collected in it, and every resolved setting (`settings`). Any difference is
+    another run."""
     h = hashlib.sha256()
+    h.update(json.dumps({"live": live, "live_weights_sha256": live_sha, "method": method, "since": data.since,
+                         "until": data.until, "settings": settings}, sort_keys=True, default=str).encode() + b"\0")
     for f in FORMATS:
         h.update(jsonl(data.train[f]).encode() + b"\0" + jsonl(data.held[f]).encode() + b"\0")
-    h.update(method.encode() + b"\0" + (str(candidate.resolve()) if candidate else "").encode())
-    return f"{live}-{method}-{h.hexdigest()[:12]}"
+    return h.hexdigest()
+
+
+def run_name(live: str, method: str, key: str) -> str:
+    return f"{live}-{method}-{key[:12]}"

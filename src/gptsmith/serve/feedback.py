@@ -34,16 +34,20 @@ def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def _since(at, since) -> bool:
-    """`at` (a stored time; SQLite hands back naive UTC) is at or after `since` (aware UTC); no `since`: always."""
-    if since is None:
+def _since(at, since, until=None) -> bool:
+    """`at` (a stored time; SQLite hands back naive UTC) is at or after `since` and at or before `until` (aware
+    UTC); no `since` / `until`: no bound on that side."""
+    if since is None and until is None:
         return True
-    return at is not None and (at if at.tzinfo else at.replace(tzinfo=timezone.utc)) >= since
+    if at is None:
+        return False
+    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    return (since is None or at >= since) and (until is None or at <= until)
 
 
-def build_examples(store: Store, fmt: str, since: datetime | None = None) -> list[dict]:
-    """The examples of `fmt`; with `since` (aware UTC) only feedback updated at or after it (Feedback.updated_at)
-    and arena votes cast at or after it (ArenaBattle.voted_at): what `gptsmith refine` learns from."""
+def build_examples(store: Store, fmt: str, since: datetime | None = None, until: datetime | None = None) -> list[dict]:
+    """The examples of `fmt`; with `since` / `until` (aware UTC) only feedback updated in [since, until]
+    (Feedback.updated_at) and arena votes cast in it (ArenaBattle.voted_at): what `gptsmith refine` learns from."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown feedback export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     out: list[dict] = []
@@ -60,7 +64,7 @@ def build_examples(store: Store, fmt: str, since: datetime | None = None) -> lis
 
             for m in answers:
                 fb = m.feedback
-                if fb is None or not _since(fb.updated_at, since):
+                if fb is None or not _since(fb.updated_at, since, until):
                     continue
                 if fmt == "sft":
                     best = fb.correction or (m.content if fb.rating == 1 else None)
@@ -79,7 +83,7 @@ def build_examples(store: Store, fmt: str, since: datetime | None = None) -> lis
                 for m in answers:
                     turns[m.parent_id].append(m)
                 for siblings in turns.values():
-                    rated = [m for m in siblings if m.feedback and _since(m.feedback.updated_at, since)]
+                    rated = [m for m in siblings if m.feedback and _since(m.feedback.updated_at, since, until)]
                     ups = [m for m in rated if m.feedback.rating == 1]
                     downs = [m for m in rated if m.feedback.rating == -1]
                     for good in ups:
@@ -87,18 +91,19 @@ def build_examples(store: Store, fmt: str, since: datetime | None = None) -> lis
                             out.append({"prompt": prompt(good), "chosen": _assistant(good.content),
                                         "rejected": _assistant(bad.content)})
         if fmt == "dpo":
-            out += [pair for pair in arena_pairs(s, since) if pair not in out]  # not twice when also thumbed up/down
+            # not twice when also thumbed up/down
+            out += [pair for pair in arena_pairs(s, since, until) if pair not in out]
     return out
 
 
-def arena_pairs(s, since: datetime | None = None) -> list[dict]:
-    """A DPO pair per arena battle voted A or B (at or after `since`) whose answers are still stored, in the order
+def arena_pairs(s, since: datetime | None = None, until: datetime | None = None) -> list[dict]:
+    """A DPO pair per arena battle voted A or B (in [since, until]) whose answers are still stored, in the order
     of the votes."""
     out = []
     battles = s.scalars(select(ArenaBattle).where(ArenaBattle.winner.in_(("a", "b")))
                         .order_by(ArenaBattle.voted_at, ArenaBattle.id)).all()
     for b in battles:
-        if not _since(b.voted_at, since):
+        if not _since(b.voted_at, since, until):
             continue
         conv = s.get(Conversation, b.conversation_id) if b.conversation_id is not None else None
         if conv is None:  # the conversation was deleted: the vote still counts for the ratings, the texts are gone
