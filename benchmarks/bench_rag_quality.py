@@ -21,9 +21,9 @@ Baseline (re-implemented here, as the issue's prototype was built): each topic c
 BM25 as bm25s computes it by default (k1 1.5, b 0.75, Lucene idf; words of 2+ word characters, lower-cased,
 English stop words out; bm25s itself is not installed here), reciprocal rank fusion (k 60) of the top 50 of each.
 
-Product settings: chunk size (tokens) x {bm25, vector, hybrid with the vector list weighted 0.5 / 1 / 2, hybrid
-with 20 / 50 / 100 candidates}. A cross-encoder row needs a trained cross-encoder; none ships offline, so --rerank
-DIR adds it only when given.
+Product settings: chunk size (tokens) x {bm25, vector, hybrid (defaults: RRF k 5, 20 candidates), hybrid as it was
+before (k 60, 50 candidates), the vector list weighted 0.5 / 2, 50 candidates}. A cross-encoder row needs a
+trained cross-encoder; none ships offline, so --rerank DIR adds it only when given.
 
     python benchmarks/bench_rag_quality.py --teacher /tmp/smol --json /tmp/rag_quality.json
 """
@@ -191,11 +191,11 @@ def run_settings(retriever, sets, chunks, settings, top_k=10, index_name=""):
     return out
 
 
-def paired_vs_naive(ours: str, naive: str, set_name: str, setting: str = "hybrid") -> dict:
-    """gptsmith's setting minus the naive hybrid on the same questions: mean difference and 95% paired interval."""
+def paired(ours: str, base: str, set_name: str, setting: str = "hybrid", base_setting: str = "hybrid") -> dict:
+    """One setting minus another on the same questions: mean difference and 95% paired interval."""
     from gptsmith.eval.stats import paired_diff_ci
 
-    a, b = PER_QUESTION[(naive, set_name, "hybrid")], PER_QUESTION[(ours, set_name, setting)]
+    a, b = PER_QUESTION[(base, set_name, base_setting)], PER_QUESTION[(ours, set_name, setting)]
     out = {"questions": len(a)}
     for metric in ("mrr", "hit@5"):
         d, lo, hi = paired_diff_ci([q[metric] for q in a], [q[metric] for q in b])
@@ -205,11 +205,10 @@ def paired_vs_naive(ours: str, naive: str, set_name: str, setting: str = "hybrid
 
 def product_settings(rerank: bool) -> list[tuple[str, dict]]:
     out = [("bm25", {"mode": "bm25", "rerank": False}), ("vector", {"mode": "vector", "rerank": False}),
-           ("hybrid", {"mode": "hybrid", "rerank": False, "vector_weight": 1.0, "candidates": 50})]
-    out += [(f"hybrid w{w}", {"mode": "hybrid", "rerank": False, "vector_weight": w, "candidates": 50})
-            for w in (0.5, 2.0)]
-    out += [(f"hybrid c{c}", {"mode": "hybrid", "rerank": False, "vector_weight": 1.0, "candidates": c})
-            for c in (20, 100)]
+           ("hybrid", {"mode": "hybrid", "rerank": False}),  # the defaults: rrf_k 5, 20 candidates, weights 1
+           ("hybrid k60 c50 (before)", {"mode": "hybrid", "rerank": False, "rrf_k": 60, "candidates": 50})]
+    out += [(f"hybrid w{w}", {"mode": "hybrid", "rerank": False, "vector_weight": w}) for w in (0.5, 2.0)]
+    out += [("hybrid c50", {"mode": "hybrid", "rerank": False, "candidates": 50})]
     if rerank:
         out.append(("hybrid+rerank", {"mode": "hybrid", "rerank": True}))
     return out
@@ -294,15 +293,21 @@ def main() -> None:
                                                            index_name=f"gptsmith {size} tok")
             print(f"evaluated {size}", flush=True)
         results["quality"] = quality
-        results["paired vs naive"] = {f"gptsmith {size} tok, {set_name}": paired_vs_naive(
-            f"gptsmith {size} tok", "naive ~900 chars", set_name) for size in indexes for set_name in sets
-            if sets[set_name]}
+        results["paired"] = {}
+        for size in indexes:
+            for set_name in sets:
+                if sets[set_name]:
+                    ours = f"gptsmith {size} tok"
+                    results["paired"][f"{ours} hybrid - naive hybrid, {set_name}"] = paired(
+                        ours, "naive ~900 chars", set_name)
+                    results["paired"][f"{ours} hybrid - hybrid k60 c50 (before), {set_name}"] = paired(
+                        ours, ours, set_name, base_setting="hybrid k60 c50 (before)")
     results["machine"] += f", {os.getloadavg()[0]:.1f} at the end"
     for set_name in sets:
         if sets[set_name]:
             print(f"\n### {set_name} ({len(sets[set_name])} questions)\n\n{table(quality, set_name)}")
-    print("\n### gptsmith hybrid minus naive hybrid, same questions (mean, 95% paired interval)\n")
-    for name, d in results["paired vs naive"].items():
+    print("\n### paired differences, same questions (mean, 95% paired interval)\n")
+    for name, d in results["paired"].items():
         print(f"- {name} ({d['questions']} q): MRR {d['mrr'][0]:+.3f} [{d['mrr'][1]:+.3f}, {d['mrr'][2]:+.3f}], "
               f"hit@5 {d['hit@5'][0]:+.3f} [{d['hit@5'][1]:+.3f}, {d['hit@5'][2]:+.3f}]")
     print(f"\n{results['machine']}")

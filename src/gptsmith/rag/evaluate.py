@@ -861,7 +861,8 @@ def retrieval_choice(report: EvalReport, retriever, questions_path: str | os.Pat
     return {
         "mode": mode, "rerank": rerank,
         "rerank_model": str(Path(retriever.rerank_model).resolve()) if rerank else None,
-        "rrf_k": s.rrf_k, "candidates": int(top.search.get("candidates") or s.candidates),
+        "rrf_k": int(top.search.get("rrf_k") or s.rrf_k),
+        "candidates": int(top.search.get("candidates") or s.candidates),
         "vector_weight": float(top.search.get("vector_weight") or s.vector_weight),
         "evidence": {
             "setting": top.name, "decided": verdict.decided, "reason": verdict.reason, "paired": paired,
