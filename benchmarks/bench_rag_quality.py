@@ -5,20 +5,25 @@ Corpus: Python's reference docs as pydoc ships them (pydoc_data.topics: 79 topic
 Question sets (none made from a chunk's own words):
 - hand-written: benchmarks/data/pydocs_questions.jsonl, 40 questions by source file (27 with an answer phrase),
   written once before any tuning, each marked "tune" or "report" (alternating);
+- python-docs-qa: the ~110 questions of gptsmith.eval.builtin.python_docs_qa ("What does str.casefold() do?", "What
+  is the "try" statement for?"), relevant = chunks of the entry's file overlapping its lines; its own fixed split:
+  "qa dev" (24) to choose on, "qa test" (65) to report (the "examples" split is not used);
 - teacher: `make_questions` with a local teacher (the SmolLM2-135M-Instruct dir given by --teacher) on a fixed
   sample of the product's 256-token chunks, filtered as `gptsmith rag questions` filters them; relevant = chunks of
   the same file overlapping the passage's lines (so every chunking and the baseline are judged alike); split into
   tune/report halves by chunk id.
-Settings are chosen on the tune halves only; every figure in the tables is on the report halves.
+Settings are chosen on the tune halves / dev split only; the report halves / test split are for the tables. Each
+report set also gets the paired difference of gptsmith's default (hybrid) minus the naive hybrid, per question
+(MRR and hit@5, 95% paired bootstrap), since the two systems answer the same questions.
 
 Baseline (re-implemented here, as the issue's prototype was built): each topic cut at blank lines and packed into
 ~900-character chunks with the topic name on top, all-MiniLM-L6-v2 (the same shipped model) for vectors, Okapi
 BM25 as bm25s computes it by default (k1 1.5, b 0.75, Lucene idf; words of 2+ word characters, lower-cased,
 English stop words out; bm25s itself is not installed here), reciprocal rank fusion (k 60) of the top 50 of each.
 
-Product settings: chunk size (tokens) x {bm25, vector, hybrid with the vector list weighted 0.5 / 1 / 2, hybrid
-with 20 / 50 / 100 candidates}. A cross-encoder row needs a trained cross-encoder; none ships offline, so --rerank
-DIR adds it only when given.
+Product settings: chunk size (tokens) x {bm25, vector, hybrid (defaults: RRF k 5, 20 candidates), hybrid as it was
+before (k 60, 50 candidates), the vector list weighted 0.5 / 2, 50 candidates}. A cross-encoder row needs a
+trained cross-encoder; none ships offline, so --rerank DIR adds it only when given.
 
     python benchmarks/bench_rag_quality.py --teacher /tmp/smol --json /tmp/rag_quality.json
 """
@@ -150,7 +155,26 @@ def split_questions(records, key) -> dict[str, list]:
     return out
 
 
-def run_settings(retriever, sets, chunks, settings, top_k=10):
+def qa_sets(tmp: Path) -> dict[str, list]:
+    """python-docs-qa's dev and test items as `rag eval` question records."""
+    from gptsmith.eval.builtin import python_docs_qa
+    from gptsmith.eval.builtin.python_docs import topics
+    from gptsmith.rag.evaluate import read_questions
+
+    items = python_docs_qa.build_items(topics())
+    out = {}
+    for split in ("dev", "test"):
+        path = tmp / f"qa-{split}.jsonl"
+        records = python_docs_qa.retrieval_records([it for it in items if it["meta"]["split"] == split])
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        out[f"qa {split}"] = read_questions(path)
+    return out
+
+
+PER_QUESTION: dict = {}  # (index name, set, setting) -> per-question metrics, for the paired comparison
+
+
+def run_settings(retriever, sets, chunks, settings, top_k=10, index_name=""):
     from gptsmith.rag.evaluate import evaluate
 
     out = {}
@@ -162,16 +186,29 @@ def run_settings(retriever, sets, chunks, settings, top_k=10):
                                   "ci95": {k: [round(x, 3) for x in v] for k, v in m.ci95.items()},
                                   "p50_ms": round(m.p50_ms, 1), "p95_ms": round(m.p95_ms, 1)} for m in rep.modes}
         out[set_name]["_unmatched"] = len(rep.unmatched)
+        for m in rep.modes:
+            PER_QUESTION[(index_name, set_name, m.name)] = m.per_question
+    return out
+
+
+def paired(ours: str, base: str, set_name: str, setting: str = "hybrid", base_setting: str = "hybrid") -> dict:
+    """One setting minus another on the same questions: mean difference and 95% paired interval."""
+    from gptsmith.eval.stats import paired_diff_ci
+
+    a, b = PER_QUESTION[(base, set_name, base_setting)], PER_QUESTION[(ours, set_name, setting)]
+    out = {"questions": len(a)}
+    for metric in ("mrr", "hit@5"):
+        d, lo, hi = paired_diff_ci([q[metric] for q in a], [q[metric] for q in b])
+        out[metric] = [round(d, 3), round(lo, 3), round(hi, 3)]
     return out
 
 
 def product_settings(rerank: bool) -> list[tuple[str, dict]]:
     out = [("bm25", {"mode": "bm25", "rerank": False}), ("vector", {"mode": "vector", "rerank": False}),
-           ("hybrid", {"mode": "hybrid", "rerank": False, "vector_weight": 1.0, "candidates": 50})]
-    out += [(f"hybrid w{w}", {"mode": "hybrid", "rerank": False, "vector_weight": w, "candidates": 50})
-            for w in (0.5, 2.0)]
-    out += [(f"hybrid c{c}", {"mode": "hybrid", "rerank": False, "vector_weight": 1.0, "candidates": c})
-            for c in (20, 100)]
+           ("hybrid", {"mode": "hybrid", "rerank": False}),  # the defaults: rrf_k 5, 20 candidates, weights 1
+           ("hybrid k60 c50 (before)", {"mode": "hybrid", "rerank": False, "rrf_k": 60, "candidates": 50})]
+    out += [(f"hybrid w{w}", {"mode": "hybrid", "rerank": False, "vector_weight": w}) for w in (0.5, 2.0)]
+    out += [("hybrid c50", {"mode": "hybrid", "rerank": False, "candidates": 50})]
     if rerank:
         out.append(("hybrid+rerank", {"mode": "hybrid", "rerank": True}))
     return out
@@ -216,6 +253,7 @@ def main() -> None:
     sets = {f"hand {k}": v for k, v in split_questions(hand, lambda r: split_of[r.question]).items()}
     with tempfile.TemporaryDirectory(prefix="bench-ragq-") as tmp:
         tmp = Path(tmp)
+        sets.update(qa_sets(tmp))
         docs = write_topics(tmp / "pydocs")
         embedder = load_embedder("default")
         quality: dict = {}
@@ -246,16 +284,33 @@ def main() -> None:
         results["naive chunks"] = len(naive_chunk_list)
         quality["naive ~900 chars"] = run_settings(
             naive, sets, {str(i): c for i, c in enumerate(naive_chunk_list)},
-            [("bm25", {"mode": "bm25"}), ("vector", {"mode": "vector"}), ("hybrid", {"mode": "hybrid"})])
+            [("bm25", {"mode": "bm25"}), ("vector", {"mode": "vector"}), ("hybrid", {"mode": "hybrid"})],
+            index_name="naive ~900 chars")
         for size, idx in indexes.items():
             retriever = Retriever.open(idx, rerank=args.rerank, embedder=embedder)
             quality[f"gptsmith {size} tok"] = run_settings(retriever, sets, dict(retriever.chunks()),
-                                                           product_settings(args.rerank is not None))
+                                                           product_settings(args.rerank is not None),
+                                                           index_name=f"gptsmith {size} tok")
             print(f"evaluated {size}", flush=True)
         results["quality"] = quality
+        results["paired"] = {}
+        for size in indexes:
+            for set_name in sets:
+                if sets[set_name]:
+                    ours = f"gptsmith {size} tok"
+                    results["paired"][f"{ours} hybrid - naive hybrid, {set_name}"] = paired(
+                        ours, "naive ~900 chars", set_name)
+                    results["paired"][f"{ours} hybrid - hybrid k60 c50 (before), {set_name}"] = paired(
+                        ours, ours, set_name, base_setting="hybrid k60 c50 (before)")
+    results["machine"] += f", {os.getloadavg()[0]:.1f} at the end"
     for set_name in sets:
         if sets[set_name]:
             print(f"\n### {set_name} ({len(sets[set_name])} questions)\n\n{table(quality, set_name)}")
+    print("\n### paired differences, same questions (mean, 95% paired interval)\n")
+    for name, d in results["paired"].items():
+        print(f"- {name} ({d['questions']} q): MRR {d['mrr'][0]:+.3f} [{d['mrr'][1]:+.3f}, {d['mrr'][2]:+.3f}], "
+              f"hit@5 {d['hit@5'][0]:+.3f} [{d['hit@5'][1]:+.3f}, {d['hit@5'][2]:+.3f}]")
+    print(f"\n{results['machine']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

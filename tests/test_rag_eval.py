@@ -509,3 +509,102 @@ def test_eval_command_bad_inputs_are_clear_errors(tiny_index, tmp_path, capsys):
     assert main(["rag", "questions", "--index", str(tiny_index), "--out", str(tmp_path / "q.jsonl"),
                  "--per-chunk", "0"]) == 2
     assert "--per-chunk" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- rag eval --save
+
+
+# Twelve printer codes, one document each. Every question names its code (BM25 ranks its document first) and the
+# decoy embedder below puts the question next to the following code's document and farthest from its own, so the
+# vector list misleads and drags hybrid down: bm25 is the clearly better setting, on every question.
+CODES = [f"E{1001 + i}" for i in range(12)]
+PARTS = ["tray", "toner", "fuser", "drum", "roller", "door", "belt", "fan", "lamp", "sensor", "gear", "cable"]
+
+
+def decoy_embedder():
+    import numpy as np
+
+    from gptsmith.rag.embed import Embedder
+
+    def encode(texts):
+        out = np.zeros((len(texts), len(CODES)), dtype=np.float32)
+        for row, text in zip(out, texts):
+            i = next(i for i, code in enumerate(CODES) if code in text)
+            if text.startswith("Printer code"):  # a question: close to the next code, far from its own
+                row[:] = 0.5
+                row[(i + 1) % len(CODES)], row[i] = 1.0, -1.0
+            else:
+                row[i] = 1.0
+        return out
+
+    return Embedder(name="decoy", dim=len(CODES), encode=encode)
+
+
+@pytest.fixture(scope="module")
+def decoy_index(tmp_path_factory):
+    from gptsmith.config import RagConfig
+    from gptsmith.rag.index import build_index
+
+    root = tmp_path_factory.mktemp("decoy")
+    (root / "docs").mkdir()
+    for code, part in zip(CODES, PARTS):
+        (root / "docs" / f"{code}.md").write_text(f"Printer code {code} means the {part} needs service.\n")
+    build_index([str(root / "docs")], root / "index", RagConfig(), embedder=decoy_embedder(), progress=False)
+    return root
+
+
+def _eval_and_save(root, n, monkeypatch, capsys):
+    from gptsmith.rag import retrieve as rag_retrieve
+    from gptsmith.rag.evaluate import run_eval
+    from gptsmith.rag.index import read_manifest
+
+    monkeypatch.setattr(rag_retrieve, "load_embedder", lambda spec: decoy_embedder())
+    questions = root / f"q{n}.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"Printer code {code}: what is wrong?",
+                                             "source": f"{code}.md"}) + "\n" for code in CODES[:n]))
+    report = run_eval(root / "index", questions, save=True)
+    return report, read_manifest(root / "index")["retrieval"], capsys.readouterr().out
+
+
+def test_save_records_a_setting_that_measured_better_on_enough_questions(decoy_index, monkeypatch, capsys):
+    from gptsmith.rag.evaluate import MIN_CHOICE_QUESTIONS
+    from gptsmith.rag.retrieve import Retriever
+
+    report, recorded, out = _eval_and_save(decoy_index, 12, monkeypatch, capsys)
+    assert 12 >= MIN_CHOICE_QUESTIONS
+    mrr = {m.name: m.metrics["mrr"] for m in report.modes}
+    assert mrr["bm25"] == 1.0 and mrr["hybrid"] < 0.5  # the setup does what it says
+    assert recorded["mode"] == "bm25" and recorded["evidence"]["decided"]
+    paired = recorded["evidence"]["paired"]
+    assert paired["challenger"] == "bm25" and paired["default"] == "hybrid" and paired["confidence"] == 0.9
+    assert paired["interval"][0] > 0 and recorded["evidence"]["questions"] == 12
+    assert "chose bm25 over hybrid" in out and "over 12 questions" in out
+    assert Retriever.open(decoy_index / "index", embedder=decoy_embedder()).settings.mode == "bm25"
+
+
+def test_save_keeps_the_default_when_too_few_questions_measured_it(decoy_index, monkeypatch, capsys):
+    report, recorded, out = _eval_and_save(decoy_index, 6, monkeypatch, capsys)
+    assert report.best().name == "bm25"  # the point-best setting ...
+    assert recorded["mode"] == "hybrid" and not recorded["rerank"]  # ... is not recorded on 6 questions
+    ev = recorded["evidence"]
+    assert not ev["decided"] and ev["setting"] == "hybrid" and ev["best_measured"] == "bm25"
+    assert ev["paired"]["challenger"] == "bm25" and ev["questions"] == 6
+    assert "kept hybrid: bm25 +" in out and "over 6 questions" in out and "fewer than 10" in out
+
+
+def test_choice_needs_an_interval_that_excludes_zero():
+    """Enough questions, but the challenger's lead rests on one of them: not a measured difference."""
+    from gptsmith.rag.evaluate import EvalReport, ModeResult, choose_setting
+
+    def row(name, mrrs):
+        return ModeResult(name, {"mrr": sum(mrrs) / len(mrrs), "ndcg@10": 0.5, "hit@5": 1.0}, 1.0, 1.0,
+                          search={"mode": name, "rerank": False}, per_question=[{"mrr": v} for v in mrrs])
+
+    noisy = EvalReport(12, 10, "chunk", 0, [], [row("hybrid", [0.5] * 12), row("bm25", [1.0] + [0.5] * 11)])
+    verdict = choose_setting(noisy)
+    assert verdict.chosen.name == "hybrid" and not verdict.decided and verdict.diff[1] <= 0 < verdict.diff[0]
+    assert verdict.reason.startswith("kept hybrid: bm25 +0.042 MRR [") and "not a measured difference" in verdict.reason
+    steady = EvalReport(12, 10, "chunk", 0, [], [row("hybrid", [0.5] * 12), row("vector", [1.0] * 6 + [0.5] * 6)])
+    assert choose_setting(steady).chosen.name == "vector"
+    best = EvalReport(12, 10, "chunk", 0, [], [row("hybrid", [1.0] * 12), row("bm25", [0.5] * 12)])
+    assert choose_setting(best).reason.startswith("kept hybrid: it measured best")

@@ -375,7 +375,7 @@ def test_reranker_choice_follows_rag_eval_and_survives_reindexing(tmp_path, shar
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from gptsmith.rag.embed import default_model_dir
-    from gptsmith.rag.evaluate import EvalReport, ModeResult, retrieval_choice, run_eval, save_choice
+    from gptsmith.rag.evaluate import EvalReport, ModeResult, choose_setting, retrieval_choice, run_eval, save_choice
     from gptsmith.rag.index import read_manifest
 
     monkeypatch.setattr(rag_retrieve, "load_embedder", lambda spec: shared_embedder)
@@ -392,17 +392,17 @@ def test_reranker_choice_follows_rag_eval_and_survives_reindexing(tmp_path, shar
 
     report = run_eval(index, questions, rerank=str(tmp_path / "ce"), save=True)
     recorded = read_manifest(index)["retrieval"]
-    won = report.best().name
+    won = choose_setting(report).chosen.name  # the default unless a challenger's difference was measured
     assert recorded["rerank"] == (won == "hybrid+rerank") and recorded["mode"] == won.split("+")[0]
     assert recorded["evidence"]["questions"] == len(QUESTIONS) and recorded["evidence"]["setting"] == won
     opened = Retriever.open(index)
     assert opened.settings.mode == recorded["mode"] and opened.settings.rerank == recorded["rerank"]
 
-    def record(winner: str) -> None:  # a result where `winner` measured best
-        modes = [ModeResult(name, {"hit@1": 0.5, "hit@5": 0.8, "hit@10": 0.9, "mrr": 0.9 if name == winner else 0.6,
-                                   "ndcg@10": 0.7}, 1.0, 2.0, {"mrr": (0.5, 0.95)},
-                            {"mode": name.split("+")[0], "rerank": name.endswith("+rerank")})
-                 for name in ("bm25", "vector", "hybrid", "hybrid+rerank")]
+    def record(winner: str) -> None:  # a result where `winner` measured better on each of 20 questions
+        mrr = {name: 0.9 if name == winner else 0.6 for name in ("bm25", "vector", "hybrid", "hybrid+rerank")}
+        modes = [ModeResult(name, {"hit@1": 0.5, "hit@5": 0.8, "hit@10": 0.9, "mrr": v, "ndcg@10": 0.7}, 1.0, 2.0,
+                            {"mrr": (0.5, 0.95)}, {"mode": name.split("+")[0], "rerank": name.endswith("+rerank")},
+                            [{"mrr": v}] * 20) for name, v in mrr.items()]
         reranking = Retriever.open(index, rerank=str(tmp_path / "ce"))
         save_choice(index, retrieval_choice(EvalReport(20, 10, "chunk", 0, ["hand-written"], modes), reranking))
 

@@ -299,8 +299,9 @@ class RagConfig(Section):
                                "the candidates; null = no rerank")
     min_score: float | None = Field(None, description="drop hits scoring below this (the score of the last stage: "
                                     "rerank, RRF, BM25 or cosine); null = keep all")
-    rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant: a hit scores sum 1/(rrf_k + rank)")
-    candidates: int = Field(50, ge=1, description="hits each retriever fetches before fusion, filters and rerank")
+    rrf_k: int = Field(5, ge=1, description="reciprocal rank fusion constant: a hit scores sum 1/(rrf_k + rank) "
+                       "(small: a list's top hits stay on top; see rag.retrieve.Settings)")
+    candidates: int = Field(20, ge=1, description="hits each retriever fetches before fusion, filters and rerank")
 
 
 class RefineConfig(Section):

@@ -113,7 +113,9 @@ def _retrieval(index_dir: Path, questions: Path) -> dict:
     shown = ("hit@1", "hit@5", "mrr", "ndcg@10")
     modes = {name: {m: [row[m], *row.get("ci95", {}).get(m, [row[m], row[m]])] for m in shown if m in row}
              | {"p50_ms": row.get("p50_ms")} for name, row in report["modes"].items()}
-    return {"best": report["best"], "modes": modes, "n": report["questions"]}
+    # "best" is what --save recorded: hybrid unless a challenger's gain was measured (choose_setting), not the
+    # point-best row, which on 24 dev questions is often noise
+    return {"best": report["chosen"], "reason": report["choice_reason"], "modes": modes, "n": report["questions"]}
 
 
 def quickstart(out: str | Path, cfg: ProjectConfig, minutes: float = 10.0, smoke: bool = False,
@@ -289,7 +291,7 @@ def render_report(results: dict, out: Path) -> Path:
     r = results["retrieval"]
     names = [k for k in next(iter(r["modes"].values())) if k != "p50_ms"]
     lines += ["", f"## Retrieval on the dev questions ({r['n']} questions, `gptsmith rag eval`, 95% intervals)", "",
-              f"Kept: **{r['best']}** (recorded in the index, so ask and serve use it).", "",
+              f"Kept: **{r['best']}** (recorded in the index, so ask and serve use it). {r.get('reason', '')}", "",
               "| setting | " + " | ".join(names) + " | p50 ms |", "|---|" + "---|" * (len(names) + 1)]
     for mode, metrics in r["modes"].items():
         cells = [f"{metrics[k][0]:.2f} [{metrics[k][1]:.2f}, {metrics[k][2]:.2f}]" for k in names]

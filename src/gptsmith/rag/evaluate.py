@@ -620,6 +620,7 @@ class EvalReport:
     def to_json(self) -> dict:
         return {"questions": self.questions, "top_k": self.top_k, "match": self.match, "stale": self.stale,
                 "unmatched": len(self.unmatched), "generators": self.generators, "best": self.best().name,
+                "chosen": (verdict := choose_setting(self)).chosen.name, "choice_reason": verdict.reason,
                 "modes": {m.name: {**m.metrics, "ci95": {k: list(v) for k, v in m.ci95.items()},
                                    "p50_ms": m.p50_ms, "p95_ms": m.p95_ms} for m in self.modes}}
 
@@ -759,8 +760,9 @@ def render_report(report: EvalReport, console=None, questions: Sequence[QARecord
                           f"MRR {m.ci95['mrr'][0]:.2f}-{m.ci95['mrr'][1]:.2f}, nDCG@{NDCG_AT} "
                           f"{m.ci95[f'ndcg@{NDCG_AT}'][0]:.2f}-{m.ci95[f'ndcg@{NDCG_AT}'][1]:.2f}", highlight=False)
     top = report.best()
-    console.print(f"Best on these questions: {top.name} (MRR {top.metrics['mrr']:.3f}); `gptsmith rag eval --save` "
-                  "records it in the index, and `rag query`, `ask` and `serve` then use it unless told otherwise")
+    console.print(f"Best on these questions: {top.name} (MRR {top.metrics['mrr']:.3f}). {choose_setting(report).reason}"
+                  f". `gptsmith rag eval --save` records that choice in the index; `rag query`, `ask` and `serve` "
+                  "then use it unless told otherwise", highlight=False)
     if report.stale:
         console.print(f"[yellow]{report.stale} question(s) come from chunks no longer in the index (their file "
                       "changed since `rag questions`); they count as misses. Re-run `rag questions`"
@@ -776,22 +778,95 @@ def render_report(report: EvalReport, console=None, questions: Sequence[QARecord
                       "from a teacher (--teacher) are the fairer test.")
 
 
+DEFAULT_SETTING = "hybrid"  # what an index serves until a measurement shows something better: hybrid, no rerank
+# A challenger replaces the default only when the paired bootstrap interval of its per-question reciprocal-rank
+# difference excludes zero at this confidence (90%: the choice is reversible and cheap to re-measure, so a 1-in-10
+# chance of keeping a tie's winner is acceptable), and only over at least MIN_CHOICE_QUESTIONS questions: below
+# ~10 a bootstrap interval is itself too unstable to trust (few distinct resamples; one question moves MRR by 0.1).
+CHOICE_CONFIDENCE = 0.90
+MIN_CHOICE_QUESTIONS = 10
+
+
+@dataclass
+class Verdict:
+    """Which setting to record and why: the default unless a challenger's difference is measured."""
+
+    chosen: ModeResult
+    default: ModeResult
+    challenger: ModeResult | None  # the point-best other setting (None when the default measured best)
+    diff: tuple[float, float, float] | None  # MRR(challenger) - MRR(default) over the same questions, lo, hi
+    decided: bool  # True when the challenger replaced the default
+    reason: str
+
+
+def _default_row(report: EvalReport) -> ModeResult | None:
+    for m in report.modes:
+        if m.name == DEFAULT_SETTING or (m.search.get("mode") == DEFAULT_SETTING and not m.search.get("rerank")
+                                         and not set(m.search) - {"mode", "rerank"}):
+            return m
+    return None
+
+
+def choose_setting(report: EvalReport) -> Verdict:
+    """The setting `--save` records: the default (hybrid, no rerank) unless the point-best challenger beats it by
+    a paired interval that excludes zero (CHOICE_CONFIDENCE) over at least MIN_CHOICE_QUESTIONS questions. One
+    challenger is tested (the best by MRR), not each in turn, so the confidence is not spent on several tries."""
+    from gptsmith.eval.stats import paired_diff_ci, significant  # a leaf module (numpy, scipy): no upward coupling
+
+    default = _default_row(report)
+    top = report.best()
+    if default is None:  # a comparison without the default row (a benchmark's own settings): nothing to keep
+        return Verdict(top, top, None, None, True, f"chose {top.name}: the default {DEFAULT_SETTING} was not "
+                       f"measured (MRR {top.metrics['mrr']:.3f} over {report.questions} questions)")
+    challengers = [m for m in report.modes if m is not default]
+    if not challengers or top is default:
+        return Verdict(default, default, None, None, False, f"kept {default.name}: it measured best (MRR "
+                       f"{default.metrics['mrr']:.3f} over {report.questions} questions)")
+    challenger = top
+    a = [q["mrr"] for q in default.per_question]
+    b = [q["mrr"] for q in challenger.per_question]
+    n = len(a)
+    if not n or len(b) != n:
+        return Verdict(default, default, challenger, None, False, f"kept {default.name}: {challenger.name} has no "
+                       f"per-question results to compare with")
+    diff = paired_diff_ci(a, b, confidence=CHOICE_CONFIDENCE)
+    evidence = (f"{challenger.name} {diff[0]:+.3f} MRR [{diff[1]:+.3f}, {diff[2]:+.3f}] "
+                f"({CHOICE_CONFIDENCE:.0%} paired bootstrap) over {n} questions")
+    if n < MIN_CHOICE_QUESTIONS:
+        return Verdict(default, default, challenger, diff, False, f"kept {default.name}: {evidence}; fewer than "
+                       f"{MIN_CHOICE_QUESTIONS} questions decide nothing (write more, then --save again)")
+    if not significant(diff[1], diff[2]) or diff[0] <= 0:
+        return Verdict(default, default, challenger, diff, False,
+                       f"kept {default.name}: {evidence} is not a measured difference")
+    return Verdict(challenger, default, challenger, diff, True, f"chose {challenger.name} over {default.name}: "
+                   f"{evidence}")
+
+
 def retrieval_choice(report: EvalReport, retriever, questions_path: str | os.PathLike | None = None) -> dict:
-    """The `retrieval` record `--save` writes into gptsmith_index.json: the best setting's search parameters and
-    the evidence for it (metric, interval, questions, what it beat)."""
+    """The `retrieval` record `--save` writes into gptsmith_index.json: the chosen setting's search parameters
+    (choose_setting: the default unless a challenger's difference is measured) and the evidence for it (metric,
+    interval, questions, the paired difference, the reason)."""
     from datetime import datetime, timezone
 
-    top = report.best()
+    verdict = choose_setting(report)
+    top = verdict.chosen
     s = retriever.settings
     mode = top.search.get("mode") or s.mode
     rerank = bool(top.search.get("rerank", s.rerank)) and retriever.rerank_model is not None
+    paired = None
+    if verdict.diff is not None:
+        paired = {"challenger": verdict.challenger.name, "default": verdict.default.name, "metric": "mrr",
+                  "diff": round(verdict.diff[0], 4), "interval": [round(v, 4) for v in verdict.diff[1:]],
+                  "confidence": CHOICE_CONFIDENCE, "min_questions": MIN_CHOICE_QUESTIONS}
     return {
         "mode": mode, "rerank": rerank,
         "rerank_model": str(Path(retriever.rerank_model).resolve()) if rerank else None,
-        "rrf_k": s.rrf_k, "candidates": int(top.search.get("candidates") or s.candidates),
+        "rrf_k": int(top.search.get("rrf_k") or s.rrf_k),
+        "candidates": int(top.search.get("candidates") or s.candidates),
         "vector_weight": float(top.search.get("vector_weight") or s.vector_weight),
         "evidence": {
-            "setting": top.name, "metric": "mrr", "value": round(top.metrics["mrr"], 4),
+            "setting": top.name, "decided": verdict.decided, "reason": verdict.reason, "paired": paired,
+            "best_measured": report.best().name, "metric": "mrr", "value": round(top.metrics["mrr"], 4),
             "ci95": [round(v, 4) for v in top.ci95.get("mrr", (0.0, 0.0))],
             "hit@5": round(top.metrics["hit@5"], 4),
             "questions": report.questions, "unmatched": len(report.unmatched), "generators": report.generators,
@@ -880,8 +955,9 @@ def run_eval(index_dir: str | os.PathLike, questions_path: str | os.PathLike, re
              cfg=None, save: bool = False) -> EvalReport:
     """`gptsmith rag eval`: the comparison table of every retrieval setting on a questions file (generated by
     `rag questions`, or written by a person). `cfg`: the RagConfig whose rrf_k and candidates the retriever uses
-    (as serving would). `save`: record the best setting and its evidence in the index's gptsmith_index.json, so
-    `rag query`, `ask` and `serve` use it where the user did not choose (a reranker only where it won)."""
+    (as serving would). `save`: record choose_setting's choice (hybrid unless a challenger's paired MRR difference
+    excludes zero over enough questions) and its evidence in the index's gptsmith_index.json, so `rag query`, `ask`
+    and `serve` use it where the user did not choose."""
     from gptsmith.files import atomic_write_json
     from gptsmith.rag.retrieve import Retriever
 
@@ -901,7 +977,7 @@ def run_eval(index_dir: str | os.PathLike, questions_path: str | os.PathLike, re
         ev = choice["evidence"]
         print(f"recorded in {Path(index_dir) / 'gptsmith_index.json'}: mode={choice['mode']} rerank="
               f"{'on' if choice['rerank'] else 'off'} (MRR {ev['value']:.3f}, 95% {ev['ci95'][0]:.3f}-"
-              f"{ev['ci95'][1]:.3f}, {ev['questions']} questions)")
+              f"{ev['ci95'][1]:.3f}, {ev['questions']} questions)\n  {ev['reason']}")
     if json_out:
         atomic_write_json(json_out, {"index": str(index_dir), "questions_file": str(questions_path),
                                      "rerank": retriever.rerank_model, **report.to_json(),

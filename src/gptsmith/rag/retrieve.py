@@ -82,8 +82,12 @@ class Settings:
 
     mode: str = "hybrid"
     rerank: bool = False
-    rrf_k: int = 60
-    candidates: int = 50
+    # Small k and 20 candidates (not the usual 60 and 50): with k 60 over 50 candidates, a chunk that one list ranks
+    # first and the other misses (an exact identifier match, "str.center()", that the vectors blur) scores 1/61 and
+    # loses to chunks both lists rank only 20th-40th (2/90); k 5 keeps a list's top hits on top, and fewer candidates
+    # leave less room for such middling agreement. Measured on the tune questions: docs/benchmarks.md (RAG quality).
+    rrf_k: int = 5
+    candidates: int = 20
     vector_weight: float = 1.0  # the vector list's weight in the fusion; BM25's is 1
 
     @classmethod
@@ -196,7 +200,8 @@ class Retriever:
         rows = q.limit(n).to_arrow().to_pylist()
         return [(r, {"vector": 1.0 - float(r["_distance"])}) for r in rows]
 
-    def _hybrid(self, query: str, n: int, where: str | None, vector_weight: float) -> list[tuple[dict, dict]]:
+    def _hybrid(self, query: str, n: int, where: str | None, vector_weight: float, rrf_k: int
+                ) -> list[tuple[dict, dict]]:
         """Weighted reciprocal rank fusion of the two lists (done here rather than by LanceDB's RRFReranker, which
         weighs both lists alike): the first n by fused score; a chunk keeps the scores of the lists it was in."""
         fused: dict[str, tuple[dict, dict]] = {}
@@ -204,7 +209,7 @@ class Retriever:
             for rank, (row, scores) in enumerate(found, 1):
                 _, kept = fused.setdefault(row["id"], (row, {"rrf": 0.0}))
                 kept.update(scores)
-                kept["rrf"] += weight / (self.settings.rrf_k + rank)
+                kept["rrf"] += weight / (rrf_k + rank)
         return sorted(fused.values(), key=lambda f: -f[1]["rrf"])[:n]
 
     # ------------------------------------------------------------------------------------------ rerank
@@ -233,8 +238,9 @@ class Retriever:
 
     def search(self, query: str, top_k: int = 5, mode: str | None = None, rerank: bool | None = None,
                min_score: float | None = None, sources: list[str] | None = None, *,
-               candidates: int | None = None, vector_weight: float | None = None) -> list[Hit]:
-        """The best `top_k` chunks for `query`, best first. mode, rerank, candidates, vector_weight: None = the
+               candidates: int | None = None, vector_weight: float | None = None, rrf_k: int | None = None
+               ) -> list[Hit]:
+        """The best `top_k` chunks for `query`, best first. mode, rerank, candidates, vector_weight, rrf_k: None = the
         retriever's settings (the index's recorded choice; rerank when a cross-encoder was given to open()).
         Hit.score is the last stage's score (rerank > rrf > bm25/vector); Hit.scores has each stage's."""
         mode = self.settings.mode if mode is None else mode
@@ -253,7 +259,7 @@ class Retriever:
         where = sources_filter(sources)
         if mode == "hybrid":
             found = self._hybrid(query, n, where, self.settings.vector_weight if vector_weight is None
-                                 else vector_weight)
+                                 else vector_weight, self.settings.rrf_k if rrf_k is None else rrf_k)
         else:
             found = (self._bm25 if mode == "bm25" else self._vector)(query, n, where)
         if rerank:
