@@ -369,9 +369,17 @@ def test_cors_off_unless_configured(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("interval", [0.0, 30.0])
-def test_stream_interval_merges_tokens_into_fewer_chunks(tiny_model_dir, tmp_path, interval):
+def test_stream_interval_merges_tokens_into_fewer_chunks(tiny_model_dir, tmp_path, interval, monkeypatch):
     """serve.stream_interval_s trades chunk count for CPU: the first token still comes alone and at once, the
     text is the same, only the number of SSE chunks changes."""
+    import time
+
+    from gptsmith.engine.core import Batch
+
+    # decode steps paced at 20 ms: a 2-layer model steps in well under a millisecond on a fast machine, faster
+    # than the client reads, and queued tokens then merge whatever the interval (the race this test must not run)
+    step = Batch.step
+    monkeypatch.setattr(Batch, "step", lambda batch: (time.sleep(0.02), step(batch))[1])
     cfg = load_config(None, {"serve.db": f"sqlite:///{tmp_path / 's.db'}", "serve.stream_interval_s": interval})
     with running(create_app(cfg, tiny_model_dir)) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)

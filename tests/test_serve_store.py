@@ -143,7 +143,10 @@ def test_kill_9_keeps_question_and_partial_answer(long_model, tmp_path):
     the kill lands mid-answer, once the text the client got is on disk (store_flush_seconds 0.05 later)."""
     db = f"sqlite:///{tmp_path / 'kill.db'}"
     port = free_port()
-    proc = serve_process(long_model, port, db, "--serve.store_flush_seconds", "0.05", hold_after_steps=60)
+    # stream_interval_s 0: every step's tokens go out at once. With the default (20 ms) a fast machine runs all
+    # 60 free steps inside one interval, and the held tokens wait for a next step the gate never allows
+    proc = serve_process(long_model, port, db, "--serve.store_flush_seconds", "0.05", "--serve.stream_interval_s",
+                         "0", hold_after_steps=60)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url)
