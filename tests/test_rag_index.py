@@ -229,12 +229,16 @@ def test_bad_index_arguments_get_clear_errors(tmp_path, embedder):
 
 # ---------------------------------------------------------------------------------------------- retrieval
 
-@pytest.fixture(scope="module")
-def question_index(tmp_path_factory, shared_embedder):
-    root = tmp_path_factory.mktemp("qa")
-    build_index([str(write_docs(root / "docs", DOCS))], root / "idx", RagConfig(), embedder=shared_embedder,
+def _retriever_over(tmp_path_factory, shared_embedder, name: str, docs: dict) -> Retriever:
+    root = tmp_path_factory.mktemp(name)
+    build_index([str(write_docs(root / "docs", docs))], root / "idx", RagConfig(), embedder=shared_embedder,
                 progress=False)
     return Retriever.open(root / "idx", embedder=shared_embedder)
+
+
+@pytest.fixture(scope="module")
+def question_index(tmp_path_factory, shared_embedder):
+    return _retriever_over(tmp_path_factory, shared_embedder, "qa", DOCS)
 
 
 def test_hybrid_beats_or_equals_each_retriever(question_index):
@@ -324,10 +328,7 @@ CODE_DOCS = {
 
 @pytest.fixture(scope="module")
 def code_index(tmp_path_factory, shared_embedder):
-    root = tmp_path_factory.mktemp("code")
-    build_index([str(write_docs(root / "docs", CODE_DOCS))], root / "idx", RagConfig(), embedder=shared_embedder,
-                progress=False)
-    return Retriever.open(root / "idx", embedder=shared_embedder)
+    return _retriever_over(tmp_path_factory, shared_embedder, "code", CODE_DOCS)
 
 
 def test_context_prefix_reaches_both_indexes(code_index):
