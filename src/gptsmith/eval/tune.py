@@ -109,6 +109,7 @@ def tune_assistant(engine, start: dict, axes: list[Axis], dev_suite: Path, retri
     """Greedy search from `start` over `axes` on `dev_suite` (see the module docstring). `may_start(last_trial)`
     says whether another trial fits the time left (the last one's seconds are the estimate); False skips the rest,
     which are listed in `not_tried`. `on_trial(trial)` is called after each trial."""
+    from gptsmith.eval.results import metric_ci
     from gptsmith.eval.suites import load_suite
 
     items = load_suite(dev_suite).items
@@ -119,7 +120,7 @@ def tune_assistant(engine, start: dict, axes: list[Axis], dev_suite: Path, retri
         result, scored = score(target, dev_suite, seed)
         suite = result["suites"][0]
         values = [float(it[suite["primary"]]) for it in scored]
-        lo, hi = stats.mean_ci(values, seed=seed)
+        lo, hi = metric_ci(scored, suite["primary"], seed)
         trial = Trial(label, profile, suite["metrics"][suite["primary"]], lo, hi, len(values),
                       mean_prompt_tokens(target, items), time.perf_counter() - t0, axis=axis)
         return trial, values
@@ -168,16 +169,16 @@ class HoldoutReport:
 
 def holdout_report(before_target, after_target, test_suite: Path, out_dir: Path | None = None,
                    seed: int = 0) -> HoldoutReport:
-    """Both targets on the held-out suite (results written to `out_dir` when given), paired by item."""
+    """Both targets on the held-out suite (results written to `out_dir` when given); the paired difference is the
+    one `gptsmith eval --baseline` computes (items paired by id)."""
+    from gptsmith.eval.results import metric_ci
     from gptsmith.eval.run import evaluate
 
     before = evaluate(before_target, [str(test_suite)], out_dir=out_dir, seed=seed)
     after = evaluate(after_target, [str(test_suite)], out_dir=out_dir, seed=seed, baseline=before)
     sb, sa = before["suites"][0], after["suites"][0]
     metric = sb["primary"]
-    vb = [float(it[metric]) for it in sb["items"]]
-    by_id = {it["id"]: float(it[metric]) for it in sa["items"]}
-    va = [by_id[it["id"]] for it in sb["items"]]
-    return HoldoutReport(len(vb), (sum(vb) / len(vb), *stats.mean_ci(vb, seed=seed)),
-                         (sum(va) / len(va), *stats.mean_ci(va, seed=seed)),
-                         stats.paired_diff_ci(vb, va, seed=seed), before, after)
+    row = next(r for r in after["baseline"]["comparison"] if r["metric"] == metric)
+    return HoldoutReport(row["n"], (sb["metrics"][metric], *metric_ci(sb["items"], metric, seed)),
+                         (sa["metrics"][metric], *metric_ci(sa["items"], metric, seed)),
+                         (row["diff"], row["lo"], row["hi"]), before, after)
