@@ -81,7 +81,8 @@ def data_entries(data) -> list[dict]:
     return entries
 
 
-def _weights_sha(model_dir: Path) -> str | None:
+def weights_sha_or_none(model_dir) -> str | None:
+    """files.weights_sha256, or None for a directory without weight files."""
     try:
         return weights_sha256(model_dir)
     except FileNotFoundError:  # a config-only directory (no weights yet) is still a version; it has no hash
@@ -235,7 +236,7 @@ class Registry:
             meta = {"parent": parent, "method": method or lineage.get("stage"), "created": now(),
                     "data": data_entries(data if data is not None else lineage.get("data")),
                     "config": config if config is not None else lineage.get("config"),
-                    "source": str(src.resolve()), "weights_sha256": _weights_sha(incoming)}
+                    "source": str(src.resolve()), "weights_sha256": weights_sha_or_none(incoming)}
             with self.locked():
                 state = self.read()
                 if parent is not None:

@@ -37,6 +37,7 @@ from gptsmith.refine.checks import (check, decide, evaluate_run, open_scorer, pr
                                     suite_checks)
 from gptsmith.refine.data import (FORMATS, Collected, NotEnoughFeedback, after, collect, jsonl, plan_method,
                                   run_key, run_name, split)
+from gptsmith.registry import weights_sha_or_none
 
 __all__ = ["Options", "refine", "Collected", "NotEnoughFeedback", "collect", "split", "plan_method", "check", "decide",
            "suite_checks", "open_scorer", "FORMATS"]
@@ -96,20 +97,14 @@ def run_settings(cfg: ProjectConfig, method: str, opts: Options) -> dict:
                                        "method", "suites"})
     out = {"refine": r, "suites": resolve_suites(cfg), "judge": opts.judge}
     if opts.candidate is not None:
-        out["candidate"] = {"path": str(Path(opts.candidate).resolve()), "weights_sha256": _sha_or_none(opts.candidate)}
+        out["candidate"] = {"path": str(Path(opts.candidate).resolve()),
+                            "weights_sha256": weights_sha_or_none(opts.candidate)}
     else:
         out["train"] = getattr(trained_config(cfg, method), method).model_dump(mode="json")
     if opts.prompts is not None:
         out["prompts"] = {"path": str(Path(opts.prompts).resolve()),
                           "sha256": sha256_file(opts.prompts) if Path(opts.prompts).is_file() else None}
     return out
-
-
-def _sha_or_none(model_dir) -> str | None:
-    try:
-        return weights_sha256(model_dir)
-    except FileNotFoundError:
-        return None
 
 
 def trained_config(cfg: ProjectConfig, method: str) -> ProjectConfig:
@@ -129,7 +124,7 @@ def train_candidate(run: Run, cfg: ProjectConfig, opts: Options) -> dict:
         if not (Path(opts.candidate) / "config.json").is_file():
             raise InputError(f"--candidate {opts.candidate} is not a model directory (no config.json)")
         where = Path(opts.candidate).resolve()
-        sha = _sha_or_none(where)
+        sha = weights_sha_or_none(where)
         if sha is None:
             raise InputError(f"--candidate {opts.candidate} has no weights (*.safetensors or *.bin); pass a trained "
                              "model directory")
@@ -190,7 +185,7 @@ def verify_version(run: Run, version: str, trained: dict, step: str) -> None:
     if entry is None:
         raise InputError(f"refine run {run.run_id}: its candidate {version} is no longer in {run.registry.root} "
                          f"(pruned?); delete {run.folder} to start the run again")
-    found = _sha_or_none(run.registry.version_dir(version))
+    found = weights_sha_or_none(run.registry.version_dir(version))
     if found != trained["weights_sha256"]:
         raise InputError(f"refine run {run.run_id}: {version}'s weights (sha256 {str(found)[:16]}) are not the ones "
                          f"this run {'trained' if trained['trained'] else 'was given'} "
@@ -216,7 +211,7 @@ def open_run(registry_dir, db_url: str, cfg: ProjectConfig, opts: Options) -> tu
     if live is None:
         raise InputError(f"registry {reg.root} has no live version to refine; make one live first: "
                          f"`gptsmith models promote VERSION --registry {registry_dir}`")
-    since, live_sha = window_since(state), _sha_or_none(reg.version_dir(live))
+    since, live_sha = window_since(state), weights_sha_or_none(reg.version_dir(live))
     others = []
     for path in sorted((reg.root / "refine").glob("*/state.json")):
         saved = read_json(path)
