@@ -311,8 +311,9 @@ def choice_logprobs(target, items: list[dict], k_shot: int = 0, seed: int = 0, b
     engine = target.engine
     n_items = len(items) if n_items is None else n_items
     per_item = [item_requests(target, items, i, k_shot, seed) for i in range(n_items)]
-    shared = [reqs for reqs in per_item if _shares_long_context(reqs)]
-    requests = [r for reqs in per_item if not _shares_long_context(reqs) for r in reqs]
+    shares = [_shares_long_context(reqs) for reqs in per_item]
+    shared = [reqs for reqs, yes in zip(per_item, shares) if yes]
+    requests = [r for reqs, yes in zip(per_item, shares) if not yes for r in reqs]
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     vocab = engine.model.get_output_embeddings().weight.shape[0]
     keep_ok = keeps_logits(engine.model)
