@@ -398,6 +398,11 @@ def _same_pull(previous: dict | None, identity: dict, out: Path) -> bool:
     return True
 
 
+def hashed_weights(folder: Path) -> list[dict]:
+    """{"path", "sha256"} of each weight file of a model folder: what a pull of it is identified by."""
+    return [{"path": str(f), "sha256": sha256_file(f)} for f in weight_files(folder)]
+
+
 def _dtype(name: str):
     import torch
 
@@ -430,7 +435,7 @@ def pull(source: str, out: str | os.PathLike, dtype: str | None = None, cache_di
     if src.loaded_as == "gguf":
         source_files = [{"path": src.location, "sha256": sha256_file(src.location)}]
     elif src.loaded_as == "dir":
-        source_files = [{"path": str(f), "sha256": sha256_file(f)} for f in weight_files(Path(src.location))]
+        source_files = hashed_weights(Path(src.location))
     identity = {"stage": "pull", "kind": src.kind, "resolved": src.location, "dtype": dtype}
     if source_files and _same_pull(previous, {**identity, "source_files": source_files}, out):
         log(f"{out} already holds {source} pulled as {dtype} (same source sha256, weights unchanged); nothing to do")
@@ -451,7 +456,7 @@ def pull(source: str, out: str | os.PathLike, dtype: str | None = None, cache_di
     elif src.loaded_as == "hub":
         model, tokenizer, snapshot = load_hub(src, torch_dtype, cache_dir, log)
         if snapshot is not None:
-            source_files = [{"path": str(f), "sha256": sha256_file(f)} for f in weight_files(snapshot)]
+            source_files = hashed_weights(snapshot)
         licence = licence or readme_licence(snapshot)
     else:
         model, tokenizer = load_dir(Path(src.location), torch_dtype, log)
